@@ -1,0 +1,495 @@
+"""DeepSeek-V3 in one file, small enough to read beside the technical report (arXiv 2412.19437).
+
+Order follows the report: config, norm and RoPE, Multi-head Latent Attention (§2.1.1), the MoE
+gate and experts with auxiliary-loss-free balancing (§2.1.2), the block, Multi-Token Prediction
+(§2.2), the model, generation. Names follow DeepSeek's inference/model.py (wq_a, wkv_b, w1/w2/w3).
+Embedding and output head are untied, as in DeepSeek-V3.
+"""
+import json
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ModelArgs:
+    # fields of DeepSeek's official inference config; defaults here are a nano model
+    vocab_size: int = 50257
+    dim: int = 256
+    inter_dim: int = 768            # dense FFN width (first n_dense_layers layers)
+    moe_inter_dim: int = 128        # width of each (fine-grained) expert
+    n_layers: int = 6
+    n_dense_layers: int = 1
+    n_heads: int = 8
+    n_routed_experts: int = 16      # 0 builds a dense model
+    n_shared_experts: int = 1
+    n_activated_experts: int = 4
+    n_expert_groups: int = 4
+    n_limited_groups: int = 2
+    score_func: str = "sigmoid"
+    route_scale: float = 1.0
+    q_lora_rank: int = 96           # 0: a single wq instead of wq_a -> q_norm -> wq_b
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    max_seq_len: int = 256
+    original_seq_len: int = 4096    # YaRN is on when max_seq_len > original_seq_len
+    rope_theta: float = 10000.0
+    rope_factor: float = 40
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    # ours: training and ablations
+    n_mtp: int = 1                  # Multi-Token Prediction depth D (0 disables)
+    mtp_lambda: float = 0.3         # weight of the MTP loss (eq. 25)
+    bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing (0 disables)
+    seq_aux_alpha: float = 1e-4     # alpha of the sequence-wise balance loss (eq. 17)
+    dropout: float = 0.0
+    attn: str = "mla"               # "mla" | "mha" (baseline with a full per-head K/V cache)
+    attn_impl: str = "absorb"       # MLA decoding: "absorb" (latent cache) | "naive" (per-head K/V cache)
+
+    def __post_init__(self):
+        assert self.attn in ("mla", "mha"), f"attn must be 'mla' or 'mha', not {self.attn!r}"
+        assert self.attn_impl in ("absorb", "naive"), f"attn_impl must be 'absorb' or 'naive', not {self.attn_impl!r}"
+        assert self.score_func in ("sigmoid", "softmax"), f"score_func must be 'sigmoid' or 'softmax'"
+        if self.n_routed_experts:
+            E, G = self.n_routed_experts, self.n_expert_groups
+            assert E % G == 0, f"n_routed_experts={E} must divide into n_expert_groups={G}"
+            assert self.n_activated_experts <= self.n_limited_groups * E // G, \
+                "n_activated_experts exceeds the experts in n_limited_groups groups"
+
+    # keys of the official ModelArgs that only matter to DeepSeek's serving code
+    _ignored = ("max_batch_size", "dtype", "scale_fmt")
+    # the official code's defaults for keys an official file may leave out
+    _official = dict(n_expert_groups=1, n_limited_groups=1, score_func="softmax", route_scale=1.0,
+                     q_lora_rank=0, max_seq_len=16384, original_seq_len=4096, rope_theta=10000.0,
+                     rope_factor=40, beta_fast=32, beta_slow=1, mscale=1.0)
+
+    @classmethod
+    def from_json(cls, path):
+        """Load an official inference config (e.g. configs/config_671B.json); absent keys take the
+        official defaults, unknown keys are an error."""
+        with open(path) as f:
+            cfg = json.load(f)
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - valid - set(cls._ignored))
+        if unknown:
+            raise ValueError(f"{path}: unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
+        kw = {**cls._official, **{k: v for k, v in cfg.items() if k in valid}}
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------- norm and RoPE
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def precompute_rope(args):
+    """cos/sin tables (max_seq_len, qk_rope_head_dim/2) for RoPE, with YaRN's frequency correction
+    when the model is meant to run past its original context (report §4.3, DeepSeek's precompute_freqs_cis)."""
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    freqs = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if args.max_seq_len > args.original_seq_len:
+        # dimensions that turn fewer than beta_slow times over the original context are interpolated
+        # by rope_factor, those that turn more than beta_fast times are kept, a linear ramp between
+        def corr_dim(rotations):
+            return dim * math.log(args.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(corr_dim(args.beta_fast)), 0)
+        high = min(math.ceil(corr_dim(args.beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low + 1e-3)).clamp(0, 1)
+        freqs = freqs / args.rope_factor * ramp + freqs * (1 - ramp)
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by position-dependent angles, as DeepSeek's
+    complex-number form does. x (B, S, H, D); cos, sin (S, D/2)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None], sin[:, None]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------- attention
+
+class Attention(nn.Module):
+    """What MLA and the MHA baseline share: softmax scale (with YaRN's mscale), causal SDPA for
+    training, and decoding over a per-layer cache filled position by position."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.n_heads, self.dropout = args.n_heads, args.dropout
+        self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.softmax_scale = (self.nope + self.rope) ** -0.5
+        if args.max_seq_len > args.original_seq_len:
+            mscale = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
+            self.softmax_scale *= mscale ** 2
+        self.wo = nn.Linear(self.n_heads * self.v_dim, args.dim, bias=False)
+        self.cache = {}
+
+    def fill_cache(self, start_pos, **new):
+        """Write this chunk's entries at positions start_pos.. and return each cache up to the chunk's end.
+        A chunk at start_pos == 0 starts a new sequence (fresh zeroed buffers). Later entries
+        are simply overwritten, which is all a rollback needs."""
+        end = start_pos + next(iter(new.values())).size(1)
+        for name, t in new.items():
+            buf = self.cache.get(name)
+            if start_pos == 0 or buf is None:
+                buf = self.cache[name] = t.new_zeros(t.size(0), self.args.max_seq_len, *t.shape[2:])
+            buf[:, start_pos:end] = t
+        return [self.cache[name][:, :end] for name in new]
+
+    def attend(self, q, k, v, start_pos):
+        """Per-head attention. q, k (B, S, H, Dqk), v (B, S, H, Dv). Training (start_pos None):
+        causal SDPA over the chunk. Decoding: cache k, v and attend over all positions so far."""
+        if start_pos is None:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale)
+            return o.transpose(1, 2)
+        k, v = self.fill_cache(start_pos, k=k, v=v)
+        scores = torch.einsum("bshd,bthd->bsht", q, k) * self.softmax_scale
+        return torch.einsum("bsht,bthd->bshd", causal_softmax(scores, start_pos), v)
+
+
+def causal_softmax(scores, start_pos):
+    """Softmax over cached keys t for queries at positions start_pos + s: key t is seen if t <= start_pos + s."""
+    S, T = scores.size(1), scores.size(-1)
+    mask = torch.full((S, T), float("-inf"), device=scores.device).triu_(start_pos + 1)
+    return (scores.float() + mask[:, None]).softmax(dim=-1).type_as(scores)
+
+
+class MLA(Attention):
+    """Multi-head Latent Attention (eqs. 1-11). Keys and values come from one low-rank latent c^KV
+    (kv_lora_rank wide) plus one RoPE key k^R shared by all heads; decoding caches only those two."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        H, qk = args.n_heads, self.nope + self.rope
+        if args.q_lora_rank > 0:                                      # eqs. 6-8: low-rank query
+            self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(args.q_lora_rank)
+            self.wq_b = nn.Linear(args.q_lora_rank, H * qk, bias=False)
+        else:
+            self.wq = nn.Linear(args.dim, H * qk, bias=False)
+        self.wkv_a = nn.Linear(args.dim, args.kv_lora_rank + self.rope, bias=False)   # eqs. 1, 3
+        self.kv_norm = RMSNorm(args.kv_lora_rank)
+        self.wkv_b = nn.Linear(args.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)  # eqs. 2, 5
+
+    def forward(self, x, cos, sin, start_pos=None):
+        B, S, _ = x.shape
+        q = self.wq(x) if self.args.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(B, S, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)                                             # eq. 8
+        kv, k_pe = self.wkv_a(x).split([self.args.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_norm(kv)                                   # the latent c^KV is normalised, k^R is not
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)          # (B, S, 1, rope): one key for all heads (eq. 3)
+        if start_pos is None or self.args.attn_impl == "naive":
+            k_nope, v = self.wkv_b(kv).view(B, S, self.n_heads, -1).split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)   # eq. 4
+            o = self.attend(torch.cat([q_nope, q_pe], dim=-1), k, v, start_pos)      # eqs. 9-10
+        else:
+            # absorb: q_nope . (W_UK c) == (q_nope W_UK) . c, and W_UV moves past the softmax,
+            # so attention runs over the cached latents themselves
+            wkv_b = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, -1)
+            q_nope = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :self.nope])
+            kv, k_pe = self.fill_cache(start_pos, kv=kv, pe=k_pe.squeeze(2))
+            scores = (torch.einsum("bshc,btc->bsht", q_nope, kv) +
+                      torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+            o = torch.einsum("bsht,btc->bshc", causal_softmax(scores, start_pos), kv)
+            o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, self.nope:])
+        return self.wo(o.flatten(2))                                                  # eq. 11
+
+
+class MHA(Attention):
+    """Baseline: standard multi-head attention, per-head keys and values, all cached at decode.
+    Head sizes as MLA's (RoPE on the last qk_rope_head_dim dims of each head) so the two compare directly."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        H = args.n_heads
+        self.wq = nn.Linear(args.dim, H * (self.nope + self.rope), bias=False)
+        self.wk = nn.Linear(args.dim, H * (self.nope + self.rope), bias=False)
+        self.wv = nn.Linear(args.dim, H * self.v_dim, bias=False)
+
+    def forward(self, x, cos, sin, start_pos=None):
+        B, S, _ = x.shape
+        q, k = (w(x).view(B, S, self.n_heads, -1) for w in (self.wq, self.wk))
+        q, k = (torch.cat([t[..., :self.nope], apply_rope(t[..., self.nope:], cos, sin)], dim=-1) for t in (q, k))
+        o = self.attend(q, k, self.wv(x).view(B, S, self.n_heads, -1), start_pos)
+        return self.wo(o.flatten(2))
+
+
+def cache_numbers_per_token(args):
+    """Numbers one layer caches per token at decode: the absorbed MLA latent + shared RoPE key,
+    or full per-head K and V (MHA, or MLA in naive mode)."""
+    if args.attn == "mla" and args.attn_impl == "absorb":
+        return args.kv_lora_rank + args.qk_rope_head_dim
+    return args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
+
+
+# ----------------------------------------------------------------------------- DeepSeekMoE
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward, w2(silu(w1 x) * w3 x): the dense FFN, the shared experts and each routed expert."""
+
+    def __init__(self, dim, inter_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router (eqs. 13-16). Affinities s = sigmoid(u e_i) in fp32; a bias b_i (a buffer: no gradient,
+    no weight decay) is added for choosing the top-k experts only, within the n_limited_groups best
+    groups; the gate values are the unbiased s of the chosen, normalised, times route_scale."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        # tokens per expert counted by training forwards since the last bias update (§2.1.2)
+        self.register_buffer("load", torch.zeros(args.n_routed_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, x):
+        a = self.args
+        with torch.autocast(x.device.type, enabled=False):           # routing stays in fp32
+            logits = F.linear(x.float(), self.weight.float())
+        weights, ids = kernels.route(logits, self.bias, a.n_activated_experts, a.n_expert_groups,
+                                     a.n_limited_groups, a.score_func, a.route_scale)
+        return logits, weights, ids
+
+
+def sequence_balance_loss(scores, ids, n_experts, alpha):
+    """Complementary sequence-wise balance loss (eqs. 17-20), averaged over the batch.
+    scores (B, T, E) affinities s; ids (B, T, K) chosen experts. Equals alpha when perfectly balanced."""
+    B, T, K = ids.shape
+    counts = torch.zeros(B, n_experts, device=ids.device).scatter_add_(1, ids.view(B, -1).long(),
+                                                                       torch.ones(B, T * K, device=ids.device))
+    f = counts * n_experts / (K * T)                                 # eq. 18 (no gradient: counts)
+    P = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)      # eqs. 19-20
+    return alpha * (f * P).sum(dim=-1).mean()                         # eq. 17
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE (eq. 12): shared experts see every token, each token also goes to its top-k
+    fine-grained routed experts. Tokens are grouped by expert so each expert runs one matmul."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts))
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
+        self.aux_loss = None
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.view(-1, D)
+        logits, weights, ids = self.gate(x)
+        counts, offsets, perm, inv = kernels.dispatch(ids, len(self.experts))
+        if self.training:
+            self.gate.load += counts
+            if self.args.seq_aux_alpha > 0:
+                scores = kernels.gate_scores(logits, self.args.score_func).view(B, T, -1)
+                self.aux_loss = sequence_balance_loss(scores, ids.view(B, T, -1), len(self.experts), self.args.seq_aux_alpha)
+        K = ids.size(1)
+        xs = x[perm // K]                           # (T*K, D) token copies, expert 0's first
+        ys = torch.empty_like(xs)
+        # one host sync per layer: the slice sizes (DeepSeek's own inference code does the same)
+        bounds = offsets.tolist()
+        for e, expert in enumerate(self.experts):
+            if bounds[e] < bounds[e + 1]:
+                ys[bounds[e]:bounds[e + 1]] = expert(xs[bounds[e]:bounds[e + 1]])
+        y = (ys[inv].view(-1, K, D) * weights.unsqueeze(-1).type_as(ys)).sum(dim=1)   # back in token order
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(B, T, D)
+
+
+# ----------------------------------------------------------------------------- block
+
+class Block(nn.Module):
+    def __init__(self, layer_id, args):
+        super().__init__()
+        self.attn_norm, self.ffn_norm = RMSNorm(args.dim), RMSNorm(args.dim)
+        self.attn = (MLA if args.attn == "mla" else MHA)(args)
+        dense = layer_id < args.n_dense_layers or args.n_routed_experts == 0
+        self.ffn = MLP(args.dim, args.inter_dim) if dense else MoE(args)
+        self.drop = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, start_pos=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
+
+
+# ----------------------------------------------------------------------------- Multi-Token Prediction
+
+class MTP(nn.Module):
+    """MTP module k (eqs. 21-23): from the depth-(k-1) representation of token i and the embedding of
+    token i+k, predict token i+k+1. Embedding and output head are the main model's."""
+
+    def __init__(self, layer_id, args):
+        super().__init__()
+        self.hnorm, self.enorm = RMSNorm(args.dim), RMSNorm(args.dim)
+        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)     # M_k
+        self.block = Block(layer_id, args)
+        self.norm = RMSNorm(args.dim)                                    # before the shared head
+
+    def forward(self, h, emb, cos, sin, start_pos=None):
+        h = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))   # eq. 21
+        return self.block(h, cos, sin, start_pos)                                # eq. 22
+
+
+# ----------------------------------------------------------------------------- model
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTP(args.n_layers + k, args) for k in range(args.n_mtp))
+        cos, sin = precompute_rope(args)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding, Gate)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def rope(self, start_pos, S):
+        p = start_pos or 0
+        return self.rope_cos[p:p + S], self.rope_sin[p:p + S]
+
+    def trunk(self, idx, start_pos=None):
+        """Final hidden states h (B, S, dim), before the last norm. start_pos None: a whole sequence
+        from position 0 without cache; an int: cached decoding of a chunk starting there."""
+        S = idx.size(1)
+        if (start_pos or 0) + S > self.args.max_seq_len:
+            raise ValueError(f"positions up to {(start_pos or 0) + S} exceed max_seq_len={self.args.max_seq_len}")
+        h, (cos, sin) = self.embed(idx), self.rope(start_pos, S)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos)
+        return h
+
+    def logits(self, h, norm=None):
+        return self.head((norm or self.norm)(h))
+
+    def forward(self, idx, targets=None, start_pos=None):
+        """nanoGPT-style: returns (logits for every position, loss or None). With targets, loss =
+        main cross-entropy + mtp_lambda * mean MTP loss + balance loss; the parts are in self.losses.
+        With start_pos, runs the cached inference path (no targets)."""
+        h = self.trunk(idx, start_pos)
+        logits = self.logits(h)
+        if targets is None:
+            return logits, None
+        main = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        mtp = []
+        cos, sin = self.rope(None, idx.size(1))
+        for k, module in enumerate(self.mtp, 1):
+            # depth k at position i: h^{k-1}_i and Emb(t_{i+k}) -> t_{i+k+1}; targets[:, i] is t_{i+1}
+            S = h.size(1) - 1
+            h = module(h[:, :-1], self.embed(targets[:, k - 1:-1]), cos[:S], sin[:S])
+            mtp_logits = self.logits(h, module.norm)
+            mtp.append(F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-1))
+        mtp = torch.stack(mtp).mean() if mtp else main.new_zeros(())              # eq. 25
+        moes = [m for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        balance = sum(m.aux_loss for m in moes) if moes else main.new_zeros(())
+        for m in moes:
+            m.aux_loss = None
+        self.losses = dict(main=main.detach(), mtp=mtp.detach(), balance=balance.detach())
+        return logits, main + self.args.mtp_lambda * mtp + balance
+
+    # ------------------------------------------------------------------------- balancing
+
+    def gates(self):
+        return [m for m in self.modules() if isinstance(m, Gate)]
+
+    @torch.no_grad()
+    def update_expert_bias(self):
+        """Aux-loss-free balancing (§2.1.2), once per optimizer step: b_i += gamma * sign(mean load - load_i)
+        from the tokens counted since the last call (summed over ranks), then clear the counts.
+        Returns each MoE layer's MaxVio = max load / mean load - 1 (a tensor: no host sync)."""
+        gates = self.gates()
+        if not gates:
+            return torch.zeros(0)
+        load = torch.stack([g.load for g in gates])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        mean = load.mean(dim=-1, keepdim=True)
+        for g, l, m in zip(gates, load, mean):
+            g.bias += self.args.bias_update_speed * torch.sign(m - l)
+            g.load.zero_()
+        return (load.amax(dim=-1) / mean.squeeze(-1).clamp(min=1e-9) - 1).clamp(min=0)
+
+    # ------------------------------------------------------------------------- parameters
+
+    def num_params(self, active=False, mtp=False):
+        """Parameter count of the main model (plus MTP modules if mtp). active: per token, i.e. only
+        n_activated_experts of each MoE layer's routed experts. Buffers (the gate biases) are not counted."""
+        modules = [self.embed, self.layers, self.norm, self.head] + ([self.mtp] if mtp else [])
+        n = sum(p.numel() for m in modules for p in m.parameters())
+        if active:
+            for m in modules:
+                for moe in (x for x in m.modules() if isinstance(x, MoE)):
+                    per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+                    n -= (len(moe.experts) - self.args.n_activated_experts) * per_expert
+        return n
+
+    # ------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Prefill the prompt once, then decode one token per step from the cache (temperature 0: greedy).
+        When the context window is full, keep its last half and prefill again (sliding window)."""
+        window = self.args.max_seq_len
+        ctx = idx[:, -window:]
+        logits, pos = self(ctx, start_pos=0)[0][:, -1], ctx.size(1)
+        for _ in range(max_new_tokens):
+            nxt = torch.multinomial(probs(logits, temperature, top_k), 1)
+            idx = torch.cat([idx, nxt], dim=1)
+            if pos == window:
+                ctx = idx[:, -(window // 2):]
+                logits, pos = self(ctx, start_pos=0)[0][:, -1], ctx.size(1)
+            else:
+                logits, pos = self(nxt, start_pos=pos)[0][:, -1], pos + 1
+        return idx
+
+
+def probs(logits, temperature=1.0, top_k=None):
+    """Next-token distribution: temperature 0 is greedy (one-hot on the argmax), else softmax of
+    logits / temperature restricted to the top_k tokens."""
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    logits = logits / temperature
+    if top_k is not None:
+        v = logits.topk(min(top_k, logits.size(-1)), dim=-1)[0][..., -1:]
+        logits = logits.masked_fill(logits < v, float("-inf"))
+    return logits.softmax(dim=-1)
