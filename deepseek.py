@@ -462,6 +462,15 @@ class Transformer(nn.Module):
                     n -= (len(moe.experts) - self.args.n_activated_experts) * per_expert
         return n
 
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward), nanoGPT/PaLM style: 6 per activated weight
+        (the embedding lookup is free; each MTP depth runs the head again) plus 6 per attention
+        score and value product over a seq_len context, in every layer and MTP block."""
+        a = self.args
+        n = self.num_params(active=True, mtp=True) - self.embed.weight.numel() + a.n_mtp * self.head.weight.numel()
+        attn = (a.n_layers + a.n_mtp) * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * seq_len
+        return 6 * (n + attn)
+
     # ------------------------------------------------------------------------- generation
 
     @torch.no_grad()
