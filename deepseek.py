@@ -112,7 +112,8 @@ def precompute_rope(args):
             return dim * math.log(args.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
         low = max(math.floor(corr_dim(args.beta_fast)), 0)
         high = min(math.ceil(corr_dim(args.beta_slow)), dim - 1)
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low + 1e-3)).clamp(0, 1)
+        high = high + 0.001 if high == low else high
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
         freqs = freqs / args.rope_factor * ramp + freqs * (1 - ramp)
     angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
     return angles.cos(), angles.sin()
@@ -489,6 +490,63 @@ class Transformer(nn.Module):
             else:
                 logits, pos = self(nxt, start_pos=pos)[0][:, -1], pos + 1
         return idx
+
+    @torch.no_grad()
+    def generate_speculative(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Speculative decoding with the first MTP module as drafter (report §5.4.3), one sequence.
+        Each step the main model verifies the pending token y and the draft d in one forward over
+        both; d is kept or replaced by verify_draft, so the output follows the main model exactly
+        (token for token when greedy, also past the context window: it slides where generate does).
+        Rejected positions need no cache rollback: the next chunk starts there and overwrites them.
+        Returns (idx, stats)."""
+        assert idx.size(0) == 1, "speculative decoding runs one sequence at a time"
+        assert self.mtp, "speculative decoding needs an MTP module (n_mtp >= 1)"
+        mtp, window = self.mtp[0], self.args.max_seq_len
+
+        def draft(h, nxt, start_pos):
+            """MTP over positions start_pos.. given their main hidden states and the tokens after them:
+            a draft for the token after nxt's last, with its distribution q."""
+            hm = mtp(h, self.embed(nxt), *self.rope(start_pos, nxt.size(1)), start_pos)
+            q = probs(self.logits(hm[:, -1], mtp.norm), temperature, top_k)
+            return torch.multinomial(q, 1), q
+
+        ctx = idx[:, -window:]
+        h = self.trunk(ctx, start_pos=0)                                           # prefill
+        y = torch.multinomial(probs(self.logits(h[:, -1]), temperature, top_k), 1)
+        d, q = draft(h, torch.cat([ctx[:, 1:], y], dim=1), 0)
+        out, pos, n_new, forwards, drafted, accepted = [idx, y], ctx.size(1), 1, 1, 0, 0
+        while n_new < max_new_tokens:
+            if pos == window:          # context full: keep its last half (ending in y), prefill again
+                ctx = torch.cat(out, dim=1)[:, -(window // 2):]
+                h = self.trunk(ctx[:, :-1], start_pos=0)
+                d, q = draft(h, ctx[:, 1:], 0)
+                pos, forwards = ctx.size(1) - 1, forwards + 1
+            if pos == window - 1:      # room for y alone: a plain step (slides where generate does)
+                h = self.trunk(y, start_pos=pos)
+                new = [torch.multinomial(probs(self.logits(h[0]), temperature, top_k), 1)]
+            else:
+                h = self.trunk(torch.cat([y, d], dim=1), start_pos=pos)     # verify: one forward, two positions
+                p = probs(self.logits(h[0]), temperature, top_k)           # (2, V): for d's position and the next
+                ok, tok = verify_draft(p[:1], q, d[0])
+                drafted, accepted = drafted + 1, accepted + int(ok)
+                new = [d, torch.multinomial(p[1:], 1)] if ok else [tok.view(1, 1)]
+                d, q = draft(h[:, :len(new)], torch.cat(new, dim=1), pos)
+            out += new
+            y, pos, n_new, forwards = new[-1], pos + len(new), n_new + len(new), forwards + 1
+        idx = torch.cat(out, dim=1)[:, :idx.size(1) + max_new_tokens]
+        return idx, dict(forwards=forwards, drafted=drafted, accepted=accepted)
+
+
+def verify_draft(p, q, d):
+    """Lossless speculative sampling: keep the draft d ~ q with probability min(1, p(d)/q(d)), else
+    draw from the residual max(0, p - q), normalised. The token returned is distributed as p.
+    p, q (N, V) target and draft distributions; d (N,) drafts. Returns (accepted (N,), token (N,))."""
+    pd, qd = p.gather(-1, d[:, None])[:, 0], q.gather(-1, d[:, None])[:, 0]
+    accepted = torch.rand(pd.shape, device=p.device) * qd < pd
+    residual = (p - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)   # p == q: always accepted
+    token = torch.where(accepted, d, torch.multinomial(residual, 1)[:, 0])
+    return accepted, token
 
 
 def probs(logits, temperature=1.0, top_k=None):

@@ -1,0 +1,526 @@
+"""The test suite: `python -m pytest -q`. Grouped as deepseek.py reads: config, norm and RoPE, MLA,
+gate, experts and MoE, balancing, MTP, model, generation; then kernels, training, sampling."""
+import json
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import pytest
+import torch.nn.functional as F
+
+import deepseek as ds
+import kernels
+
+torch.set_num_threads(2)
+
+
+def tiny(**kw):
+    """A small model with every feature on: MLA with low-rank q, 2 MoE layers with groups, MTP."""
+    base = dict(vocab_size=61, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=4,
+                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
+                q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=32)
+    return ds.ModelArgs(**{**base, **kw})
+
+
+def model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = ds.Transformer(tiny(**kw))
+    for g in m.gates():                         # a trained-looking bias, so selection depends on it
+        g.bias.normal_(0, 0.05)
+    return m
+
+
+# ----------------------------------------------------------------------------- config
+
+OFFICIAL = {
+    "671B": {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+             "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+             "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,
+             "score_func": "sigmoid", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+             "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8"},
+    "16B": {"vocab_size": 102400, "dim": 2048, "inter_dim": 10944, "moe_inter_dim": 1408, "n_layers": 27,
+            "n_dense_layers": 1, "n_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+            "n_activated_experts": 6, "route_scale": 1.0, "q_lora_rank": 0, "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "mscale": 0.707, "dtype": "bf16"},
+}
+
+
+def official(tmp_path, name, **extra):
+    path = tmp_path / f"config_{name}.json"
+    path.write_text(json.dumps({**OFFICIAL[name], **extra}))
+    return ds.ModelArgs.from_json(path)
+
+
+def test_from_json_official_defaults(tmp_path):
+    a = official(tmp_path, "16B")
+    assert a.score_func == "softmax" and a.n_expert_groups == 1 and a.max_seq_len == 16384 and a.mscale == 0.707
+    b = official(tmp_path, "671B")
+    assert b.score_func == "sigmoid" and b.route_scale == 2.5 and b.q_lora_rank == 1536
+
+
+def test_from_json_rejects_unknown_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key.*n_expertz"):
+        official(tmp_path, "16B", n_expertz=3)
+
+
+@pytest.mark.parametrize("name,total,active", [
+    # 671,026,419,200 in SPEC.md counts the 58 MoE layers' 256 gate biases (a Parameter in DeepSeek's
+    # code, a buffer here): 671,026,419,200 - 58 * 256 = 671,026,404,352
+    ("671B", 671_026_419_200 - 58 * 256, 37.6e9),
+    ("16B", 15_706_484_224, None),
+])
+def test_official_parameter_counts(tmp_path, name, total, active):
+    a = official(tmp_path, name)
+    with torch.device("meta"):
+        m = ds.Transformer(a)
+    assert m.num_params() == total
+    if active:
+        assert abs(m.num_params(active=True) - active) < 0.1e9
+    assert sum(b.numel() for b in m.buffers() if b.dim() == 1 and b.numel() == a.n_routed_experts) \
+        == 2 * (a.n_layers - a.n_dense_layers + a.n_mtp) * a.n_routed_experts   # bias + load per gate
+
+
+def test_cache_numbers_per_token():
+    a = ds.ModelArgs(**{k: v for k, v in OFFICIAL["671B"].items() if k != "dtype"})
+    assert ds.cache_numbers_per_token(a) == 576                          # 512 latent + 64 RoPE key
+    mha = ds.ModelArgs(**{**a.__dict__, "attn": "mha"})
+    assert ds.cache_numbers_per_token(mha) == 128 * (128 + 64 + 128)    # full per-head K and V
+
+
+# ----------------------------------------------------------------------------- norm and RoPE
+
+def test_rmsnorm():
+    n = ds.RMSNorm(16)
+    n.weight.data.normal_()
+    x = torch.randn(3, 16)
+    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * n.weight
+    torch.testing.assert_close(n(x), ref)
+
+
+def official_freqs(a):
+    """DeepSeek's precompute_freqs_cis, written out: frequencies with YaRN's correction."""
+    dim, base = a.qk_rope_head_dim, a.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+    if a.max_seq_len > a.original_seq_len:
+        def cdim(rot):
+            return dim * math.log(a.original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(base))
+        low, high = max(math.floor(cdim(a.beta_fast)), 0), min(math.ceil(cdim(a.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        smooth = 1 - torch.clamp((torch.arange(dim // 2).float() - low) / (high - low), 0, 1)
+        freqs = freqs / a.rope_factor * (1 - smooth) + freqs * smooth
+    return torch.polar(torch.ones(a.max_seq_len, dim // 2), torch.outer(torch.arange(a.max_seq_len).float(), freqs))
+
+
+@pytest.mark.parametrize("max_seq_len", [64, 8192])   # YaRN off, on
+def test_rope_matches_complex_form(max_seq_len):
+    a = tiny(qk_rope_head_dim=32, max_seq_len=max_seq_len)
+    cos, sin = ds.precompute_rope(a)
+    cis = official_freqs(a)
+    torch.testing.assert_close(cos, cis.real)
+    torch.testing.assert_close(sin, cis.imag)
+    x = torch.randn(2, 10, 3, 32)
+    ref = torch.view_as_real(torch.view_as_complex(x.reshape(2, 10, 3, 16, 2)) * cis[:10, None]).flatten(-2)
+    torch.testing.assert_close(ds.apply_rope(x, cos[:10], sin[:10]), ref)
+
+
+def test_yarn_softmax_scale():
+    short, long = ds.MLA(tiny()), ds.MLA(tiny(max_seq_len=8192))
+    assert short.softmax_scale == pytest.approx(16 ** -0.5)
+    assert long.softmax_scale == pytest.approx(16 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+
+
+# ----------------------------------------------------------------------------- MLA
+
+def test_mla_shapes_and_shared_rope_key():
+    a = tiny()
+    mla = ds.MLA(a)
+    assert mla.wkv_a.out_features == a.kv_lora_rank + a.qk_rope_head_dim        # one RoPE key, not one per head
+    assert mla.wkv_b.out_features == a.n_heads * (a.qk_nope_head_dim + a.v_head_dim)
+    assert mla.kv_norm.weight.numel() == a.kv_lora_rank                          # the norm sees the latent only
+    assert hasattr(ds.MLA(tiny(q_lora_rank=0)), "wq") and not hasattr(ds.MLA(tiny(q_lora_rank=0)), "wq_a")
+
+
+def test_mla_matches_explicit_attention():
+    """The training path (SDPA) equals eqs. 1-11 written out per head."""
+    a = tiny()
+    torch.manual_seed(0)
+    mla = ds.Transformer(a).layers[0].attn
+    x = torch.randn(2, 12, a.dim)
+    cos, sin = ds.precompute_rope(a)
+    cos, sin = cos[:12], sin[:12]
+    H, dn, dr, dv = a.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+    q = mla.wq_b(mla.q_norm(mla.wq_a(x))).view(2, 12, H, dn + dr)
+    c_kv, k_r = mla.wkv_a(x).split([a.kv_lora_rank, dr], -1)
+    kv = mla.wkv_b(mla.kv_norm(c_kv)).view(2, 12, H, dn + dv)
+    k_r = ds.apply_rope(k_r[:, :, None], cos, sin).expand(-1, -1, H, -1)
+    q = torch.cat([q[..., :dn], ds.apply_rope(q[..., dn:], cos, sin)], -1)
+    k = torch.cat([kv[..., :dn], k_r], -1)
+    s = torch.einsum("bshd,bthd->bhst", q, k) / math.sqrt(dn + dr)
+    s = s.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    o = torch.einsum("bhst,bthd->bshd", s, kv[..., dn:])
+    torch.testing.assert_close(mla(x, cos, sin), mla.wo(o.flatten(2)), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attn,impl", [("mla", "absorb"), ("mla", "naive"), ("mha", "absorb")])
+@pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
+def test_cached_decoding_matches_full_forward(attn, impl, groups):
+    m = model(attn=attn, attn_impl=impl, n_expert_groups=groups[0], n_limited_groups=groups[1]).eval()
+    idx = torch.randint(0, 61, (2, 20))
+    with torch.no_grad():
+        full = m(idx)[0]
+        parts = [m(idx[:, :7], start_pos=0)[0]]
+        parts += [m(idx[:, t:t + 1], start_pos=t)[0] for t in range(7, 20)]
+    assert (full - torch.cat(parts, 1)).abs().max() < 1e-4
+
+
+def test_absorb_cache_holds_only_latent_and_rope_key():
+    for attn, impl, names in [("mla", "absorb", {"kv", "pe"}), ("mla", "naive", {"k", "v"}), ("mha", "absorb", {"k", "v"})]:
+        m = model(attn=attn, attn_impl=impl).eval()
+        with torch.no_grad():
+            m(torch.randint(0, 61, (1, 5)), start_pos=0)
+        cache = m.layers[0].attn.cache
+        assert set(cache) == names
+        per_token = sum(t[0, 0].numel() for t in cache.values())
+        assert per_token == ds.cache_numbers_per_token(m.args)
+    assert ds.cache_numbers_per_token(tiny()) == 16 + 8
+    assert ds.cache_numbers_per_token(tiny(attn="mha")) == 4 * (8 + 8 + 8)
+
+
+# ----------------------------------------------------------------------------- gate
+
+def direct_gate(logits, bias, k, G, KG, score_func, scale):
+    """Eqs. 13-16 with group limits, token by token in plain Python; ties -> lower index."""
+    s = torch.sigmoid(logits) if score_func == "sigmoid" else logits.softmax(-1)
+    ids, ws = [], []
+    for t in range(logits.size(0)):
+        b = (s[t] + bias).tolist()
+        E = len(b)
+        per = E // G
+        gscore = [sum(sorted(b[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(G)]
+        groups = sorted(range(G), key=lambda g: (-gscore[g], g))[:KG]
+        allowed = [e for e in range(E) if e // per in groups]
+        chosen = sorted(allowed, key=lambda e: (-b[e], e))[:k]
+        w = torch.stack([s[t, e] for e in chosen])
+        if score_func == "sigmoid":
+            w = w / w.sum()
+        ids.append(chosen)
+        ws.append(w * scale)
+    return torch.stack(ws), torch.tensor(ids, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("E,k,G,KG,f,scale", [(8, 2, 1, 1, "sigmoid", 1.0), (16, 4, 4, 2, "sigmoid", 2.5),
+                                              (12, 3, 3, 1, "softmax", 1.0), (64, 6, 8, 3, "sigmoid", 1.0)])
+def test_gate_matches_direct_equations(E, k, G, KG, f, scale):
+    torch.manual_seed(E)
+    logits = torch.randn(40, E)
+    logits[:20] = (logits[:20] * 2).round() / 2       # many exact ties
+    bias = torch.randn(E) * 0.1
+    bias[: E // 2] = 0.0                              # ties in the bias too
+    w, ids = kernels.route_ref(logits, bias, k, G, KG, f, scale)
+    w_ref, ids_ref = direct_gate(logits, bias, k, G, KG, f, scale)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref)
+
+
+def test_group_limit_masks_with_minus_inf():
+    """With a negative bias a dropped group's expert must never be chosen (a 0 mask could be)."""
+    logits = torch.zeros(1, 8)
+    bias = torch.tensor([-5., -5., -5., -5., 1., 0.9, -5., -5.])     # groups of 2; keep 1 group
+    _, ids = kernels.route_ref(logits, bias, 2, 4, 1)
+    assert sorted(ids[0].tolist()) == [4, 5]
+    _, ids = kernels.route_ref(logits, bias, 2, 4, 2)                  # kept: group 2 and group 0 (tie -> lower)
+    assert set(ids[0].tolist()) == {4, 5}
+
+
+def test_bias_chooses_but_does_not_weigh():
+    logits = torch.randn(30, 8)
+    bias = torch.zeros(8)
+    bias[7] = 10.0                                   # expert 7 is chosen by every token
+    w, ids = kernels.route_ref(logits, bias, 2)
+    assert (ids[:, 0] == 7).all()
+    s = torch.sigmoid(logits)
+    other = ids[:, 1].long()
+    torch.testing.assert_close(w[:, 0], s[:, 7] / (s[:, 7] + s.gather(1, other[:, None])[:, 0]))
+
+
+# ----------------------------------------------------------------------------- experts and MoE
+
+def test_swiglu_expert():
+    e = ds.MLP(8, 16)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(e(x), e.w2(F.silu(e.w1(x)) * e.w3(x)))
+
+
+def test_moe_matches_per_token_loop():
+    m = model()
+    moe = m.layers[1].ffn
+    x = torch.randn(2, 9, 32)
+    y = moe(x)
+    xf = x.view(-1, 32)
+    _, w, ids = moe.gate(xf)
+    ref = moe.shared_experts(xf)
+    for t in range(xf.size(0)):
+        for j in range(ids.size(1)):
+            ref[t] = ref[t] + w[t, j] * moe.experts[ids[t, j]](xf[t])
+    torch.testing.assert_close(y.view(-1, 32), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_dense_ablation_has_no_moe():
+    m = ds.Transformer(tiny(n_routed_experts=0, attn="mha", n_mtp=0))
+    assert not m.gates() and all(isinstance(b.ffn, ds.MLP) for b in m.layers)
+    assert all(isinstance(b.attn, ds.MHA) for b in m.layers)
+    assert m.num_params(active=True) == m.num_params()
+
+
+# ----------------------------------------------------------------------------- balancing
+
+def test_sequence_balance_loss():
+    alpha, E, K, T = 1e-4, 4, 2, 4
+    uniform = torch.full((1, T, E), 0.3)
+    balanced = torch.tensor([[[0, 1], [2, 3], [0, 1], [2, 3]]])
+    assert ds.sequence_balance_loss(uniform, balanced, E, alpha).item() == pytest.approx(alpha)   # eq. 20 identity
+    skewed = torch.tensor([[[0.9, 0.8, 0.1, 0.1]] * T])
+    onesided = torch.tensor([[[0, 1]] * T])
+    assert ds.sequence_balance_loss(skewed, onesided, E, alpha).item() > 1.5 * alpha
+
+
+def test_balance_loss_in_training_loss():
+    m = model(n_mtp=0, seq_aux_alpha=0.01).train()
+    idx = torch.randint(0, 61, (2, 16))
+    m(idx, idx)
+    assert m.losses["balance"] >= 2 * 0.01 * 0.99        # two MoE layers, each >= alpha (minimum at balance)
+    m.eval()
+    m(idx, idx)
+    assert m.losses["balance"] == 0
+
+
+def imbalanced_stream(gamma, steps=60):
+    """Start every token on experts 0 and 1 (a large bias), then only run the bias update."""
+    m = model(n_mtp=0, bias_update_speed=gamma, seq_aux_alpha=0.0, n_expert_groups=1, n_limited_groups=1).train()
+    for g in m.gates():
+        g.bias.zero_()
+        g.bias[:2] = 0.05
+    gen = torch.Generator().manual_seed(0)
+    vio = []
+    for _ in range(steps):
+        with torch.no_grad():
+            m(torch.randint(0, 61, (4, 32), generator=gen))
+        vio.append(m.update_expert_bias())
+    return torch.stack(vio)
+
+
+def test_bias_balancing_reduces_maxvio():
+    on, off = imbalanced_stream(0.01), imbalanced_stream(0.0)
+    assert on[0].min() > 2.0 and off[0].min() > 2.0                # most tokens start on 2 of 8 experts
+    assert on[-10:].mean() < 0.5 * on[0].mean()
+    assert off[-10:].mean() > 0.9 * off[0].mean()
+
+
+def test_bias_update_rule_and_counting():
+    m = model(bias_update_speed=0.5)
+    g = m.gates()[0]
+    g.bias.zero_()
+    g.load.copy_(torch.tensor([4., 0., 2., 2., 2., 2., 2., 2.]))    # mean 2: 0 overloaded, 1 underloaded
+    for other in m.gates()[1:]:
+        other.load.fill_(1.0)
+    vio = m.update_expert_bias()
+    assert g.bias.tolist() == [-0.5, 0.5, 0, 0, 0, 0, 0, 0]
+    assert vio[0].item() == pytest.approx(1.0) and (g.load == 0).all()
+    idx = torch.randint(0, 61, (2, 8))
+    m.eval()
+    with torch.no_grad():
+        m(idx)
+        m(idx, start_pos=0)
+    assert all((x.load == 0).all() for x in m.gates())               # eval forwards do not count
+    m.train()
+    m(idx, idx)
+    assert all(x.load.sum() == 2 * 8 * 2 for x in m.gates()[:-1])    # B * T * k per forward
+    assert m.gates()[-1].load.sum() == 2 * 7 * 2                      # the MTP block sees T - 1 positions
+
+
+def test_bias_is_buffer_without_gradient():
+    m = model()
+    names = {n for n, _ in m.named_parameters()}
+    assert not any(n.endswith("gate.bias") for n in names)
+    assert "layers.1.ffn.gate.bias" in m.state_dict() and "layers.1.ffn.gate.load" not in m.state_dict()
+    idx = torch.randint(0, 61, (2, 12))
+    m.train()(idx, idx)[1].backward()
+    assert all(g.bias.grad is None and not g.bias.requires_grad and g.bias.dtype == torch.float32 for g in m.gates())
+
+
+# ----------------------------------------------------------------------------- MTP
+
+def test_mtp_targets_follow_eq_21_to_24():
+    """Depth k at position i sees h^{k-1}_i and Emb(t_{i+k}) and is scored on t_{i+k+1}."""
+    m = model(n_mtp=2).eval()
+    seq = torch.randint(0, 61, (2, 17))                       # t_0 .. t_16
+    idx, targets = seq[:, :-1], seq[:, 1:]
+    m(idx, targets)
+    T = idx.size(1)
+    cos, sin = ds.precompute_rope(m.args)
+    h = m.trunk(idx)
+    losses = []
+    for k, mod in enumerate(m.mtp, 1):
+        n = T - k
+        emb = m.embed(seq[:, k:k + n])                        # t_{i+k} for i = 0 .. n-1
+        h = mod(h[:, :n], emb, cos[:n], sin[:n])
+        logits = m.head(mod.norm(h))
+        losses.append(F.cross_entropy(logits.flatten(0, 1), seq[:, k + 1:k + 1 + n].flatten()))   # t_{i+k+1}
+    torch.testing.assert_close(m.losses["mtp"], torch.stack(losses).mean())
+
+
+def test_mtp_shares_embedding_and_head():
+    m = model(n_mtp=1)
+    own = {n for n, _ in m.mtp.named_parameters()}
+    assert not any("embed" in n or n.startswith("head") for n in own)
+    assert {"0.eh_proj.weight", "0.hnorm.weight", "0.enorm.weight", "0.norm.weight"} <= own
+    assert m.mtp[0].eh_proj.in_features == 2 * m.args.dim
+
+
+def test_loss_parts():
+    m = model(mtp_lambda=0.3).train()
+    idx = torch.randint(0, 61, (2, 16))
+    _, loss = m(idx, idx)
+    p = m.losses
+    torch.testing.assert_close(loss.detach(), p["main"] + 0.3 * p["mtp"] + p["balance"])
+
+
+# ----------------------------------------------------------------------------- model
+
+def test_gradients_reach_every_learning_parameter():
+    m = model(n_mtp=1).train()
+    idx = torch.randint(0, 61, (4, 16))
+    m(idx, idx)[1].backward()
+    for name, p in m.named_parameters():
+        if ".experts." in name:
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for moe in (x for x in m.modules() if isinstance(x, ds.MoE)):
+        for e, expert in enumerate(moe.experts):
+            routed = moe.gate.load[e] > 0
+            got = expert.w1.weight.grad is not None and expert.w1.weight.grad.abs().sum() > 0
+            assert got == bool(routed)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    m = ds.Transformer(tiny(n_layers=2, max_seq_len=16)).train()
+    idx = torch.randint(0, 61, (2, 16))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(200):
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.update_expert_bias()
+    assert m.losses["main"] < 0.05 and m.losses["mtp"] < 0.5
+
+
+def test_num_params_active():
+    m = model()
+    a = m.args
+    expert = 3 * a.dim * a.moe_inter_dim
+    n_moe = a.n_layers - a.n_dense_layers
+    assert m.num_params() - m.num_params(active=True) == n_moe * (a.n_routed_experts - a.n_activated_experts) * expert
+    assert m.num_params(mtp=True) - m.num_params() == sum(p.numel() for p in m.mtp.parameters())
+
+
+def test_context_overflow_is_an_error():
+    m = model().eval()
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        m(torch.zeros(1, 33, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_generate_greedy_matches_recompute():
+    m = model().double().eval()
+    idx = torch.randint(0, 61, (2, 5))
+    out = m.generate(idx, 12, temperature=0)
+    ref = idx
+    for _ in range(12):
+        ref = torch.cat([ref, m(ref)[0][:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, ref)
+
+
+def test_generate_absorb_equals_naive():
+    a, n = model(attn_impl="absorb").double().eval(), model(attn_impl="naive").double().eval()
+    n.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 61, (1, 4))
+    assert torch.equal(a.generate(idx, 40, temperature=0), n.generate(idx, 40, temperature=0))   # slides past 32
+
+
+def test_probs_top_k_and_greedy():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.equal(ds.probs(logits, 0), torch.tensor([[0., 1., 0., 0.]]))
+    p = ds.probs(logits, 1.0, top_k=2)
+    assert p[0, 0] == 0 and p[0, 3] == 0 and p.sum().item() == pytest.approx(1.0)
+
+
+def trained_pattern_model():
+    """A tiny model trained on a repeating pattern, so its MTP drafts are often right."""
+    torch.manual_seed(0)
+    m = ds.Transformer(tiny(n_layers=2, vocab_size=16, max_seq_len=24)).train()
+    pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7])
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for step in range(60):
+        starts = torch.randint(0, len(pattern), (8,))
+        seq = torch.stack([pattern.roll(-int(s)).repeat(2)[:17] for s in starts])
+        seq = torch.where(torch.rand(seq.shape) < 0.1, torch.randint(0, 16, seq.shape), seq)
+        _, loss = m(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.update_expert_bias()
+    return m.double().eval()
+
+
+def test_speculative_greedy_equals_plain_greedy():
+    m = trained_pattern_model()
+    drafted = accepted = 0
+    for prompt, n in [([3, 1, 4], 30), ([7, 7, 7, 0], 9), ([5], 50), ([2, 6, 5, 3, 5, 8], 1), ([11, 0, 13], 20)]:
+        idx = torch.tensor([prompt])
+        plain = m.generate(idx, n, temperature=0)
+        spec, stats = m.generate_speculative(idx, n, temperature=0)
+        assert torch.equal(plain, spec), prompt
+        drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
+    assert 0 < accepted < drafted                                   # both acceptances and rejections happened
+
+
+def test_verify_draft_is_lossless():
+    """Draft d ~ q, then the rule: the kept token is distributed as p, whatever q is."""
+    torch.manual_seed(0)
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    for q in [torch.tensor([0.05, 0.05, 0.3, 0.3, 0.3]), p.clone(), torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])]:
+        N = 200_000
+        d = torch.multinomial(q, N, replacement=True)
+        ok, tok = ds.verify_draft(p.expand(N, -1), q.expand(N, -1), d)
+        freq = torch.bincount(tok, minlength=5).float() / N
+        assert (freq - p).abs().max() < 0.005
+        expected_accept = torch.minimum(p, q).sum()                 # P(accept) = sum_x min(p, q)
+        assert ok.float().mean().item() == pytest.approx(expected_accept.item(), abs=0.005)
+
+
+def test_speculative_sampling_matches_main_distribution():
+    """First generated-by-verification token of a sampled speculative run follows the main model."""
+    m = trained_pattern_model()
+    idx = torch.tensor([[3, 1, 4, 1]])
+    with torch.no_grad():
+        ctx = m(idx)[0][0, -1]
+    p1 = ds.probs(ctx, 1.0)
+    # the second new token: main's distribution after appending each possible first token
+    draws = 3000
+    torch.manual_seed(1)
+    pairs = torch.stack([m.generate_speculative(idx, 2, temperature=1.0)[0][0, -2:] for _ in range(draws)])
+    joint = torch.zeros(16, 16)
+    for a in range(16):
+        with torch.no_grad():
+            joint[a] = p1[a] * ds.probs(m(torch.cat([idx, torch.tensor([[a]])], 1))[0][0, -1], 1.0)
+    emp = torch.zeros(16, 16).index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(draws), accumulate=True) / draws
+    assert (emp - joint).abs().max() < 0.04
