@@ -3,6 +3,8 @@ gate, experts and MoE, balancing, MTP, model, generation; then kernels, training
 import json
 import math
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -524,3 +526,189 @@ def test_speculative_sampling_matches_main_distribution():
             joint[a] = p1[a] * ds.probs(m(torch.cat([idx, torch.tensor([[a]])], 1))[0][0, -1], 1.0)
     emp = torch.zeros(16, 16).index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(draws), accumulate=True) / draws
     assert (emp - joint).abs().max() < 0.04
+
+
+# ----------------------------------------------------------------------------- kernels
+# The Triton gate and dispatch against their references; without a GPU in the Triton interpreter.
+
+needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton not installed")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_route(logits, bias, k, G=1, KG=1, f="sigmoid", scale=1.0):
+    w, ids = kernels.route_triton(logits, bias, k, G, KG, f, scale)
+    w_ref, ids_ref = kernels.route_ref(logits, bias, k, G, KG, f, scale)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32 and w.shape == (logits.shape[0], k)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-6)
+    return w, ids
+
+
+def check_dispatch(ids, E):
+    out = kernels.dispatch_triton(ids, E)
+    ref = kernels.dispatch_ref(ids, E)
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.int64 and torch.equal(a, b)
+    counts, offsets, perm, inv = out
+    assert torch.equal(perm, torch.argsort(ids.flatten().long(), stable=True))
+    assert torch.equal(perm[inv], torch.arange(perm.numel(), device=perm.device))
+    return out
+
+
+# ----------------------------------------------------------------------------- gate
+
+# (T, E, k, n_groups, topk_groups, score_func); T=37 and 100 are not multiples of any block
+ROUTE_CASES = [
+    (1, 8, 1, 1, 1, "sigmoid"),
+    (1, 256, 8, 8, 4, "sigmoid"),
+    (37, 8, 2, 1, 1, "softmax"),
+    (37, 16, 2, 4, 2, "sigmoid"),       # the nano shape
+    (37, 16, 2, 4, 2, "softmax"),
+    (100, 64, 6, 1, 1, "softmax"),       # V2-Lite
+    (100, 64, 6, 8, 3, "sigmoid"),
+    (37, 256, 8, 8, 4, "sigmoid"),       # V3
+    (37, 256, 8, 1, 1, "softmax"),
+    (37, 96, 6, 4, 2, "sigmoid"),        # E not a power of two
+    (37, 96, 5, 4, 1, "softmax"),        # odd k, one group kept
+    (20, 8, 2, 8, 4, "sigmoid"),         # groups of one expert
+    (20, 48, 3, 3, 2, "sigmoid"),        # 3 groups of 16
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("T,E,k,G,KG,f", ROUTE_CASES)
+def test_route_matches_ref(T, E, k, G, KG, f):
+    g = torch.Generator().manual_seed(T * 1000 + E + k)
+    logits = torch.randn(T, E, generator=g).to(DEV)
+    bias = (0.1 * torch.randn(E, generator=g)).to(DEV)
+    w, _ = check_route(logits, bias, k, G, KG, f, 2.5)
+    if f == "sigmoid":
+        torch.testing.assert_close(w.sum(-1), torch.full((T,), 2.5, device=DEV))
+
+
+@needs_triton
+def test_route_bf16_and_strided():
+    logits = torch.randn(64, 40, device=DEV).to(torch.bfloat16)
+    check_route(logits, torch.zeros(40, device=DEV), 4, 4, 2)
+    check_route(torch.randn(64, 33, device=DEV).t(), torch.randn(64, device=DEV), 6, 8, 4)  # (33, 64), strides (1, 33)
+
+
+@needs_triton
+@pytest.mark.parametrize("f", ["sigmoid", "softmax"])
+def test_route_ties(f):
+    g = torch.Generator().manual_seed(1)
+    few = (torch.randint(0, 3, (50, 64), generator=g) / 2.0).to(DEV)  # lots of exact ties
+    for bias in (torch.zeros(64, device=DEV), torch.randint(0, 2, (64,), generator=g).float().to(DEV) / 4):
+        check_route(few, bias, 6, 8, 3, f)
+        check_route(few, bias, 6, 1, 1, f)
+    same = torch.zeros(9, 96, device=DEV)                                 # all equal: lowest groups, lowest experts
+    _, ids = check_route(same, torch.zeros(96, device=DEV), 8, 4, 2, f)
+    assert torch.equal(ids[0].cpu(), torch.arange(8, dtype=torch.int32))
+
+
+@needs_triton
+def test_route_bias_only_selects():
+    logits = torch.zeros(4, 16, device=DEV)
+    logits[:, 0] = 3.0                                                    # expert 0 is the best unbiased
+    bias = torch.zeros(16, device=DEV)
+    bias[5] = 10.0                                                        # expert 5 wins with bias
+    w, ids = check_route(logits, bias, 1, 1, 1, "softmax")
+    assert (ids == 5).all()
+    torch.testing.assert_close(w, torch.full_like(w, 1 / (torch.e ** 3 + 15)))  # unbiased softmax score
+
+
+@needs_triton
+def test_route_random():
+    g = torch.Generator().manual_seed(1234)
+    for _ in range(25):
+        G = [1, 2, 4, 8][torch.randint(0, 4, (1,), generator=g).item()]
+        S = torch.randint(1, 33, (1,), generator=g).item()
+        E = G * S
+        KG = torch.randint(1, G + 1, (1,), generator=g).item()
+        k = torch.randint(1, min(9, (KG * S if G > 1 else E)) + 1, (1,), generator=g).item()
+        T = torch.randint(1, 60, (1,), generator=g).item()
+        f = ["sigmoid", "softmax"][torch.randint(0, 2, (1,), generator=g).item()]
+        logits = (3 * torch.randn(T, E, generator=g)).to(DEV)
+        bias = (0.3 * torch.randn(E, generator=g)).to(DEV)
+        check_route(logits, bias, k, G, KG, f, 1.0 + torch.rand(1, generator=g).item())
+
+
+@needs_triton
+@pytest.mark.parametrize("f,G,KG", [("sigmoid", 4, 2), ("softmax", 1, 1), ("sigmoid", 1, 1)])
+def test_route_grad(f, G, KG):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(30, 32, generator=g).to(DEV)
+    bias = (0.1 * torch.randn(32, generator=g)).to(DEV)
+    c = torch.randn(30, 4, generator=g).to(DEV)
+    grads = []
+    for fn in (kernels.route_triton, kernels.route_ref):
+        xx = x.clone().requires_grad_()
+        w, _ = fn(xx, bias, 4, G, KG, f, 2.5)
+        (w * c).sum().backward()
+        grads.append(xx.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    xb = x.to(torch.bfloat16).requires_grad_()                            # grad keeps the logits' dtype
+    kernels.route_triton(xb, bias, 4, G, KG, f)[0].sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+@needs_triton
+@pytest.mark.parametrize("T,k,E", [(1, 1, 8), (1, 8, 256), (37, 2, 16), (100, 6, 64), (300, 8, 256), (129, 6, 96)])
+def test_dispatch_matches_ref(T, k, E):
+    g = torch.Generator().manual_seed(T + k + E)
+    check_dispatch(torch.randint(0, E, (T, k), generator=g, dtype=torch.int32).to(DEV), E)
+
+
+@needs_triton
+def test_dispatch_edge_cases():
+    ids = torch.randint(0, 16, (200, 2), dtype=torch.int32, device=DEV)
+    ids[ids == 3] = 4                                                     # expert 3 gets no token
+    counts = check_dispatch(ids, 16)[0]
+    assert counts[3] == 0
+    check_dispatch(torch.full((257, 2), 5, dtype=torch.int32, device=DEV), 16)  # all to one expert
+    check_dispatch(torch.full((50, 1), 95, device=DEV), 96)                  # int64 ids, last expert
+    check_dispatch(torch.zeros(0, 4, dtype=torch.int32, device=DEV), 8)      # no tokens
+
+
+@needs_triton
+def test_route_then_dispatch_deterministic():
+    logits = torch.randn(77, 256, device=DEV)
+    bias = 0.1 * torch.randn(256, device=DEV)
+    a = kernels.route_triton(logits, bias, 8, 8, 4, "sigmoid", 2.5)
+    b = kernels.route_triton(logits, bias, 8, 8, 4, "sigmoid", 2.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))                   # bit-identical
+    d1, d2 = check_dispatch(a[1], 256), kernels.dispatch_triton(a[1], 256)
+    assert all(torch.equal(x, y) for x, y in zip(d1, d2))
+
+
+def test_entry_points_and_import_without_triton():
+    logits, bias = torch.randn(5, 16), torch.zeros(16)
+    w, ids = kernels.route(logits, bias, 2, 4, 2)                          # CPU tensors: the reference
+    assert torch.equal(ids, kernels.route_ref(logits, bias, 2, 4, 2)[1])
+    assert torch.equal(kernels.dispatch(ids, 16)[2], kernels.dispatch_ref(ids, 16)[2])
+    code = ("import sys; sys.modules['triton'] = None; import kernels, torch; assert not kernels.HAS_TRITON; "
+            "w, i = kernels.route(torch.randn(3, 8), torch.zeros(8), 2); kernels.dispatch(i, 8)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=here)
+
+
+@needs_triton
+def test_moe_layer_same_through_triton(monkeypatch):
+    """A whole MoE layer, forward and backward, through the kernels equals the reference path."""
+    m = model()
+    moe = m.layers[1].ffn.train()
+    x = torch.randn(2, 13, 32)
+    results = []
+    for route, dispatch in [(kernels.route_ref, kernels.dispatch_ref), (kernels.route_triton, kernels.dispatch_triton)]:
+        monkeypatch.setattr(kernels, "route", route)
+        monkeypatch.setattr(kernels, "dispatch", dispatch)
+        moe.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = moe(xx)
+        (y.square().sum() + moe.aux_loss * 1e3).backward()
+        results.append([y, xx.grad] + [p.grad.clone() for p in moe.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
