@@ -712,3 +712,78 @@ def test_moe_layer_same_through_triton(monkeypatch):
         results.append([y, xx.grad] + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in moe.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+import sample  # noqa: E402
+import train  # noqa: E402
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tmp_path_factory):
+    """A checkpoint as train.py writes it: the pattern-trained tiny model with a char tokenizer."""
+    m = trained_pattern_model().float()
+    args = {**m.args.__dict__, "vocab_size": len(CHARS)}
+    fresh = ds.Transformer(ds.ModelArgs(**args))
+    state = {k: v for k, v in m.state_dict().items() if k not in ("embed.weight", "head.weight")}
+    fresh.load_state_dict({**fresh.state_dict(), **state})
+    out = tmp_path_factory.mktemp("ckpt")
+    ckpt = dict(model=fresh.state_dict(), model_args=args, meta={"tokenizer": "char", "chars": CHARS},
+                optimizer={}, iter_num=0, best_val_loss=0.0, config={})
+    train.save_checkpoint(ckpt, out / "ckpt.pt")
+    return out
+
+
+def run_sample(capsys, *argv):
+    rc = sample.cli(["--device=cpu", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_sample_speculative_greedy_text_equals_plain(char_ckpt, capsys):
+    texts = []
+    for spec in ("True", "False"):
+        rc, out, _ = run_sample(capsys, f"--out_dir={char_ckpt}", "--start=ROMEO:", "--temperature=0",
+                                "--num_samples=1", "--max_new_tokens=40", f"--speculative={spec}")
+        assert rc == 0
+        texts.append(out.split("---------------")[0])
+        assert ("acceptance" in out) == (spec == "True")
+    assert texts[0] == texts[1] and texts[0].startswith("ROMEO:") and len(texts[0]) == 6 + 40 + 1
+
+
+def test_sample_prompt_file_and_cropping(char_ckpt, capsys, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("A" * 50)
+    rc, out, err = run_sample(capsys, f"--out_dir={char_ckpt}", f"--start=FILE:{prompt}", "--num_samples=1",
+                              "--max_new_tokens=5", "--attn_impl=naive")
+    assert rc == 0 and "cropped from the left" in err and "slides" in err
+    text = out.split("\n---------------")[0]
+    assert len(text) == 24 + 5 and text.startswith("A" * 24)      # cropped to the 24-token window
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--start=héllo"], "characters not in the vocabulary: 'é'"),
+    (["--device=cuda:7"], "device 'cuda:7'"),
+    (["--device=nonsense"], "unknown device"),
+    (["--start=FILE:/no/such/prompt.txt"], "prompt file"),
+    (["--speculative=maybe"], "expected True or False"),
+    (["--top_k=0"], ">= 1"),
+])
+def test_sample_bad_input(char_ckpt, capsys, argv, message):
+    rc, out, err = run_sample(capsys, f"--out_dir={char_ckpt}", *argv)
+    assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_sample_bad_checkpoint(tmp_path, capsys):
+    (tmp_path / "missing").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"\x80\x04 not a checkpoint")
+    (tmp_path / "foreign").mkdir()
+    torch.save({"state_dict": {}}, tmp_path / "foreign" / "ckpt.pt")
+    for name, message in [("missing", "no checkpoint"), ("corrupt", "not a readable checkpoint"),
+                          ("foreign", "not a train.py checkpoint")]:
+        rc, _, err = run_sample(capsys, f"--out_dir={tmp_path / name}")
+        assert rc == 2 and message in err and err.count("\n") == 1

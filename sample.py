@@ -1,0 +1,118 @@
+"""Sample from a trained model, decoding with the compressed MLA cache and, when the checkpoint has
+an MTP module, lossless MTP speculative decoding (report §5.4.3).
+
+    python sample.py --out_dir=out --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py --start=FILE:prompt.txt --temperature=0 --speculative=False --attn_impl=naive
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from train import UserError, load_checkpoint, pick_device, tokenizer_from_meta
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def boolean(s):
+    if s.lower() in ("true", "1", "yes"):
+        return True
+    if s.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, not {s!r}")
+
+
+def parse(argv):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
+    p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
+    p.add_argument("--num_samples", type=int, default=3)
+    p.add_argument("--max_new_tokens", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--speculative", type=boolean, default=None, help="MTP drafts; default: on when the checkpoint has MTP")
+    p.add_argument("--attn_impl", choices=["absorb", "naive"], default="absorb",
+                   help="MLA decode cache: latent + RoPE key (absorb) or full per-head K/V (naive)")
+    a = p.parse_args(argv)
+    if a.num_samples < 1 or a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 1:
+        raise UserError("num_samples, max_new_tokens and top_k must be >= 1, temperature >= 0")
+    return a
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[5:]).expanduser()
+    if not path.is_file():
+        raise UserError(f"prompt file {path} not found")
+    return path.read_text(encoding="utf-8")
+
+
+def main(argv=None):
+    a = parse(sys.argv[1:] if argv is None else argv)
+    device = pick_device(a.device)
+    model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device)
+    model.args.attn_impl = a.attn_impl               # every layer reads the shared args at decode time
+    encode, decode = tokenizer_from_meta(ckpt["meta"])
+    speculative = bool(model.mtp) if a.speculative is None else a.speculative
+    if speculative and not model.mtp:
+        raise UserError("--speculative=True needs a checkpoint trained with MTP (n_mtp >= 1)")
+
+    try:
+        ids = encode(read_prompt(a.start))
+    except ValueError as e:                          # characters the char tokenizer does not know
+        raise UserError(f"prompt: {e}") from None
+    if not ids:
+        raise UserError("the prompt is empty after tokenisation")
+    window = model.args.max_seq_len
+    if len(ids) > window:
+        print(f"note: prompt of {len(ids)} tokens cropped from the left to the context of {window}", file=sys.stderr)
+        ids = ids[-window:]
+    if len(ids) + a.max_new_tokens > window:
+        print(f"note: {len(ids)} + {a.max_new_tokens} tokens exceed the context of {window}: when it is full, "
+              f"generation slides (keeps the last {window // 2} tokens and prefills again)", file=sys.stderr)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+
+    torch.manual_seed(a.seed)
+    stats = dict(tokens=0, seconds=0.0, forwards=0, drafted=0, accepted=0)
+    for _ in range(a.num_samples):
+        t0 = time.perf_counter()
+        if speculative:
+            y, s = model.generate_speculative(x, a.max_new_tokens, a.temperature, a.top_k)
+            for k in ("forwards", "drafted", "accepted"):
+                stats[k] += s[k]
+        else:
+            y = model.generate(x, a.max_new_tokens, a.temperature, a.top_k)
+        stats["seconds"] += time.perf_counter() - t0
+        stats["tokens"] += y.size(1) - x.size(1)
+        print(decode(y[0].tolist()))
+        print("---------------")
+
+    mode = "speculative (MTP drafts)" if speculative else "plain"
+    line = (f"{stats['tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens'] / stats['seconds']:.1f} tokens/s, "
+            f"{mode}, {a.attn_impl} cache")
+    if speculative:
+        line += (f"; acceptance {stats['accepted'] / max(stats['drafted'], 1):.1%} of {stats['drafted']} drafts, "
+                 f"{stats['tokens'] / stats['forwards']:.2f} tokens per main-model forward")
+    print(line)
+    return stats
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
