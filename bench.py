@@ -1,10 +1,15 @@
 """Benchmarks, one function per part.
 
     python bench.py --parts kernels      # the Triton MoE gate / dispatch vs the PyTorch references
+    python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
 """
 import argparse
+import time
+from pathlib import Path
 
 import torch
+
+import deepseek as ds
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -59,14 +64,99 @@ def _bench_kernels_on(device, do_bench):
             print(f"note: {name} T={T}: {100 * (1 - same_ids):.3f}% of tokens chose differently (fp32 near-ties)")
 
 
+# ----------------------------------------------------------------------------- decode
+
+def timed(fn, repeats):
+    """(best seconds over repeats, last result)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+@torch.no_grad()
+def recompute(model, idx, n):
+    """Greedy decoding with no cache: the whole context again for every token (nanoGPT's sample.py)."""
+    for _ in range(n):
+        nxt = model(idx[:, -model.args.max_seq_len:])[0][:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+
+def decode_row(name, model, idx, n, repeats):
+    """Greedy tokens/s of each decoding mode on the same prompt; all modes must agree token for token."""
+    model.eval()
+    ctx = f"{idx.size(1)}+{n}"
+    t_re, ref = timed(lambda: recompute(model, idx, n), repeats)
+    speeds, outs = {}, {}
+    for impl in ("naive", "absorb"):
+        model.args.attn_impl = impl
+        t, outs[impl] = timed(lambda: model.generate(idx, n, temperature=0), repeats)
+        speeds[impl] = n / t
+    t_sp, (outs["spec"], st) = timed(lambda: model.generate_speculative(idx, n, temperature=0), repeats)
+    if idx.size(1) + n <= model.args.max_seq_len:        # no sliding: all four must be identical
+        assert all(torch.equal(ref, o) for o in outs.values()), f"{name}: decoding modes disagree"
+    torch.manual_seed(0)
+    _, sampled = model.generate_speculative(idx, n, temperature=1.0)
+    print(f"| {name} | {ctx} | {n / t_re:.0f} | {speeds['naive']:.0f} | {speeds['absorb']:.0f} | {n / t_sp:.0f} | "
+          f"{speeds['absorb'] * t_re / n:.1f}x | {t_re / t_sp:.1f}x | {n / t_sp / speeds['absorb']:.2f}x | "
+          f"{st['accepted'] / max(st['drafted'], 1):.0%} / {sampled['accepted'] / max(sampled['drafted'], 1):.0%} | "
+          f"{n / st['forwards']:.2f} |")
+
+
+def bench_decode(args):
+    """CPU decoding speed, side by side: tokens/s without cache, with the naive (per-head K/V) and the
+    absorbed (latent) MLA cache, and with MTP speculative decoding; then cache sizes per token."""
+    from train import load_checkpoint, tokenizer_from_meta
+    torch.manual_seed(0)
+    print(f"decode: CPU, {torch.get_num_threads()} threads, greedy, best of {args.repeats}")
+    print("| model | prompt+new tokens | recompute tok/s | naive cache | absorb cache | speculative | "
+          "absorb / recompute | speculative / recompute | speculative / absorb | acceptance greedy / T=1 | "
+          "tokens per forward |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for out_dir in filter(None, args.ckpts.split(",")):
+        path = Path(out_dir) / "ckpt.pt"
+        if not path.exists():
+            print(f"| {out_dir} | no checkpoint: train it first (python train.py ...) | | | | | | | | | |")
+            continue
+        model, ckpt = load_checkpoint(path, "cpu")
+        encode, _ = tokenizer_from_meta(ckpt["meta"])
+        idx = torch.tensor([encode("ROMEO:\n")])
+        decode_row(out_dir, model, idx, model.args.max_seq_len - idx.size(1), args.repeats)
+    # long context: the default model shape (random weights: speed does not depend on training)
+    long = ds.Transformer(ds.ModelArgs(max_seq_len=1024))
+    idx = torch.randint(0, long.args.vocab_size, (1, 512))
+    decode_row("default shape, untrained, 512 context", long, idx, args.long_tokens, args.repeats)
+
+    print("\n| attention | numbers cached per token per layer | KiB per token, all layers (bf16) | vs MLA absorb |")
+    print("|---|---:|---:|---:|")
+    for name, cfg in [("nano (default ModelArgs)", {}), ("DeepSeek-V3 671B", V3_SHAPE)]:
+        a = ds.ModelArgs(**cfg)
+        base = ds.cache_numbers_per_token(a)
+        for label, kw in [("MLA absorb", {}), ("MLA naive", {"attn_impl": "naive"}), ("MHA", {"attn": "mha"})]:
+            n = ds.cache_numbers_per_token(ds.ModelArgs(**{**cfg, **kw}))
+            print(f"| {name}: {label} | {n:,} | {n * a.n_layers * 2 / 1024:,.1f} | {n / base:.1f}x |")
+
+
+V3_SHAPE = dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=61, n_dense_layers=3,
+                n_heads=128, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8,
+                n_limited_groups=4, route_scale=2.5, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                qk_rope_head_dim=64, v_head_dim=128)
+
+
 # ----------------------------------------------------------------------------- main
 
-PARTS = {"kernels": bench_kernels}
+PARTS = {"kernels": bench_kernels, "decode": bench_decode}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of: {', '.join(PARTS)}")
+    parser.add_argument("--ckpts", default="out-shakespeare-char-cpu,out", help="decode: checkpoint folders")
+    parser.add_argument("--long_tokens", type=int, default=64, help="decode: tokens generated after the 512-token prompt")
+    parser.add_argument("--repeats", type=int, default=3, help="decode: timing repeats (best is kept)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
