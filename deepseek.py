@@ -317,12 +317,9 @@ class MoE(nn.Module):
                 self.aux_loss = sequence_balance_loss(scores, ids.view(B, T, -1), len(self.experts), self.args.seq_aux_alpha)
         K = ids.size(1)
         xs = x[perm // K]                           # (T*K, D) token copies, expert 0's first
-        ys = torch.empty_like(xs)
         # one host sync per layer: the slice sizes (DeepSeek's own inference code does the same)
         bounds = offsets.tolist()
-        for e, expert in enumerate(self.experts):
-            if bounds[e] < bounds[e + 1]:
-                ys[bounds[e]:bounds[e + 1]] = expert(xs[bounds[e]:bounds[e + 1]])
+        ys = torch.cat([expert(xs[lo:hi]) for expert, lo, hi in zip(self.experts, bounds, bounds[1:]) if lo < hi])
         y = (ys[inv].view(-1, K, D) * weights.unsqueeze(-1).type_as(ys)).sum(dim=1)   # back in token order
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

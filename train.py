@@ -20,6 +20,7 @@ and ranks before each bias update, so every rank applies the same update.
 """
 import ast
 import difflib
+import inspect
 import json
 import math
 import os
@@ -555,9 +556,15 @@ def main(argv=None):
     del ckpt
 
     model = torch.compile(raw) if c.compile else raw
-    train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                      broadcast_buffers=False,   # each rank counts its own tokens per expert
-                      find_unused_parameters=args.n_routed_experts > 0) if ddp else model
+    if ddp:
+        # buffers stay per rank: each counts its own tokens per expert (update_expert_bias sums them);
+        # an expert may get no tokens in a micro-batch, hence find_unused_parameters
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else "broadcast_buffers")    # the name before torch 2.13
+        train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
+                          find_unused_parameters=args.n_routed_experts > 0, **{no_sync: False})
+    else:
+        train_model = model
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
