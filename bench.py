@@ -2,8 +2,14 @@
 
     python bench.py --parts kernels      # the Triton MoE gate / dispatch vs the PyTorch references
     python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
+    python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same budget
+    python bench.py --parts ablation --quick   # a smoke version of the study (< 3 minutes on 2 cores)
 """
 import argparse
+import contextlib
+import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -111,7 +117,7 @@ def bench_decode(args):
     absorbed (latent) MLA cache, and with MTP speculative decoding; then cache sizes per token."""
     from train import load_checkpoint, tokenizer_from_meta
     torch.manual_seed(0)
-    print(f"decode: CPU, {torch.get_num_threads()} threads, greedy, best of {args.repeats}")
+    print(f"decode: CPU, {torch.get_num_threads()} threads, greedy, best of {args.timing_repeats}")
     print("| model | prompt+new tokens | recompute tok/s | naive cache | absorb cache | speculative | "
           "absorb / recompute | speculative / recompute | speculative / absorb | acceptance greedy / T=1 | "
           "tokens per forward |")
@@ -124,11 +130,11 @@ def bench_decode(args):
         model, ckpt = load_checkpoint(path, "cpu")
         encode, _ = tokenizer_from_meta(ckpt["meta"])
         idx = torch.tensor([encode("ROMEO:\n")])
-        decode_row(out_dir, model, idx, model.args.max_seq_len - idx.size(1), args.repeats)
+        decode_row(out_dir, model, idx, model.args.max_seq_len - idx.size(1), args.timing_repeats)
     # long context: the default model shape (random weights: speed does not depend on training)
     long = ds.Transformer(ds.ModelArgs(max_seq_len=1024))
     idx = torch.randint(0, long.args.vocab_size, (1, 512))
-    decode_row("default shape, untrained, 512 context", long, idx, args.long_tokens, args.repeats)
+    decode_row("default shape, untrained, 512 context", long, idx, args.long_tokens, args.timing_repeats)
 
     print("\n| attention | numbers cached per token per layer | KiB per token, all layers (bf16) | vs MLA absorb |")
     print("|---|---:|---:|---:|")
@@ -146,9 +152,127 @@ V3_SHAPE = dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048
                 qk_rope_head_dim=64, v_head_dim=128)
 
 
+# ----------------------------------------------------------------------------- ablation
+
+# the ladder: each row is config/shakespeare_char_cpu.py (nanoGPT's CPU budget) plus these overrides
+ABLATION = [
+    ("1 GPT: MHA + dense SwiGLU", dict(attn="mha", n_routed_experts=0, n_mtp=0)),
+    ("2 + MLA", dict(n_routed_experts=0, n_mtp=0)),
+    ("3 + DeepSeekMoE, aux-loss-free bias", dict(n_mtp=0)),
+    ("4a MoE, auxiliary loss instead (alpha 0.01)", dict(n_mtp=0, bias_update_speed=0.0, seq_aux_alpha=0.01)),
+    ("4b MoE, no balancing", dict(n_mtp=0, bias_update_speed=0.0, seq_aux_alpha=0.0)),
+    ("5 + MTP: the full recipe", dict()),
+]
+
+
+def read_log(out_dir):
+    with open(Path(out_dir) / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@torch.no_grad()
+def expert_load(out_dir, text, data_dir, batches=10):
+    """Tokens per expert in each MoE layer of the trained model on val batches: (layers, experts)."""
+    import train
+    model, ckpt = train.load_checkpoint(Path(out_dir) / "ckpt.pt")
+    c = ckpt["config"]
+    folder, meta = train.prepare_data(data_dir, c["dataset"], text, c["tokenizer"], c["encoding"], log=lambda *a: None)
+    val = train.load_split(folder, "val", meta)
+    model.train()                                       # gates count tokens in training mode (dropout is 0)
+    for k in range(batches):
+        model(train.get_batch(val, c["batch_size"], c["block_size"], train.batch_seed(1, k))[0])
+    return model, torch.stack([g.load.clone() for g in model.gates()]) if model.gates() else None
+
+
+def bench_ablation(args):
+    """Train every row of ABLATION on the same data, budget and seeds; print a Markdown table with
+    ratios against row 1, and save the validation curves and MoE expert loads as PNG."""
+    import train
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    extra = [f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}",
+             f"--eval_interval={max(args.iters // 8, 1)}", f"--log_interval={max(args.iters // 8, 1)}"]
+    if args.quick:
+        extra += ["--eval_iters=4"]
+    if args.text:
+        extra += [f"--text={args.text}"]
+    results = []
+    for name, over in ABLATION:
+        runs = []
+        for r in range(args.repeats):
+            out = root / f"row{name.split()[0]}_seed{r}"
+            argv = ["shakespeare_char_cpu", "--device=cpu", f"--out_dir={out}", f"--data_dir={args.data_dir}",
+                    f"--seed={1337 + r}", "--always_save_checkpoint=True", *extra] + [f"--{k}={v}" for k, v in over.items()]
+            print(f"ablation: {name}, seed {r} ...", file=sys.stderr, flush=True)
+            if out.exists():
+                for f in out.iterdir():
+                    f.unlink()
+            with open(root / f"{out.name}.log", "w") as log, contextlib.redirect_stdout(log):
+                if train.cli(argv) != 0:
+                    raise SystemExit(f"ablation: training failed, see {root / out.name}.log")
+            entries = read_log(out)
+            done = next(e for e in entries if e["kind"] == "done")
+            trains = [e for e in entries if e["kind"] == "train"]
+            runs.append(dict(best=done["best_val"], wall=done["wall_s"],
+                             tok_s=statistics.mean(e["tokens_per_s"] for e in trains),
+                             maxvio=statistics.mean(trains[-1]["maxvio"]) if trains[-1]["maxvio"] else None,
+                             curve=[(e["step"], e["val"]) for e in entries if e["kind"] == "eval"], out=out))
+        model, load = expert_load(runs[0]["out"], args.text, args.data_dir)
+        results.append(dict(name=name, runs=runs, load=load, total=model.num_params(),
+                            active=model.num_params(active=True), flops=model.flops_per_token(model.args.max_seq_len)))
+
+    def spread(xs):
+        return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
+
+    base = results[0]
+    mean = lambda r, k: statistics.mean(x[k] for x in r["runs"])   # noqa: E731
+    print(f"\nablation: char-level Tiny Shakespeare, {args.iters} iterations, {args.repeats} seed(s) per row, "
+          f"{torch.get_num_threads()} CPU threads")
+    print("| row | params | active | train GFLOPs/token | best val loss | final MaxVio | tokens/s | wall s | "
+          "val vs row 1 | wall vs row 1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        mv = [x["maxvio"] for x in r["runs"] if x["maxvio"] is not None]
+        print(f"| {r['name']} | {r['total'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | {r['flops'] / 1e9:.4f} | "
+              f"{spread([x['best'] for x in r['runs']])} | {f'{statistics.mean(mv):.2f}' if mv else '-'} | "
+              f"{mean(r, 'tok_s'):,.0f} | {mean(r, 'wall'):.0f} | {mean(r, 'best') - mean(base, 'best'):+.4f} | "
+              f"{mean(r, 'wall') / mean(base, 'wall'):.2f}x |")
+    plot_ablation(results, root)
+    return results
+
+
+def plot_ablation(results, root):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("ablation: matplotlib is not installed, no plots (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        steps, vals = zip(*r["runs"][0]["curve"])
+        ax.plot(steps, vals, label=r["name"])
+    ax.set(xlabel="step", ylabel="val loss (main next-token)", title="Char-level Tiny Shakespeare, same budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "ablation_val_loss.png", dpi=120)
+    moe = [r for r in results if r["load"] is not None]
+    fig, axes = plt.subplots(1, len(moe), figsize=(3.2 * len(moe), 2.8), squeeze=False)
+    for ax, r in zip(axes[0], moe):
+        share = r["load"] / r["load"].sum(-1, keepdim=True)
+        im = ax.imshow(share.numpy(), cmap="viridis", vmin=0, aspect="auto")
+        ax.set(title=r["name"][:28], xlabel="expert", ylabel="MoE layer")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle("Share of routed tokens per expert (val batches)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(root / "ablation_expert_load.png", dpi=120)
+    print(f"plots: {root / 'ablation_val_loss.png'}, {root / 'ablation_expert_load.png'}")
+
+
 # ----------------------------------------------------------------------------- main
 
-PARTS = {"kernels": bench_kernels, "decode": bench_decode}
+PARTS = {"kernels": bench_kernels, "decode": bench_decode, "ablation": bench_ablation}
 
 
 def main():
@@ -156,12 +280,19 @@ def main():
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of: {', '.join(PARTS)}")
     parser.add_argument("--ckpts", default="out-shakespeare-char-cpu,out", help="decode: checkpoint folders")
     parser.add_argument("--long_tokens", type=int, default=64, help="decode: tokens generated after the 512-token prompt")
-    parser.add_argument("--repeats", type=int, default=3, help="decode: timing repeats (best is kept)")
+    parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
+    parser.add_argument("--timing_repeats", type=int, default=3, help="decode: timing repeats (best is kept)")
+    parser.add_argument("--quick", action="store_true", help="ablation: a smoke version (200 iterations)")
+    parser.add_argument("--iters", type=int, default=None, help="ablation: iterations per row (default 2000, quick 200)")
+    parser.add_argument("--out", default="out-bench", help="ablation: runs, logs and plots go here")
+    parser.add_argument("--data_dir", default="data", help="ablation: data cache (as train.py)")
+    parser.add_argument("--text", default="", help="ablation: the text to train on (default: Tiny Shakespeare)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
+    args.iters = args.iters or (200 if args.quick else 2000)
     for part in parts:
         PARTS[part](args)
 
