@@ -305,6 +305,7 @@ class MoE(nn.Module):
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
         self.aux_loss = None
 
+    @torch.compiler.disable   # slices of data-dependent size: torch.compile leaves this layer eager
     def forward(self, x):
         B, T, D = x.shape
         x = x.view(-1, D)
@@ -319,7 +320,7 @@ class MoE(nn.Module):
         xs = x[perm // K]                           # (T*K, D) token copies, expert 0's first
         # one host sync per layer: the slice sizes (DeepSeek's own inference code does the same)
         bounds = offsets.tolist()
-        ys = torch.cat([expert(xs[lo:hi]) for expert, lo, hi in zip(self.experts, bounds, bounds[1:]) if lo < hi])
+        ys = torch.cat([expert(xs[lo:hi]) for expert, lo, hi in zip(self.experts, bounds, bounds[1:])])
         y = (ys[inv].view(-1, K, D) * weights.unsqueeze(-1).type_as(ys)).sum(dim=1)   # back in token order
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

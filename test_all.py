@@ -3,8 +3,10 @@ gate, experts and MoE, balancing, MTP, model, generation; then kernels, training
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,8 +18,12 @@ import torch.nn.functional as F
 
 import deepseek as ds
 import kernels
+import sample
+import train
 
-torch.set_num_threads(2)
+# tiny models gain nothing from more threads, and on a busy machine OpenMP threads waiting for
+# each other can slow a step down a hundredfold
+torch.set_num_threads(1)
 
 
 def tiny(**kw):
@@ -555,7 +561,7 @@ def check_dispatch(ids, E):
     return out
 
 
-# ----------------------------------------------------------------------------- gate
+# ----------------------------------------------------------------------------- kernels: gate
 
 # (T, E, k, n_groups, topk_groups, score_func); T=37 and 100 are not multiples of any block
 ROUTE_CASES = [
@@ -653,7 +659,7 @@ def test_route_grad(f, G, KG):
     assert xb.grad.dtype == torch.bfloat16
 
 
-# ----------------------------------------------------------------------------- dispatch
+# ----------------------------------------------------------------------------- kernels: dispatch
 
 @needs_triton
 @pytest.mark.parametrize("T,k,E", [(1, 1, 8), (1, 8, 256), (37, 2, 16), (100, 6, 64), (300, 8, 256), (129, 6, 96)])
@@ -714,10 +720,384 @@ def test_moe_layer_same_through_triton(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- training
 
-import sample  # noqa: E402
-import train  # noqa: E402
+REPO = Path(__file__).parent
+SHARED = REPO.parent / "shared"
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+HAS_BPE = (SHARED / "tiktoken_cache").is_dir()
+if HAS_BPE:
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+
+# a model small enough for a step in a few milliseconds, with every part switched on:
+# MLA with a low-rank query, MoE with group-limited routing, a shared expert, MTP, the balance loss
+TINY = dict(batch_size=4, block_size=32, n_layers=2, n_dense_layers=1, dim=32, n_heads=2, inter_dim=64,
+            moe_inter_dim=32, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2,
+            n_limited_groups=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+            v_head_dim=8, n_mtp=1, dropout=0.0, tokenizer="char", learning_rate=3e-3, min_lr=3e-4,
+            warmup_iters=5, lr_decay_iters=60, max_iters=8, eval_interval=4, eval_iters=2, log_interval=1,
+            bias_update_speed=0.001)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """Tiny Shakespeare when the shared copy is there, else a synthetic text with some structure."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE
+    g = torch.Generator().manual_seed(0)
+    words = ["the", "king", "and", "queen", "of", "my", "lord", "shall", "be", "thou", "art", "to", "love", "not"]
+    lines = []
+    for _ in range(8000):
+        n = int(torch.randint(3, 9, (), generator=g))
+        lines.append(" ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=g)).capitalize() + ".")
+    path = tmp_path_factory.mktemp("text") / "synthetic.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def preset(tmp_path, **kw):
+    path = tmp_path / "tiny.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in {**TINY, **kw}.items()))
+    return path
+
+
+def run(tmp_path, text_file, data_dir, *args, out="out", **kw):
+    """train.main in this process on a tiny preset; returns the log.jsonl entries."""
+    train.main([str(preset(tmp_path, **kw)), f"--text={text_file}", f"--data_dir={data_dir}",
+                f"--out_dir={tmp_path / out}", "--device=cpu", *args])
+    return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+
+
+def entries(log, kind):
+    return [e for e in log if e["kind"] == kind]
+
+
+# ----------------------------------------------------------------------------- training: configuration
+
+def test_config_order_defaults_preset_overrides(tmp_path):
+    p = tmp_path / "p.py"
+    p.write_text("max_iters = 50\nlr_decay_iters = max_iters * 2\nlearning_rate = 1\nimport math\n_private = 3\n")
+    cfg, explicit, presets = train.parse_config([str(p), "--max_iters=7", "--compile", "--dtype=bfloat16"])
+    assert cfg["max_iters"] == 7 and cfg["lr_decay_iters"] == 100          # the preset saw the earlier value
+    assert cfg["learning_rate"] == 1.0 and type(cfg["learning_rate"]) is float   # int where a float is due
+    assert cfg["compile"] is True and cfg["dtype"] == "bfloat16"
+    assert cfg["batch_size"] == train.DEFAULTS["batch_size"]
+    assert explicit == {"max_iters", "lr_decay_iters", "learning_rate", "compile", "dtype"} and presets == [str(p)]
+    # every ModelArgs field but the derived two is a key
+    assert {"rope_theta", "attn", "score_func"} <= set(train.DEFAULTS)
+    assert "vocab_size" not in train.DEFAULTS and "max_seq_len" not in train.DEFAULTS
+
+
+def test_presets_parse():
+    for p in sorted((REPO / "config").glob("*.py")):
+        cfg, _, _ = train.parse_config([str(p)])
+        train.check_config(train.SimpleNamespace(**cfg))
+        train.model_args_from(cfg, 65)
+    cfg, _, _ = train.parse_config(["shakespeare_char_cpu"])   # a bare preset name
+    assert cfg["block_size"] == 64 and cfg["batch_size"] == 12 and cfg["max_iters"] == 2000 and cfg["dropout"] == 0
+    cfg, _, _ = train.parse_config(["shakespeare_char"])
+    assert cfg["block_size"] == 256 and cfg["batch_size"] == 64 and cfg["max_iters"] == 5000 and cfg["n_layers"] == 6
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--n_layer=4"], "unknown config key 'n_layer' (did you mean n_layers?); valid keys: "),
+    (["--batch_size=1.5"], "batch_size must be int, not '1.5'"),
+    (["--compile=yes"], "compile must be bool"),
+    (["--learning_rate=fast"], "learning_rate must be float"),
+    (["--max_iters"], "--max_iters needs a value"),
+    (["config/nope.py"], "config file config/nope.py not found"),
+])
+def test_config_errors(argv, msg):
+    with pytest.raises(train.UserError, match=None) as e:
+        train.parse_config(argv)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_key_in_preset(tmp_path):
+    p = tmp_path / "p.py"
+    p.write_text("n_embd = 128\n")
+    with pytest.raises(train.UserError, match="unknown config key 'n_embd' in .*valid keys: .*block_size"):
+        train.parse_config([str(p)])
+
+
+@pytest.fixture
+def small_text(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("To be, or not to be, that is the question.\n" * 3)    # ~130 characters
+    return path
+
+
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing text", "block > data", "batch > data",
+                                  "bad device", "absent cuda", "bad model", "missing ckpt", "corrupt ckpt"])
+def test_bad_input_one_line_exit_2(case, tmp_path, small_text, text_file, capsys):
+    out = tmp_path / "out"
+    base = [str(preset(tmp_path)), f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", "--device=cpu"]
+    argv = {
+        "unknown key": ["--bach_size=4"],
+        "wrong type": ["--block_size=big"],
+        "missing text": [f"--text={tmp_path / 'nope.txt'}"],
+        "block > data": [f"--text={small_text}", "--block_size=64"],
+        "batch > data": [f"--text={small_text}", "--block_size=8", "--batch_size=64"],
+        "bad device": ["--device=foo"],
+        "absent cuda": ["--device=cuda:7"],
+        "bad model": [f"--text={small_text}", "--block_size=8", "--n_routed_experts=6", "--n_expert_groups=4"],
+        "missing ckpt": ["--init_from=resume"],
+        "corrupt ckpt": ["--init_from=resume"],
+    }[case]
+    if case == "corrupt ckpt":
+        out.mkdir()
+        (out / "ckpt.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    assert train.cli(base + argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert not (out / "log.jsonl").exists()          # stopped before any training work
+
+
+def test_cli_exit_code_in_a_real_process(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--n_layer=4", f"--out_dir={tmp_path / 'out'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: unknown config key 'n_layer'") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_device_pick():
+    assert train.pick_device("cpu") == "cpu"
+    assert train.pick_device("auto") in ("cuda", "mps", "cpu")
+    for bad in ("foo", "cuda:99"):
+        with pytest.raises(train.UserError):
+            train.pick_device(bad)
+
+
+# ----------------------------------------------------------------------------- training: data and tokenizers
+
+def test_char_data_roundtrip_and_cache(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("hello world, héllo wörld\n" * 20)
+    logs = []
+    folder, meta = train.prepare_data(tmp_path / "d", text=str(src), tokenizer="char", log=logs.append)
+    assert folder == tmp_path / "d" / "a" / "char" and meta["dtype"] == "uint16"
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == len(set(src.read_text()))
+    encode, decode = train.tokenizer_from_meta(meta)
+    tr, va = train.load_split(folder, "train", meta), train.load_split(folder, "val", meta)
+    assert len(tr) == int(0.9 * len(src.read_text())) and decode(list(tr) + list(va)) == src.read_text()
+    assert encode("hello") == [meta["chars"].index(ch) for ch in "hello"]
+    with pytest.raises(ValueError, match="characters not in the vocabulary: 'QZ'"):
+        encode("hello QZ")
+    # a second call reuses the cache; a changed source is tokenised again
+    train.prepare_data(tmp_path / "d", text=str(src), tokenizer="char", log=logs.append)
+    assert sum("tokenising" in m for m in logs) == 1
+    src.write_text("another text, longer than before\n" * 20)
+    _, meta2 = train.prepare_data(tmp_path / "d", text=str(src), tokenizer="char", log=logs.append)
+    assert sum("tokenising" in m for m in logs) == 2 and meta2["chars"] != meta["chars"]
+
+
+def test_folder_of_texts_and_uint32(tmp_path):
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "b.txt").write_text("second")
+    (tmp_path / "books" / "a.txt").write_text("first")
+    (tmp_path / "books" / "skip.md").write_text("not text")
+    folder, meta = train.prepare_data(tmp_path / "d", text=str(tmp_path / "books"), tokenizer="char", log=lambda m: None)
+    _, decode = train.tokenizer_from_meta(meta)
+    ids = list(train.load_split(folder, "train", meta)) + list(train.load_split(folder, "val", meta))
+    assert decode(ids) == "first\n\nsecond"
+    # more distinct characters than uint16 holds
+    big = tmp_path / "big.txt"
+    big.write_text("".join(chr(c) for c in range(0x20, 0x20 + 70000) if not 0xD800 <= c < 0xE000))
+    folder, meta = train.prepare_data(tmp_path / "d", text=str(big), tokenizer="char", log=lambda m: None)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] > 2 ** 16
+    assert int(train.load_split(folder, "val", meta).max()) == meta["vocab_size"] - 1
+
+
+@pytest.mark.skipif(not HAS_BPE, reason="no local tiktoken cache")
+def test_bpe_data_roundtrip(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 10)
+    folder, meta = train.prepare_data(tmp_path / "d", text=str(src), tokenizer="bpe", log=lambda m: None)
+    assert meta["encoding"] == "r50k_base" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert train.tokenizer_meta(meta) == dict(tokenizer="bpe", encoding="r50k_base", vocab_size=50257)
+    encode, decode = train.tokenizer_from_meta(meta)
+    ids = list(train.load_split(folder, "train", meta)) + list(train.load_split(folder, "val", meta))
+    assert decode([int(i) for i in ids]) == src.read_text() and encode("First")[0] == ids[0]
+
+
+def test_download_failure_says_how_to_place_the_file(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(train.urllib.request, "urlopen", offline)
+    with pytest.raises(train.UserError) as e:
+        train.prepare_data(tmp_path / "d", log=lambda m: None)
+    msg = str(e.value)
+    assert "place the file by hand at" in msg and str(tmp_path / "d" / "shakespeare" / "input.txt") in msg
+    assert train.SHAKESPEARE_URL in msg and "\n" not in msg
+
+
+def test_batches_are_a_function_of_the_seed():
+    data = torch.arange(1000).numpy().astype("uint16")
+    x, y = train.get_batch(data, 4, 16, train.batch_seed(1, 0, 0, 5, 0))
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
+    x2, _ = train.get_batch(data, 4, 16, train.batch_seed(1, 0, 0, 5, 0))
+    x3, _ = train.get_batch(data, 4, 16, train.batch_seed(1, 0, 1, 5, 0))     # another rank
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
+
+
+# ----------------------------------------------------------------------------- training: optimizer and schedule
+
+def test_weight_decay_on_matrices_only():
+    model = ds.Transformer(ds.ModelArgs(vocab_size=50, dim=32, n_layers=2, n_heads=2, max_seq_len=16,
+                                                    n_routed_experts=4, n_expert_groups=1, n_limited_groups=1,
+                                                    n_activated_experts=2))
+    opt = train.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] for p in no_decay["params"])
+    biases = [g.bias for g in model.gates()]
+    assert all(b is not p for b in biases for group in opt.param_groups for p in group["params"])
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_lr_and_mtp_schedule():
+    c = train.SimpleNamespace(decay_lr=True, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110,
+                              mtp_lambda=0.3, mtp_lambda_late=0.1, mtp_lambda_step=50)
+    assert train.get_lr(0, c) == pytest.approx(1 / 11) and train.get_lr(9, c) == pytest.approx(10 / 11)
+    assert train.get_lr(10, c) == pytest.approx(1.0) and train.get_lr(60, c) == pytest.approx(0.55)
+    assert train.get_lr(110, c) == pytest.approx(0.1) and train.get_lr(500, c) == pytest.approx(0.1)
+    assert [train.get_mtp_lambda(i, c) for i in (0, 49, 50, 99)] == [0.3, 0.3, 0.1, 0.1]
+    c.mtp_lambda_step = -1
+    assert train.get_mtp_lambda(10 ** 6, c) == 0.3
+
+
+# ----------------------------------------------------------------------------- training: the loop
+
+def test_loss_falls(tmp_path, text_file, data_dir):
+    log = run(tmp_path, text_file, data_dir, max_iters=40, eval_interval=20)
+    evals = entries(log, "eval")
+    assert [e["step"] for e in evals] == [0, 20, 40]
+    assert evals[-1]["val"] < evals[0]["val"] - 0.8 and evals[-1]["train"] < evals[0]["train"] - 0.8
+    steps = entries(log, "train")
+    assert len(steps) == 40 and steps[-1]["main"] < steps[0]["main"] - 0.8
+    first = steps[0]
+    assert first["loss"] == pytest.approx(first["main"] + 0.3 * first["mtp"] + first["balance"], rel=1e-5)
+    assert len(first["maxvio"]) == 2 and first["tokens_per_s"] > 0 and first["mfu"] is None   # MoE layer + MTP block
+    model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["iter_num"] == 40 and not model.training and ckpt["meta"]["tokenizer"] == "char"
+    assert any(g.bias.abs().sum() > 0 for g in model.gates())          # the balancing biases moved and were saved
+
+
+def test_bias_update_once_per_step_with_all_micro_batches(tmp_path, text_file, data_dir, monkeypatch):
+    counted = []
+    original = ds.Transformer.update_expert_bias
+
+    def spy(self):
+        counted.append([g.load.sum().item() for g in self.gates()])
+        return original(self)
+    monkeypatch.setattr(ds.Transformer, "update_expert_bias", spy)
+    run(tmp_path, text_file, data_dir, "--gradient_accumulation_steps=3", max_iters=5, eval_interval=5)
+    # once per optimizer step, with the tokens of all 3 micro-batches (4 x 32 each; the MTP block sees
+    # 31 positions per sequence), each token routed to 2 experts
+    assert counted == [[3 * 4 * 32 * 2, 3 * 4 * 31 * 2]] * 5
+
+
+def test_resume_continues_the_same_trajectory(tmp_path, text_file, data_dir):
+    kw = dict(dropout=0.1, max_iters=8, eval_interval=4)      # dropout: the RNG state is part of the resume
+    extra = ["--gradient_accumulation_steps=2", "--mtp_lambda_step=6"]
+    full = run(tmp_path, text_file, data_dir, *extra, out="full", **kw)
+    half = run(tmp_path, text_file, data_dir, *extra, "--max_iters=4", out="half", **kw)
+    resumed = run(tmp_path, text_file, data_dir, *extra, "--init_from=resume", out="half", **kw)
+    keys = ("loss", "main", "mtp", "balance", "lr", "mtp_lambda", "maxvio")
+    a = [{k: e[k] for k in keys} for e in entries(full, "train")]
+    b = [{k: e[k] for k in keys} for e in entries(resumed, "train")]     # the log holds both halves
+    assert len(a) == 8 and len(entries(half, "train")) == 4
+    assert a == b
+    assert entries(full, "eval")[-1]["val"] == entries(resumed, "eval")[-1]["val"]
+    s1 = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    s2 = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)
+    assert s1["iter_num"] == s2["iter_num"] == 8
+    for k in s1["model"]:
+        assert torch.equal(s1["model"][k], s2["model"][k]), k
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_matches_eager(tmp_path, text_file, data_dir):
+    kw = dict(max_iters=2, eval_interval=2, eval_iters=1, n_layers=1, n_dense_layers=0)
+    eager = entries(run(tmp_path, text_file, data_dir, out="eager", **kw), "train")
+    compiled = entries(run(tmp_path, text_file, data_dir, "--compile", out="compiled", **kw), "train")
+    for a, b in zip(eager, compiled, strict=True):
+        assert a["main"] == pytest.approx(b["main"], abs=1e-4) and a["mtp"] == pytest.approx(b["mtp"], abs=1e-4)
+    model, _ = train.load_checkpoint(tmp_path / "compiled" / "ckpt.pt")    # saved without compile's prefixes
+
+
+def test_ddp_two_processes_stay_identical(tmp_path, text_file, data_dir):
+    # 8 tokens per micro-batch, each to 1 of 8 experts: most micro-batches leave some expert without
+    # tokens (and so without a gradient) on one rank and not the other
+    p = preset(tmp_path, max_iters=6, eval_interval=3, batch_size=1, block_size=8, n_routed_experts=8,
+               n_activated_experts=1, n_expert_groups=1, n_limited_groups=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", str(p), f"--text={text_file}", f"--data_dir={data_dir}",
+                        f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--gradient_accumulation_steps=2"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert entries(log, "config")[0]["world_size"] == 2
+    assert len(entries(log, "train")) == 6                            # rank 0 alone logs
+    assert entries(log, "ddp_check") == [dict(kind="ddp_check", identical=True, world_size=2)]
+    assert "identical on all 2 ranks" in r.stdout
+    model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["iter_num"] == 6 and ckpt["data"]["world_size"] == 2
+    assert sum(g.bias.abs().sum() for g in model.gates()) > 0         # balancing ran
+
+
+# ----------------------------------------------------------------------------- training: checkpoints
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, data_dir):
+    run(tmp_path, text_file, data_dir, max_iters=4, eval_interval=4)
+    path = tmp_path / "out" / "ckpt.pt"
+    before = path.read_bytes()
+    # a process killed (SIGKILL) halfway through writing the next checkpoint
+    code = ("import os, signal, torch, train\n"
+            f"ckpt = torch.load({str(path)!r}, weights_only=True); ckpt['iter_num'] = 999\n"
+            "real = torch.save\n"
+            "def dying(obj, f):\n"
+            "    real(obj, f); f.flush(); f.truncate(f.tell() // 2); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+            "torch.save = dying\n"
+            f"train.save_checkpoint(ckpt, {str(path)!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120)
+    assert r.returncode == -9
+    tmp = path.with_name("ckpt.pt.tmp")
+    assert tmp.exists() and path.read_bytes() == before
+    _, ckpt = train.load_checkpoint(path)
+    assert ckpt["iter_num"] == 4
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train.load_checkpoint(tmp)
+    # the run resumes from the intact checkpoint
+    log = run(tmp_path, text_file, data_dir, "--init_from=resume", "--max_iters=6", max_iters=4, eval_interval=4)
+    assert [e["step"] for e in entries(log, "train")][-2:] == [5, 6]
+
+
+def test_load_checkpoint_rejects_bad_files(tmp_path):
+    cases = {"missing.pt": None, "garbage.pt": b"\x00\x01garbage" * 10,
+             "foreign.pt": {"weights": torch.ones(2)}, "tensor.pt": torch.ones(3)}
+    for name, content in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            torch.save(content, path)
+        with pytest.raises(ValueError) as e:
+            train.load_checkpoint(path)
+        assert "\n" not in str(e.value) and str(path) in str(e.value), name
+
+
+# ----------------------------------------------------------------------------- sampling
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 

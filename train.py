@@ -20,6 +20,7 @@ and ranks before each bias update, so every rank applies the same update.
 """
 import ast
 import difflib
+import gc
 import inspect
 import json
 import math
@@ -163,16 +164,15 @@ def parse_config(argv):
             cfg[key] = _check_type(key, value, DEFAULTS[key], raw)
             explicit.add(key)
         else:
-            path = Path(arg)
-            if not path.exists() and path.suffix != ".py":
-                path = Path(__file__).parent / "config" / f"{arg}.py"
-            if not path.is_file():
+            here = Path(__file__).parent     # config/NAME.py, from any folder; or just NAME
+            path = next((p for p in (Path(arg), here / arg, here / "config" / f"{arg}.py") if p.is_file()), None)
+            if path is None:
                 raise UserError(f"config file {arg} not found (presets: {', '.join(_presets())})")
             assigned = {}
             try:   # assignments land in `assigned`; earlier values stay readable (max_iters etc.)
                 exec(path.read_text(), dict(cfg), assigned)
             except Exception as e:
-                raise UserError(f"{path}: {type(e).__name__}: {e}") from None
+                raise UserError(f"{path}: {_one_line(e)}") from None
             for key, value in assigned.items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue
@@ -189,7 +189,7 @@ def _presets():
 
 
 def check_config(c):
-    """Value checks that need no data or model (the model's own checks run when it is built)."""
+    """Value checks that need no data: ranges, choices, and the model's own (ModelArgs) checks."""
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if getattr(c, key) < 1:
             raise UserError(f"{key} must be at least 1, not {getattr(c, key)}")
@@ -200,6 +200,7 @@ def check_config(c):
     for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
+    model_args_from(vars(c), vocab_size=1)      # the model's own checks, before any work
 
 
 def pick_device(spec):
@@ -483,32 +484,30 @@ def main(argv=None):
         saved = {k: v for k, v in ckpt["config"].items() if k in DEFAULTS}
         cfg = {**cfg, **saved, **{k: cfg[k] for k in explicit}, "init_from": "resume"}
     c = SimpleNamespace(**cfg)
-    check_config(c)
-    device = pick_device(c.device)
-
-    # distributed: one process per device under torchrun
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ     # under torchrun: one process per device
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if ddp:
-        if torch.device(device).type == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
+    device = pick_device(c.device)
     device_type = torch.device(device).type
-
     if device_type == "cpu" and not presets and ckpt is None:
         auto = {k: v for k, v in CPU_SIZE.items() if k not in explicit}
         if auto:
             for k, v in auto.items():
                 setattr(c, k, v)
-            log(f"no GPU: training a small model for {c.max_iters} steps, about 5 minutes on 2 CPU cores "
-                f"({', '.join(f'{k}={v}' for k, v in auto.items())}); a preset or --key=value sets these")
+            about = ", about 5 minutes on 2 CPU cores" if "max_iters" in auto else ""
+            log(f"no GPU: a small model for {c.max_iters} steps{about} ({', '.join(f'{k}={v}' for k, v in auto.items())}); "
+                f"a preset or --key=value sets any of these")
+    check_config(c)
     if c.dtype == "auto":
         c.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
     if c.dtype == "float16" and device_type != "cuda":
         raise UserError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
+    if ddp:
+        if device_type == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
     # data: rank 0 tokenises, the others then find the cache
     if master:
@@ -555,14 +554,13 @@ def main(argv=None):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
     del ckpt
 
-    model = torch.compile(raw) if c.compile else raw
+    model = torch.compile(raw) if c.compile else raw     # the MoE layers stay eager (see deepseek.MoE)
     if ddp:
-        # buffers stay per rank: each counts its own tokens per expert (update_expert_bias sums them);
-        # an expert may get no tokens in a micro-batch, hence find_unused_parameters
+        # buffers stay per rank: each counts its own tokens per expert (update_expert_bias sums them)
         no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else "broadcast_buffers")    # the name before torch 2.13
         train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                          find_unused_parameters=args.n_routed_experts > 0, **{no_sync: False})
+                          **{no_sync: False})
     else:
         train_model = model
     if device_type == "cuda":
@@ -687,8 +685,13 @@ def main(argv=None):
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         same = bool(torch.equal(hi, lo))
-        log(f"ddp check: weights and balancing biases {'identical' if same else 'DIFFER'} on all {world} ranks")
+        log("ddp check: weights and balancing biases " + (f"identical on all {world} ranks" if same else f"DIFFER between the {world} ranks"))
         record(kind="ddp_check", identical=same, world_size=world)
+        # free the DDP reducer before its process group: torch 2.13 with gloo otherwise aborts at exit
+        # now and then ("terminate called without an active exception")
+        del train_model
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return best_val_loss
 
@@ -705,6 +708,8 @@ def cli(argv=None):
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 2
     return 0
 
