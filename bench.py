@@ -3,13 +3,14 @@
     python bench.py --parts kernels      # the Triton MoE gate / dispatch vs the PyTorch references
     python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
     python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same budget
-    python bench.py --parts ablation --quick   # a smoke version of the study (< 3 minutes on 2 cores)
+    python bench.py --quick              # a smoke version of every part (< 3 minutes on 2 cores)
 """
 import argparse
 import contextlib
 import json
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -179,8 +180,8 @@ def expert_load(out_dir, text, data_dir, batches=10):
     folder, meta = train.prepare_data(data_dir, c["dataset"], text, c["tokenizer"], c["encoding"], log=lambda *a: None)
     val = train.load_split(folder, "val", meta)
     model.train()                                       # gates count tokens in training mode (dropout is 0)
-    for k in range(batches):
-        model(train.get_batch(val, c["batch_size"], c["block_size"], train.batch_seed(1, k))[0])
+    for k in range(batches):                            # with targets, so the MTP block runs too
+        model(*train.get_batch(val, c["batch_size"], c["block_size"], train.batch_seed(1, k)))
     return model, torch.stack([g.load.clone() for g in model.gates()]) if model.gates() else None
 
 
@@ -216,7 +217,8 @@ def bench_ablation(args):
             runs.append(dict(best=done["best_val"], wall=done["wall_s"],
                              tok_s=statistics.mean(e["tokens_per_s"] for e in trains),
                              maxvio=statistics.mean(trains[-1]["maxvio"]) if trains[-1]["maxvio"] else None,
-                             curve=[(e["step"], e["val"]) for e in entries if e["kind"] == "eval"], out=out))
+                             curve=[(e["step"], e["val"]) for e in entries if e["kind"] == "eval"], out=out,
+                             mtp=over.get("n_mtp", 1) > 0))
         model, load = expert_load(runs[0]["out"], args.text, args.data_dir)
         results.append(dict(name=name, runs=runs, load=load, total=model.num_params(),
                             active=model.num_params(active=True), flops=model.flops_per_token(model.args.max_seq_len)))
@@ -262,7 +264,8 @@ def plot_ablation(results, root):
     for ax, r in zip(axes[0], moe):
         share = r["load"] / r["load"].sum(-1, keepdim=True)
         im = ax.imshow(share.numpy(), cmap="viridis", vmin=0, aspect="auto")
-        ax.set(title=r["name"][:28], xlabel="expert", ylabel="MoE layer")
+        ax.set_title(textwrap.fill(r["name"], 26), fontsize=9)
+        ax.set(xlabel="expert", ylabel="MoE layer (last: MTP)" if r["runs"][0]["mtp"] else "MoE layer")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle("Share of routed tokens per expert (val batches)", fontsize=10)
     fig.tight_layout()
@@ -275,24 +278,26 @@ def plot_ablation(results, root):
 PARTS = {"kernels": bench_kernels, "decode": bench_decode, "ablation": bench_ablation}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of: {', '.join(PARTS)}")
     parser.add_argument("--ckpts", default="out-shakespeare-char-cpu,out", help="decode: checkpoint folders")
-    parser.add_argument("--long_tokens", type=int, default=64, help="decode: tokens generated after the 512-token prompt")
+    parser.add_argument("--long_tokens", type=int, default=None, help="decode: tokens after the 512-token prompt (64, quick 16)")
     parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
-    parser.add_argument("--timing_repeats", type=int, default=3, help="decode: timing repeats (best is kept)")
-    parser.add_argument("--quick", action="store_true", help="ablation: a smoke version (200 iterations)")
+    parser.add_argument("--timing_repeats", type=int, default=None, help="decode: timing repeats, best kept (3, quick 1)")
+    parser.add_argument("--quick", action="store_true", help="a smoke version of each part (< 3 minutes on 2 cores)")
     parser.add_argument("--iters", type=int, default=None, help="ablation: iterations per row (default 2000, quick 200)")
     parser.add_argument("--out", default="out-bench", help="ablation: runs, logs and plots go here")
     parser.add_argument("--data_dir", default="data", help="ablation: data cache (as train.py)")
     parser.add_argument("--text", default="", help="ablation: the text to train on (default: Tiny Shakespeare)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
     args.iters = args.iters or (200 if args.quick else 2000)
+    args.long_tokens = args.long_tokens or (16 if args.quick else 64)
+    args.timing_repeats = args.timing_repeats or (1 if args.quick else 3)
     for part in parts:
         PARTS[part](args)
 

@@ -320,7 +320,7 @@ class MoE(nn.Module):
         xs = x[perm // K]                           # (T*K, D) token copies, expert 0's first
         # one host sync per layer: the slice sizes (DeepSeek's own inference code does the same)
         bounds = offsets.tolist()
-        ys = torch.cat([expert(xs[lo:hi]) for expert, lo, hi in zip(self.experts, bounds, bounds[1:])])
+        ys = torch.cat([expert(xs[lo:hi]) for expert, lo, hi in zip(self.experts, bounds, bounds[1:]) if lo < hi])
         y = (ys[inv].view(-1, K, D) * weights.unsqueeze(-1).type_as(ys)).sum(dim=1)   # back in token order
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -1167,3 +1167,25 @@ def test_sample_bad_checkpoint(tmp_path, capsys):
                           ("foreign", "not a train.py checkpoint")]:
         rc, _, err = run_sample(capsys, f"--out_dir={tmp_path / name}")
         assert rc == 2 and message in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- bench
+
+import bench  # noqa: E402
+
+
+def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
+    bench.main(["--parts=ablation", "--iters=2", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}",
+                f"--text={text_file}"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split(" | ")[0][2:4] for r in rows] == ["1 ", "2 ", "3 ", "4a", "4b", "5 "]
+    assert rows[0].endswith("| +0.0000 | 1.00x |")
+    assert all(r.split(" | ")[5] == "-" for r in rows[:2]) and all(r.split(" | ")[5] != "-" for r in rows[2:])
+
+
+def test_bench_decode_smoke(char_ckpt, capsys):
+    bench.main(["--parts=decode", f"--ckpts={char_ckpt}", "--long_tokens=2", "--timing_repeats=1"])
+    out = capsys.readouterr().out
+    assert f"| {char_ckpt} | 7+17 |" in out              # the modes agreed token for token (asserted inside)
+    assert "| DeepSeek-V3 671B: MLA absorb | 576 |" in out and "| DeepSeek-V3 671B: MHA | 40,960 |" in out

@@ -556,11 +556,12 @@ def main(argv=None):
 
     model = torch.compile(raw) if c.compile else raw     # the MoE layers stay eager (see deepseek.MoE)
     if ddp:
-        # buffers stay per rank: each counts its own tokens per expert (update_expert_bias sums them)
+        # buffers stay per rank: each counts its own tokens per expert (update_expert_bias sums them);
+        # an expert that gets no token in a micro-batch is skipped, hence find_unused_parameters
         no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else "broadcast_buffers")    # the name before torch 2.13
         train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                          **{no_sync: False})
+                          find_unused_parameters=args.n_routed_experts > 0, **{no_sync: False})
     else:
         train_model = model
     if device_type == "cuda":
