@@ -252,9 +252,10 @@ def plot_ablation(results, root):
         print("ablation: matplotlib is not installed, no plots (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        steps, vals = zip(*r["runs"][0]["curve"])
-        ax.plot(steps, vals, label=r["name"])
+    for r in results:                                   # the first quarter of training is off the scale
+        curve = r["runs"][0]["curve"]
+        steps, vals = zip(*[(s, v) for s, v in curve if s >= curve[-1][0] // 4])
+        ax.plot(steps, vals, marker=".", label=r["name"])
     ax.set(xlabel="step", ylabel="val loss (main next-token)", title="Char-level Tiny Shakespeare, same budget")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -303,4 +304,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from train import UserError
+    try:
+        main()
+    except UserError as e:           # a missing checkpoint, data file, tokenizer: one line
+        sys.exit(f"error: {e}")

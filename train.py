@@ -61,27 +61,9 @@ DEFAULTS = dict(
     batch_size=32,                # sequences per micro-batch, per process
     block_size=256,               # context length (the model's max_seq_len)
     gradient_accumulation_steps=1,  # micro-batches per optimizer step, per process
-    # model: deepseek.ModelArgs fields (any field not listed here is a key too, with its default there)
-    n_layers=6,
-    n_dense_layers=1,
-    dim=256,
-    n_heads=8,
-    inter_dim=768,
-    moe_inter_dim=128,
-    n_routed_experts=16,          # 0: a dense model
-    n_shared_experts=1,
-    n_activated_experts=4,
-    n_expert_groups=4,
-    n_limited_groups=2,
-    q_lora_rank=96,
-    kv_lora_rank=64,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=16,
-    v_head_dim=32,
+    # model: every deepseek.ModelArgs field is a key too, with its default there (the nano model:
+    # 6 layers, dim 256, MLA, 16 routed experts top-4 in 4 groups, MTP depth 1), except:
     dropout=0.2,
-    n_mtp=1,                      # Multi-Token Prediction depth (0: off)
-    bias_update_speed=0.001,      # gamma of the aux-loss-free balancing bias update
-    seq_aux_alpha=1e-4,           # alpha of the sequence-wise balance loss
     # MTP loss weight: mtp_lambda, then mtp_lambda_late from step mtp_lambda_step on (the report: 0.3, then 0.1)
     mtp_lambda=0.3,
     mtp_lambda_late=0.1,
