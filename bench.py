@@ -37,11 +37,8 @@ def bench_kernels(args):
         print("kernels: needs a CUDA GPU, skipped")
         return
     import triton.testing
-    _bench_kernels_on("cuda", triton.testing.do_bench)
-
-
-def _bench_kernels_on(device, do_bench):
     import kernels
+    device, do_bench = "cuda", triton.testing.do_bench
     print("| op | shape (T, E, k, groups) | ref µs | triton µs | speed-up | ref GB/s | triton GB/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, T, E, k, G, KG in KERNEL_SHAPES:

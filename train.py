@@ -64,8 +64,8 @@ DEFAULTS = dict(
     # model: every deepseek.ModelArgs field is a key too, with its default there (the nano model:
     # 6 layers, dim 256, MLA, 16 routed experts top-4 in 4 groups, MTP depth 1), except:
     dropout=0.2,
-    # MTP loss weight: mtp_lambda, then mtp_lambda_late from step mtp_lambda_step on (the report: 0.3, then 0.1)
-    mtp_lambda=0.3,
+    # MTP loss weight: mtp_lambda (a ModelArgs key, 0.3), then mtp_lambda_late from step mtp_lambda_step on
+    # (the report: 0.3, then 0.1)
     mtp_lambda_late=0.1,
     mtp_lambda_step=-1,           # -1: never switch
     # AdamW, linear warmup then cosine decay to min_lr
