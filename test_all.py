@@ -1,5 +1,5 @@
 """The test suite: `python -m pytest -q`. Grouped as deepseek.py reads: config, norm and RoPE, MLA,
-gate, experts and MoE, balancing, MTP, model, generation; then kernels, training, sampling."""
+gate, experts and MoE, balancing, MTP, model, generation; then FP8, kernels, training, sampling."""
 import json
 import math
 import os
@@ -17,6 +17,7 @@ import pytest
 import torch.nn.functional as F
 
 import deepseek as ds
+import fp8
 import kernels
 import sample
 import train
@@ -531,6 +532,120 @@ def test_speculative_sampling_matches_main_distribution():
             joint[a] = p1[a] * ds.probs(m(torch.cat([idx, torch.tensor([[a]])], 1))[0][0, -1], 1.0)
     emp = torch.zeros(16, 16).index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(draws), accumulate=True) / draws
     assert (emp - joint).abs().max() < 0.04
+
+
+# ----------------------------------------------------------------------------- FP8 (report §3.3)
+
+def ref_quantize(x, tm, tk):
+    """The definition, tile by tile: scale = max|tile| / 448 (1 for an all-zero tile), q = E4M3(x / scale)."""
+    M, K = x.shape
+    q, s = torch.empty(M, K, dtype=torch.float8_e4m3fn), torch.empty(-(-M // tm), -(-K // tk))
+    for i in range(0, M, tm):
+        for j in range(0, K, tk):
+            t = x[i:i + tm, j:j + tk]
+            a = t.abs().max()
+            s[i // tm, j // tk] = sc = a / 448 if a > 0 else torch.tensor(1.0)
+            q[i:i + tm, j:j + tk] = (t / sc).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def fp8_error(x, tm, tk):
+    """Bound on |x - dequantize(quantize(x))| per element: E4M3 keeps 3 mantissa bits, so rounding to nearest
+    errs by at most 2^-4 |x| on normal values; below 2^-6 (subnormal) the spacing is 2^-9, so at most 2^-10,
+    in units of the tile's scale."""
+    s = ref_quantize(x, tm, tk)[1].repeat_interleave(tm, 0)[:x.size(0)].repeat_interleave(tk, 1)[:, :x.size(1)]
+    return 2 ** -4 * x.abs() + 2 ** -10 * s
+
+
+def gemm_bound(a, ea, b, eb):
+    """|A^ B^^T - A B^T| for |A^ - A| <= ea, |B^ - B| <= eb, plus fp32 rounding of the sums."""
+    A, B = a.abs(), b.abs()
+    return ea @ B.T + A @ eb.T + ea @ eb.T + 1e-5 * A @ B.T
+
+
+def uneven(M, K, seed=0):
+    """Rows and 128-wide column blocks of very different sizes, so a scale shared across tiles would
+    flush the small ones to zero and break the bounds below."""
+    torch.manual_seed(seed)
+    cols = torch.logspace(2, -2, -(-K // 128)).repeat_interleave(128)[:K]
+    return torch.randn(M, K) * torch.logspace(-2, 2, M)[:, None] * cols
+
+
+@pytest.mark.parametrize("M,K", [(5, 300), (130, 256), (1, 1), (200, 129)])
+@pytest.mark.parametrize("tiles", ["1x128", "128x128", "128x1"])
+def test_fp8_quantize_matches_definition(M, K, tiles):
+    x = uneven(M, K)
+    x[:min(M, 128), :128] = 0                                       # an all-zero tile
+    x[-1, -1], x[0, -1] = 3e30, 1e-30                              # huge and tiny values
+    if M > 2:
+        x[1] *= 1e-30                                               # a row of tiny tiles
+    tm, tk = dict(zip(["1x128", "128x128", "128x1"], [(1, 128), (128, 128), (128, 1)]))[tiles]
+    q, s = ref_quantize(x, tm, tk)
+    if tiles == "128x1":                                           # per channel per 128 tokens: 1x128 of x^T
+        got_q, got_s = (t.t() for t in fp8.quantize(x.t()))
+        back = fp8.dequantize(got_q.t(), got_s.t()).t()
+    else:
+        got_q, got_s = fp8.quantize(x, tm)
+        back = fp8.dequantize(got_q, got_s, tm)
+    assert torch.equal(got_s, s) and torch.equal(got_q.view(torch.uint8), q.view(torch.uint8))
+    assert back.isfinite().all() and not (back[x == 0] != 0).any()
+    assert ((back - x).abs() <= fp8_error(x, tm, tk)).all()
+    assert x.numel() == 1 or ((back - x).abs() > 2 ** -5 * x.abs()).any()    # a 3-bit, not a wider, mantissa
+
+
+def check_fp8_gemm(got, a, b, b_rows, ref, bound):
+    """got: an FP8 GEMM of A (M, K) in 1x128 tiles and B (N, K) in b_rows x 128 tiles. It must be the product
+    of the dequantized operands up to fp32 rounding, and within bound of the exact product ref."""
+    da, db = fp8.dequantize(*fp8.quantize(a)), fp8.dequantize(*fp8.quantize(b, b_rows), b_rows)
+    assert ((got - da @ db.T).abs() <= 1e-5 * da.abs() @ db.abs().T).all()
+    assert ((got - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("scaled_mm", [True, False])
+def test_fp8_three_gemms_within_bound(scaled_mm, monkeypatch):
+    """Fprop x W^T, Dgrad dy W and Wgrad dy^T x against the fp32 products, each within the bound that the
+    operands' own tile errors give."""
+    monkeypatch.setattr(fp8, "SCALED_MM", scaled_mm)
+    T, n_in, n_out = 150, 300, 200
+    x, w, dy = uneven(T, n_in, 0), uneven(n_out, n_in, 1) / 20, uneven(T, n_out, 2)
+    cases = [(x, w, (128, 128)),                                   # Fprop: inner = in
+             (dy, w.T, (128, 128)),                                # Dgrad: inner = out
+             (dy.T, x.T, (1, 128))]                                # Wgrad: inner = tokens, 128x1 tiles of dy and x
+    for a, b, (mb, kb) in cases:
+        got = fp8.gemm(fp8.quantize(a), fp8.quantize(b, mb), mb)
+        check_fp8_gemm(got, a, b, mb, a @ b.T, gemm_bound(a, fp8_error(a, 1, 128), b, fp8_error(b, mb, kb)))
+
+
+def test_fp8_scaled_mm_and_dequantize_paths_agree(monkeypatch):
+    for M, N, K in [(37, 150, 300), (5, 16, 128), (1, 7, 3)]:
+        a, b = fp8.quantize(uneven(M, K)), fp8.quantize(uneven(N, K, 1), 128)
+        outs = []
+        for p in (True, False):
+            monkeypatch.setattr(fp8, "SCALED_MM", p)
+            outs.append(fp8.gemm(a, b, 128))
+        scale = fp8.dequantize(*a).abs() @ fp8.dequantize(*b, 128).abs().T
+        assert ((outs[0] - outs[1]).abs() <= 1e-6 * scale).all()
+
+
+@pytest.mark.parametrize("scaled_mm", [True, False])
+@pytest.mark.parametrize("zero_stride", [False, True])
+def test_fp8_linear_gradients_within_bound(scaled_mm, zero_stride, monkeypatch):
+    """The autograd function against fp32 autograd, with leading batch dims; the output gradient of a
+    .sum() is a zero-stride expand. Wgrad sees x twice quantized: 1x128 (saved), then 128x1."""
+    monkeypatch.setattr(fp8, "SCALED_MM", scaled_mm)
+    x, w = uneven(74, 300).view(2, 37, 300).requires_grad_(), (uneven(150, 300, 1) / 20).requires_grad_()
+    y = fp8.linear(x, w)
+    assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.float8_e4m3fn, torch.float32] * 2   # FP8 + scales
+    g = torch.ones(2, 37, 150) if zero_stride else uneven(74, 150, 2).view(2, 37, 150)
+    (y.sum() if zero_stride else (y * g).sum()).backward()
+    X, G, W = x.detach().flatten(0, 1), g.flatten(0, 1), w.detach()
+    assert y.shape == (2, 37, 150) and x.grad.shape == x.shape
+    eW = fp8_error(W, 128, 128)
+    check_fp8_gemm(y.detach().flatten(0, 1), X, W, 128, X @ W.T, gemm_bound(X, fp8_error(X, 1, 128), W, eW))
+    check_fp8_gemm(x.grad.flatten(0, 1), G, W.T, 128, G @ W, gemm_bound(G, fp8_error(G, 1, 128), W.T, eW.T))
+    X1 = fp8.dequantize(*fp8.quantize(X))                           # what the backward holds
+    eX = fp8_error(X, 1, 128) + fp8_error(X1, 128, 1)
+    check_fp8_gemm(w.grad, G.T, X1.T, 1, G.T @ X, gemm_bound(G.T, fp8_error(G.T, 1, 128), X.T, eX.T))
 
 
 # ----------------------------------------------------------------------------- kernels
