@@ -7,8 +7,6 @@ inner dimension: each chunk is one FP8 x FP8 product with fp32 output, times its
 fp32 ("promotion to FP32 every N_C = 128 elements"). The activation saved for the backward stays FP8
 (§3.3.3); the weight gradient re-quantizes it in 128x1 tiles since its inner dimension is the tokens.
 """
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +14,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 C = 128                 # tile width along the inner dimension, and N_C
 SCALED_MM = None        # None: torch._scaled_mm where it runs; True / False: force one path (tests)
+RUNS = {}               # device -> whether torch._scaled_mm runs there
 
 
 def quantize(x, rows=1):
@@ -23,7 +22,7 @@ def quantize(x, rows=1):
     max-abs / 448, so q * s ~ x. rows=1: activation tiles, rows=128: weight blocks. Tiles at the end
     take what is left; an all-zero tile gets scale 1 (no 0/0)."""
     M, K = x.shape
-    x = x.float()
+    x = x.float().contiguous()                      # q row-major, as _scaled_mm wants A
     tiles = F.pad(x, (0, -K % C, 0, -M % rows)).unflatten(1, (-1, C)).unflatten(0, (-1, rows))
     amax = tiles.abs().amax(dim=(1, 3))
     s = torch.where(amax > 0, amax / FP8_MAX, 1.0)
@@ -41,16 +40,18 @@ def dequantize(q, s, rows=1):
     return q.float() * expand(s, rows, *q.shape)
 
 
-@functools.cache
+@torch.compiler.assume_constant_result     # torch.compile: a constant, not traced
 def scaled_mm_runs(device):
     """Whether torch._scaled_mm with per-row scales and fp32 output runs here (CPU; CUDA cc >= 8.9
     with a recent cuBLAS). Elsewhere the chunks are dequantized and multiplied in fp32: the same numbers."""
-    try:
-        a, one = torch.zeros(16, 16, device=device).to(FP8), torch.ones(16, 1, device=device)
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t(), out_dtype=torch.float32)
-        return True
-    except (RuntimeError, ValueError):
-        return False
+    if device not in RUNS:
+        try:
+            a, one = torch.zeros(16, 16, device=device).to(FP8), torch.ones(16, 1, device=device)
+            torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t(), out_dtype=torch.float32)
+            RUNS[device] = True
+        except (RuntimeError, ValueError):
+            RUNS[device] = False
+    return RUNS[device]
 
 
 def chunk_mm(qa, qb, sa, sb):
