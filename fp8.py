@@ -23,8 +23,8 @@ def quantize(x, rows=1):
     take what is left; an all-zero tile gets scale 1 (no 0/0)."""
     M, K = x.shape
     x = x.float().contiguous()                      # q row-major, as _scaled_mm wants A
-    tiles = F.pad(x, (0, -K % C, 0, -M % rows)).unflatten(1, (-1, C)).unflatten(0, (-1, rows))
-    amax = tiles.abs().amax(dim=(1, 3))
+    padded = F.pad(x, (0, -K % C, 0, -M % rows))
+    amax = padded.view(padded.size(0) // rows, rows, padded.size(1) // C, C).abs().amax(dim=(1, 3))
     s = torch.where(amax > 0, amax / FP8_MAX, 1.0)
     # round to nearest by the cast; it does not saturate everywhere, so clamp the rounding overshoot
     q = (x / expand(s, rows, M, K)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -69,10 +69,11 @@ def gemm(a, b, b_rows=1):
     (qa, sa), (qb, sb) = a, b
     sa = sa.t().contiguous()                                                      # (chunks, M)
     sb = sb.repeat_interleave(b_rows, 0)[:qb.size(0)].t().contiguous()           # (chunks, N)
-    out = 0
-    for c in range(sa.size(0)):
-        k = slice(c * C, (c + 1) * C)
-        out = out + chunk_mm(qa[:, k], qb[:, k], sa[c, :, None], sb[c, None])
+    out = qa.new_zeros(qa.size(0), qb.size(0), dtype=torch.float32)
+    with torch.autocast(qa.device.type, enabled=False):          # fp32 stays fp32 under autocast
+        for c in range(sa.size(0)):
+            k = slice(c * C, (c + 1) * C)
+            out += chunk_mm(qa[:, k], qb[:, k], sa[c, :, None], sb[c, None])
     return out
 
 
@@ -85,7 +86,7 @@ class Linear(torch.autograd.Function):
         ctx.shape, ctx.dtype = x.shape, x.dtype
         qx, qw = quantize(x.reshape(-1, x.size(-1))), quantize(w, C)
         ctx.save_for_backward(*qx, *qw)                                # the activation is kept in FP8
-        return gemm(qx, qw, C).to(x.dtype).view(*x.shape[:-1], -1)    # Fprop: inner dimension = in
+        return gemm(qx, qw, C).to(x.dtype).view(*x.shape[:-1], w.size(0))   # Fprop: inner dimension = in
 
     @staticmethod
     def backward(ctx, dy):

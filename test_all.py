@@ -713,6 +713,42 @@ def test_fp8_linear_gradients_within_bound(scaled_mm, zero_stride, monkeypatch):
     check_fp8_gemm(w.grad, G.T, X1.T, 1, G.T @ X, gemm_bound(G.T, fp8_error(G.T, 1, 128), X.T, eX.T))
 
 
+def test_fp8_empty_input_gives_zero_gradient():
+    """An expert that got no token: an empty batch runs and leaves a zero weight gradient."""
+    x, w = torch.zeros(0, 300, requires_grad=True), torch.randn(150, 300, requires_grad=True)
+    fp8.linear(x, w).sum().backward()
+    assert x.grad.shape == (0, 300) and torch.equal(w.grad, torch.zeros(150, 300))
+
+
+@pytest.mark.parametrize("attn", ["mla", "mha"])
+def test_fp8_model_forward_backward(attn, monkeypatch):
+    """fp8=True: exactly the blocks' projections (attention, dense FFN, shared and routed experts) run
+    through fp8.linear, not the embedding, head, gate or MTP's eh_proj; both GEMM paths give the same
+    loss and gradients, and these stay close to fp32's (E4M3 errs by ~2^-4 per operand)."""
+    ref, m8 = model(attn=attn).train(), model(attn=attn, fp8=True).train()
+    m8.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref(idx, idx)[1]["total"].backward()
+    seen, run = set(), fp8.linear
+    monkeypatch.setattr(fp8, "linear", lambda x, w: seen.add(w.untyped_storage().data_ptr()) or run(x, w))
+    out = {}
+    for path in (True, False):
+        monkeypatch.setattr(fp8, "SCALED_MM", path)
+        m8.zero_grad()
+        loss = m8(idx, idx)[1]["total"]
+        loss.backward()
+        out[path] = loss.detach(), {n: p.grad.clone() for n, p in m8.named_parameters()}
+    high = ("embed", "head", "gate", "eh_proj", "norm")
+    assert {n for n, p in m8.named_parameters() if p.untyped_storage().data_ptr() in seen} == \
+           {n for n, p in m8.named_parameters() if not any(h in n for h in high)}
+    (l1, g1), (l2, g2) = out[True], out[False]
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=0)
+    assert abs(l1 - ref(idx, idx)[1]["total"]) < 1e-2 * l1
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-5 * g2[n].abs().max())
+        assert F.cosine_similarity(g1[n].flatten(), p.grad.flatten(), dim=0) > 0.95, n
+
+
 # ----------------------------------------------------------------------------- kernels
 # The Triton gate and dispatch against their references; without a GPU in the Triton interpreter.
 
@@ -1144,6 +1180,20 @@ def test_loss_falls(tmp_path, text_file, data_dir):
     model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["iter_num"] == 40 and not model.training and ckpt["meta"]["tokenizer"] == "char"
     assert any(g.bias.abs().sum() > 0 for g in model.gates())          # the balancing biases moved and were saved
+
+
+def test_fp8_training_loss_falls_and_samples_without_fp8(tmp_path, text_file, data_dir, capsys):
+    """--fp8=True trains (the loss falls as in fp32); its checkpoint holds fp32 masters, loads with FP8 off
+    and samples."""
+    log = run(tmp_path, text_file, data_dir, "--fp8=True", max_iters=40, eval_interval=20)
+    evals = entries(log, "eval")
+    assert evals[-1]["val"] < evals[0]["val"] - 0.8 and evals[-1]["train"] < evals[0]["train"] - 0.8
+    model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["model_args"]["fp8"] and not model.args.fp8
+    assert not any(getattr(m, "fp8", False) for m in model.modules())
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    assert sample.cli(["--device=cpu", f"--out_dir={tmp_path / 'out'}", "--num_samples=1", "--max_new_tokens=20"]) == 0
+    assert "20 tokens in" in capsys.readouterr().out
 
 
 def test_bias_update_once_per_step_with_all_micro_batches(tmp_path, text_file, data_dir, monkeypatch):

@@ -444,10 +444,11 @@ def _load_state(model, state, path):
 
 def load_checkpoint(path, device="cpu"):
     """(model in eval mode on device, checkpoint dict) from a train.py checkpoint. Raises ValueError
-    with a one-line message for a missing, corrupt or foreign file. Tokenizer: tokenizer_from_meta(ckpt["meta"])."""
+    with a one-line message for a missing, corrupt or foreign file. Tokenizer: tokenizer_from_meta(ckpt["meta"]).
+    FP8 is off: a checkpoint holds the fp32 master weights, and inference runs them as they are."""
     ckpt = read_checkpoint(path, device)
     try:
-        args = ModelArgs(**ckpt["model_args"])
+        args = ModelArgs(**{**ckpt["model_args"], "fp8": False})
     except (TypeError, AssertionError) as e:
         raise UserError(f"{path}: bad model_args ({_one_line(e)})") from None
     model = Transformer(args)
