@@ -3,10 +3,12 @@
     python bench.py --parts kernels      # the Triton MoE gate / dispatch vs the PyTorch references
     python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
     python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same budget
+    python bench.py --parts fp8          # FP8 training (report §3.3) beside fp32: loss, step time, saved activations
     python bench.py --quick              # a smoke version of every part (< 3 minutes on 2 cores)
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 import deepseek as ds
+import fp8
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -181,33 +184,35 @@ def expert_load(out_dir, text, data_dir, batches=10):
     return model, torch.stack([g.load.clone() for g in model.gates()]) if model.gates() else None
 
 
+def train_preset(args, out, over, seed=1337):
+    """Train config/shakespeare_char_cpu.py plus the overrides over into the folder out, with the bench's
+    iterations; its log.jsonl entries. The console output goes to out.log beside it."""
+    import train
+    argv = ["shakespeare_char_cpu", "--device=cpu", f"--out_dir={out}", f"--data_dir={args.data_dir}", f"--seed={seed}",
+            "--always_save_checkpoint=True", f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}",
+            f"--eval_interval={max(args.iters // 8, 1)}", f"--log_interval={max(args.iters // 8, 1)}"]
+    argv += (["--eval_iters=4"] if args.quick else []) + ([f"--text={args.text}"] if args.text else [])
+    print(f"training {out.name} ...", file=sys.stderr, flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        for f in out.iterdir():
+            f.unlink()
+    with open(out.parent / f"{out.name}.log", "w") as log, contextlib.redirect_stdout(log):
+        if train.cli(argv + [f"--{k}={v}" for k, v in over.items()]) != 0:
+            raise SystemExit(f"bench: training failed, see {out.parent / out.name}.log")
+    return read_log(out)
+
+
 def bench_ablation(args):
     """Train every row of ABLATION on the same data, budget and seeds; print a Markdown table with
     ratios against row 1, and save the validation curves and MoE expert loads as PNG."""
-    import train
     root = Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
-    extra = [f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}",
-             f"--eval_interval={max(args.iters // 8, 1)}", f"--log_interval={max(args.iters // 8, 1)}"]
-    if args.quick:
-        extra += ["--eval_iters=4"]
-    if args.text:
-        extra += [f"--text={args.text}"]
     results = []
     for name, over in ABLATION:
         runs = []
         for r in range(args.repeats):
             out = root / f"row{name.split()[0]}_seed{r}"
-            argv = ["shakespeare_char_cpu", "--device=cpu", f"--out_dir={out}", f"--data_dir={args.data_dir}",
-                    f"--seed={1337 + r}", "--always_save_checkpoint=True", *extra] + [f"--{k}={v}" for k, v in over.items()]
-            print(f"ablation: {name}, seed {r} ...", file=sys.stderr, flush=True)
-            if out.exists():
-                for f in out.iterdir():
-                    f.unlink()
-            with open(root / f"{out.name}.log", "w") as log, contextlib.redirect_stdout(log):
-                if train.cli(argv) != 0:
-                    raise SystemExit(f"ablation: training failed, see {root / out.name}.log")
-            entries = read_log(out)
+            entries = train_preset(args, out, over, seed=1337 + r)
             done = next(e for e in entries if e["kind"] == "done")
             trains = [e for e in entries if e["kind"] == "train"]
             runs.append(dict(best=done["best_val"], wall=done["wall_s"],
@@ -270,9 +275,60 @@ def plot_ablation(results, root):
     print(f"plots: {root / 'ablation_val_loss.png'}, {root / 'ablation_expert_load.png'}")
 
 
+# ----------------------------------------------------------------------------- fp8
+
+def fp8_saved_bytes(args, B=4):
+    """Bytes per token that the FP8 linear layers of a model keep for the backward: each layer's input as
+    E4M3 plus one fp32 scale per 1x128 tile, against fp32 autograd's 4 bytes a number, where layers that
+    read the same tensor (w1 and w3, wq and wkv_a) share one saved copy. Counted on one forward."""
+    model, inputs, run = ds.Transformer(args).train(), [], fp8.linear
+    idx = torch.randint(0, args.vocab_size, (B, args.max_seq_len))
+    fp8.linear = lambda x, w: inputs.append(x) or run(x, w)      # every FP8 layer's input, as it comes
+    try:
+        model(idx, idx)
+    finally:
+        fp8.linear = run
+    quantized = sum(x.numel() + 4 * (x.numel() // x.size(-1)) * -(-x.size(-1) // fp8.C) for x in inputs)
+    full = 4 * sum({(x.data_ptr(), x.shape): x.numel() for x in inputs}.values())
+    return quantized / idx.numel(), full / idx.numel()
+
+
+def bench_fp8(args):
+    """The CPU preset trained with fp8=True beside the same run in fp32 (same seed, data and budget):
+    best val loss, step time, and the activations kept for the backward by the linear layers."""
+    import train
+    root = Path(args.out)
+    runs = {}
+    for name, over in [("fp32", {}), ("fp8", {"fp8": True})]:
+        entries = train_preset(args, root / f"fp8_{name}", over)
+        done = next(e for e in entries if e["kind"] == "done")
+        step = statistics.mean(e["tokens_per_s"] for e in entries if e["kind"] == "train")
+        runs[name] = dict(best=done["best_val"], tok_s=step)
+    model, _ = train.load_checkpoint(root / "fp8_fp8" / "ckpt.pt")
+    per_token_fp8, per_token_fp32 = fp8_saved_bytes(dataclasses.replace(model.args, fp8=True))
+    a, b = runs["fp32"], runs["fp8"]
+    print(f"\nfp8: char-level Tiny Shakespeare (config/shakespeare_char_cpu.py), {args.iters} iterations, seed 1337, "
+          f"{torch.get_num_threads()} CPU threads; GEMM path: "
+          f"{'torch._scaled_mm' if fp8.scaled_mm_runs(torch.device('cpu')) else 'dequantize + fp32 matmul'}")
+    print("| run | best val loss | vs fp32 | tokens/s | step time vs fp32 | linear-layer activations kept, bytes/token |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| fp32 | {a['best']:.4f} | | {a['tok_s']:,.0f} | 1.00x | {per_token_fp32:,.0f} |")
+    print(f"| fp8 (E4M3, 1x128 / 128x128 scales) | {b['best']:.4f} | {(b['best'] - a['best']) / a['best']:+.2%} | "
+          f"{b['tok_s']:,.0f} | {a['tok_s'] / b['tok_s']:.2f}x | {per_token_fp8:,.0f} ({per_token_fp8 / per_token_fp32:.2f}x) |")
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
+        print("fp8: no CUDA GPU with compute capability >= 8.9 here: FP8 vs bf16 tokens/s not measured")
+        return runs
+    for name, over in [("bf16", {}), ("fp8_bf16", {"fp8": True})]:
+        entries = train_preset(args, root / f"fp8_gpu_{name}", {"device": "cuda", "dtype": "bfloat16", **over})
+        runs[name] = statistics.mean(e["tokens_per_s"] for e in entries if e["kind"] == "train")
+    print(f"fp8: {torch.cuda.get_device_name()}: tokens/s bf16 {runs['bf16']:,.0f}, fp8 {runs['fp8_bf16']:,.0f} "
+          f"({runs['fp8_bf16'] / runs['bf16']:.2f}x)")
+    return runs
+
+
 # ----------------------------------------------------------------------------- main
 
-PARTS = {"kernels": bench_kernels, "decode": bench_decode, "ablation": bench_ablation}
+PARTS = {"kernels": bench_kernels, "decode": bench_decode, "ablation": bench_ablation, "fp8": bench_fp8}
 
 
 def main(argv=None):
@@ -283,10 +339,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
     parser.add_argument("--timing_repeats", type=int, default=None, help="decode: timing repeats, best kept (3, quick 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke version of each part (< 3 minutes on 2 cores)")
-    parser.add_argument("--iters", type=int, default=None, help="ablation: iterations per row (default 2000, quick 200)")
-    parser.add_argument("--out", default="out-bench", help="ablation: runs, logs and plots go here")
-    parser.add_argument("--data_dir", default="data", help="ablation: data cache (as train.py)")
-    parser.add_argument("--text", default="", help="ablation: the text to train on (default: Tiny Shakespeare)")
+    parser.add_argument("--iters", type=int, default=None, help="ablation, fp8: iterations per run (default 2000, quick 200)")
+    parser.add_argument("--out", default="out-bench", help="ablation, fp8: runs, logs and plots go here")
+    parser.add_argument("--data_dir", default="data", help="ablation, fp8: data cache (as train.py)")
+    parser.add_argument("--text", default="", help="ablation, fp8: the text to train on (default: Tiny Shakespeare)")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]

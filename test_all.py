@@ -1387,6 +1387,23 @@ def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
     assert all(r.split(" | ")[5] == "-" for r in rows[:2]) and all(r.split(" | ")[5] != "-" for r in rows[2:])
 
 
+def test_bench_fp8_smoke(tmp_path, text_file, data_dir, capsys):
+    bench.main(["--parts=fp8", "--iters=2", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}", f"--text={text_file}"])
+    out = capsys.readouterr().out
+    fp32, fp8_row = ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+                     if line.startswith(("| fp32 |", "| fp8 (")))
+    assert fp32[4] == "1.00x" and fp8_row[2].endswith("%")
+    # the linear layers' inputs per token, written out for the preset (dim 128, kv_lora 64, 4 heads x v 32,
+    # FFN 384, experts 128 wide, k = 2): attention, dense FFN, MoE (shared + 2 routed); 1 dense + 3 MoE layers
+    # + the MTP block on 63 of 64 positions. fp32: 4 bytes a number, an input read by two layers kept once;
+    # fp8: every layer's input, 1 byte a number + a 4-byte scale per 128
+    att, dense, moe = 128 + 64 + 128, 128 + 384, 3 * (128 + 128)
+    att8, dense8, moe8 = 3 * 132 + 68, 2 * 132 + 396, 3 * (3 * 132)
+    layers = lambda a, d, m: a + d + (3 + 63 / 64) * (a + m)      # noqa: E731
+    saved = [int(r[5].split()[0].replace(",", "")) for r in (fp32, fp8_row)]
+    assert saved == [round(4 * layers(att, dense, moe)), round(layers(att8, dense8, moe8))]
+
+
 def test_bench_decode_smoke(char_ckpt, capsys):
     bench.main(["--parts=decode", f"--ckpts={char_ckpt}", "--long_tokens=2", "--timing_repeats=1"])
     out = capsys.readouterr().out
