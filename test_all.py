@@ -347,6 +347,20 @@ def test_experts_grouped_gemm_equals_loop(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_moe_forward_has_no_host_sync(monkeypatch):
+    """On the grouped-GEMM path nothing in a MoE training forward reads a device value on the host."""
+    moe = model().layers[1].ffn.train()
+    x = torch.randn(2, 9, 32)
+
+    def sync(*_):
+        raise AssertionError("host sync")
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    moe(x)
+    with pytest.raises(AssertionError, match="host sync"):                 # the loop path does sync
+        moe.experts(x.view(-1, 32), torch.tensor([18, 0, 0, 0, 0, 0, 0, 0]), grouped=False)
+
+
 def test_moe_matches_per_token_loop():
     m = model()
     moe = m.layers[1].ffn
