@@ -9,6 +9,9 @@ The Triton versions (route_triton, dispatch_triton) give the same ids / permutat
 same weights up to fp32 rounding. Without a GPU they still run under TRITON_INTERPRET=1 (set it
 before triton is imported); without triton installed this file falls back to the references.
 """
+import functools
+import sys
+
 import torch
 
 try:
@@ -72,6 +75,9 @@ def dispatch_ref(ids, n_experts):
 
 # ----------------------------------------------------------------------------- Triton kernels
 
+MIN_CC = (7, 0)     # Volta: the kernels compile from sm_70 on (tested), PyTorch's own floor for Triton
+GATE_TILE = 1024    # token rows x padded experts per gate program: 8 values a thread at 4 warps (few registers)
+
 if HAS_TRITON:
 
     @triton.jit
@@ -96,9 +102,12 @@ if HAS_TRITON:
         else:
             p = tl.exp(x - tl.max(tl.max(x, 2), 1)[:, None, None])
             s = p / tl.sum(tl.sum(p, 2), 1)[:, None, None]
-        # 2. the bias only chooses: sel = s + b (padding -inf so it is never chosen)
+        # 2. the bias only chooses: sel = s + b, made finite (NaN -> -1e30; sums of two stay finite), so
+        # -inf marks only padding, dropped groups and taken experts: every pick is a real, free expert
         b = tl.load(bias_ptr + g * S + j, mask=real, other=0.0).to(tl.float32)
-        sel = tl.where(real, s + b, float("-inf"))
+        sel = s + b
+        sel = tl.where(sel == sel, tl.minimum(tl.maximum(sel, -1e30), 1e30), -1e30)
+        sel = tl.where(real, sel, float("-inf"))
         # 3. group-limited routing: group score = sum of its two best biased scores
         if G > 1:
             top1 = tl.max(sel, 2)                                                      # (BT, GP)
@@ -139,29 +148,51 @@ if HAS_TRITON:
         tl.store(ids_ptr + out, ids, mask=ok)
 
     @triton.jit
+    def _load_ids(ids_ptr, offs, ok, E: tl.constexpr):
+        """Expert ids of pairs offs, clamped into [0, E): no id can make a dispatch kernel index
+        outside its buffers (the gate never gives others)."""
+        return tl.minimum(tl.maximum(tl.load(ids_ptr + offs, mask=ok, other=0), 0), E - 1)
+
+    @triton.jit
     def _count_kernel(ids_ptr, bc_ptr, N, NB, EP: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr):
-        """Program b counts how many of pairs [b*BLOCK, (b+1)*BLOCK) go to each expert: bc[e, b]."""
+        """Program b counts how many of pairs [b*BLOCK, (b+1)*BLOCK) go to each expert: bc[e, b].
+        A compare-and-sum over a (BLOCK, EP) tile: tl.histogram takes no mask in older Triton."""
         b = tl.program_id(0)
         offs = b * BLOCK + tl.arange(0, BLOCK)
-        e = tl.load(ids_ptr + offs, mask=offs < N, other=0)
-        h = tl.histogram(e, EP, mask=offs < N)
+        ok = offs < N
+        e = _load_ids(ids_ptr, offs, ok, E)
         col = tl.arange(0, EP)
+        h = tl.sum(((e[:, None] == col[None, :]) & ok[:, None]).to(tl.int32), 0)
         tl.store(bc_ptr + col * NB + b, h, mask=col < E)
 
     @triton.jit
-    def _scatter_kernel(ids_ptr, start_ptr, perm_ptr, inv_ptr, N, NB, BLOCK: tl.constexpr):
+    def _scatter_kernel(ids_ptr, start_ptr, perm_ptr, inv_ptr, N, NB, E: tl.constexpr, BLOCK: tl.constexpr):
         """Pair p (expert e, block b) lands at start[e, b] + (# earlier pairs of its block with
         expert e). start[e, b] already counts expert < e and same expert in blocks < b: stable."""
         b = tl.program_id(0)
         i = tl.arange(0, BLOCK)
         offs = b * BLOCK + i
         ok = offs < N
-        e = tl.load(ids_ptr + offs, mask=ok, other=-1)
+        e = _load_ids(ids_ptr, offs, ok, E)                 # the padding lanes come last: no rank effect
         earlier_same = (e[:, None] == e[None, :]) & (i[None, :] < i[:, None])   # (BLOCK, BLOCK)
         rank = tl.sum(earlier_same.to(tl.int32), 1)
         pos = tl.load(start_ptr + e * NB + b, mask=ok, other=0) + rank
         tl.store(inv_ptr + offs, pos, mask=ok)
         tl.store(perm_ptr + pos, offs.to(tl.int64), mask=ok)
+
+
+def _launch(kernel, grid, *args, **kw):
+    """Every kernel launch goes through here, so compile_launches can compile exactly what is launched."""
+    kernel[grid](*args, **kw)
+
+
+def gate_config(n_experts, topk, n_groups, topk_groups, score_func):
+    """The gate kernel's constexprs: from the expert shape only, so no new T recompiles it."""
+    S = n_experts // n_groups
+    GP, SP = triton.next_power_of_2(n_groups), triton.next_power_of_2(S)
+    return dict(G=n_groups, S=S, GP=GP, SP=SP, K=topk, KP=triton.next_power_of_2(topk),
+                KG=topk_groups if n_groups > 1 else 1, SIGMOID=score_func == "sigmoid",
+                BLOCK_T=max(1, GATE_TILE // (GP * SP)))
 
 
 class _RouteTriton(torch.autograd.Function):
@@ -171,18 +202,14 @@ class _RouteTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, bias, topk, n_groups, topk_groups, score_func, route_scale):
         T, E = logits.shape
-        S = E // n_groups
-        kept = topk_groups * S if n_groups > 1 else E   # experts left after the group limit
+        kept = topk_groups * E // n_groups if n_groups > 1 else E   # experts left after the group limit
         assert E % n_groups == 0 and topk_groups <= n_groups and topk <= kept
-        GP, SP, KP = triton.next_power_of_2(n_groups), triton.next_power_of_2(S), triton.next_power_of_2(topk)
         weights = torch.empty(T, topk, dtype=torch.float32, device=logits.device)
         ids = torch.empty(T, topk, dtype=torch.int32, device=logits.device)
-        BLOCK_T = min(triton.next_power_of_2(max(T, 1)), max(1, 4096 // (GP * SP)))
+        cfg = gate_config(E, topk, n_groups, topk_groups, score_func)
         if T > 0:
-            _route_kernel[(triton.cdiv(T, BLOCK_T),)](
-                logits, bias, weights, ids, T, logits.stride(0), logits.stride(1), float(route_scale),
-                G=n_groups, S=S, GP=GP, SP=SP, K=topk, KP=KP, KG=topk_groups if n_groups > 1 else 1,
-                SIGMOID=score_func == "sigmoid", BLOCK_T=BLOCK_T)
+            _launch(_route_kernel, (triton.cdiv(T, cfg["BLOCK_T"]),), logits, bias, weights, ids, T,
+                    logits.stride(0), logits.stride(1), float(route_scale), **cfg)
         ctx.save_for_backward(logits, ids)
         ctx.score_func, ctx.route_scale = score_func, route_scale
         ctx.mark_non_differentiable(ids)
@@ -199,20 +226,22 @@ class _RouteTriton(torch.autograd.Function):
 
 
 def route_triton(logits, bias, topk, n_groups=1, topk_groups=1, score_func="sigmoid", route_scale=1.0):
-    """Same contract as route_ref, one kernel launch; the weights are differentiable."""
+    """Same contract as route_ref, one kernel launch; the weights are differentiable. Ids stay in
+    [0, E) whatever the logits (NaN, +-inf)."""
     return _RouteTriton.apply(logits, bias.contiguous(), topk, n_groups, topk_groups, score_func, route_scale)
 
 
 def dispatch_triton(ids, n_experts, BLOCK=128):
     """Same outputs as dispatch_ref (int64), bit-identical, deterministic (no atomics):
-    1) per-block histogram bc[e, b]; 2) exclusive prefix sum over bc in (expert, block) order =
-    where each block starts writing each expert; 3) each pair goes to its start + rank in block."""
+    1) per-block counts bc[e, b]; 2) exclusive prefix sum over bc in (expert, block) order =
+    where each block starts writing each expert; 3) each pair goes to its start + rank in block.
+    Ids outside [0, E) count as the nearest expert: the buffers are never overrun."""
     flat = ids.flatten().int()  # no copy for the int32 ids of route
     N, E = flat.numel(), n_experts
     NB = triton.cdiv(N, BLOCK)
     bc = torch.zeros(E, NB, dtype=torch.int32, device=flat.device)
     if NB > 0:
-        _count_kernel[(NB,)](flat, bc, N, NB, EP=triton.next_power_of_2(E), E=E, BLOCK=BLOCK)
+        _launch(_count_kernel, (NB,), flat, bc, N, NB, EP=triton.next_power_of_2(E), E=E, BLOCK=BLOCK)
     bc = bc.flatten()
     start = bc.cumsum(0) - bc                    # int64, exclusive prefix sum in (expert, block) order
     counts = bc.view(E, NB).sum(1)
@@ -220,17 +249,63 @@ def dispatch_triton(ids, n_experts, BLOCK=128):
     perm = torch.empty(N, dtype=torch.int64, device=flat.device)
     inv = torch.empty(N, dtype=torch.int64, device=flat.device)
     if NB > 0:
-        _scatter_kernel[(NB,)](flat, start, perm, inv, N, NB, BLOCK=BLOCK)
+        _launch(_scatter_kernel, (NB,), flat, start, perm, inv, N, NB, E=E, BLOCK=BLOCK)
     return counts, offsets, perm, inv
 
 
+def compile_launches(cc, fn, *args):
+    """Compile for CUDA compute capability cc, without a GPU, each kernel launch that fn(*args) makes
+    (give it meta tensors), specialised as a launch would be: [(kernel name, CompiledKernel)].
+    Run it with TRITON_INTERPRET unset."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import native_specialize_impl          # the launcher's own specialisation
+    backend, done = triton.backends.backends["nvidia"].compiler, []
+
+    def compile_one(kernel, grid, *a, num_warps=4, **cx):
+        spec = [native_specialize_impl(backend, x, False, True, True) for x in a]
+        sig = {n: t for n, (t, _) in zip(kernel.arg_names, spec)} | dict.fromkeys(cx, "constexpr")
+        cx |= {n: v for n, (t, v) in zip(kernel.arg_names, spec) if t == "constexpr"}   # ints == 1
+        attrs = {(i,): backend.parse_attr(v) for i, (t, v) in enumerate(spec) if isinstance(v, str)}
+        src = triton.compiler.ASTSource(kernel, sig, cx, attrs)
+        done.append((kernel.__name__, triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                                     options=dict(num_warps=num_warps))))
+    global _launch
+    launch, _launch = _launch, compile_one
+    try:
+        fn(*args)
+    finally:
+        _launch = launch
+    return done
+
+
+def fallback_reason(has_triton, capability):
+    """Why a CUDA GPU of this compute capability cannot run the kernels ("" when it can)."""
+    if not has_triton:
+        return "triton is not installed"
+    if tuple(capability) < MIN_CC:
+        return "compute capability %d.%d is below %d.%d" % (*capability, *MIN_CC)
+    return ""
+
+
+@functools.cache
+def use_triton(device):
+    """Tensors on this device go through the kernels: a CUDA GPU that can run them. Otherwise the
+    references, after one warning line on a CUDA device that cannot."""
+    if device.type != "cuda":
+        return False
+    why = fallback_reason(HAS_TRITON, torch.cuda.get_device_capability(device))
+    if why:
+        print(f"warning: {why}: the MoE routing falls back to PyTorch", file=sys.stderr)
+    return not why
+
+
 # ----------------------------------------------------------------------------- entry points
-# The Triton kernels on a CUDA GPU, the references elsewhere (CPU, Mac, no triton).
+# The Triton kernels on a supported CUDA GPU, the references elsewhere (CPU, Mac, no triton).
 
 def route(logits, bias, topk, n_groups=1, topk_groups=1, score_func="sigmoid", route_scale=1.0):
-    fn = route_triton if HAS_TRITON and logits.is_cuda else route_ref
+    fn = route_triton if use_triton(logits.device) else route_ref
     return fn(logits, bias, topk, n_groups, topk_groups, score_func, route_scale)
 
 
 def dispatch(ids, n_experts):
-    return (dispatch_triton if HAS_TRITON and ids.is_cuda else dispatch_ref)(ids, n_experts)
+    return (dispatch_triton if use_triton(ids.device) else dispatch_ref)(ids, n_experts)
