@@ -1,6 +1,7 @@
 """Benchmarks, one function per part.
 
-    python bench.py --parts kernels      # the Triton MoE gate / dispatch vs the PyTorch references
+    python bench.py --parts kernels      # registers / spills of the Triton kernels per CUDA target (no GPU
+                                         # needed); on a GPU also their timings vs the PyTorch references
     python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
     python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same budget
     python bench.py --quick              # a smoke version of every part (< 3 minutes on 2 cores)
