@@ -52,7 +52,7 @@ def compile_rows(ccs, shapes):
     rows = []
     for name, E, k, G, KG in shapes:
         meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
-        calls = [(kernels.route_triton, meta(4096, E), meta(E), k, G, KG, "sigmoid", 2.5),
+        calls = [(kernels.route_triton, meta(4096, E), meta(E), k, G, KG, "sigmoid"),
                  (kernels.dispatch_triton, meta(4096, k, dtype=torch.int32), E)]
         for cc in ccs:
             for fn, *call_args in calls:
@@ -109,20 +109,21 @@ def bench_kernels(args):
     for name, T, E, k, G, KG in KERNEL_SHAPES:
         torch.manual_seed(0)
         logits = torch.randn(T, E, device=device)
-        bias = 0.01 * torch.randn(E, device=device)
-        ids = kernels.route_ref(logits, bias, k, G, KG, "sigmoid", 2.5)[1]
-        gate = lambda fn: fn(logits, bias, k, G, KG, "sigmoid", 2.5)  # noqa: E731
+        gate = ds.Gate(ds.ModelArgs(n_routed_experts=E, n_activated_experts=k, n_expert_groups=G,
+                                    n_limited_groups=KG)).to(device)
+        gate.bias.normal_(0, 0.01)
+        ids = gate.route(gate.scores(logits))
         rows = [
-            # op, ref fn, triton fn, bytes: logits + bias read, weights + ids written
-            ("route", lambda: gate(kernels.route_ref), lambda: gate(kernels.route_triton),
-             4 * T * E + 4 * E + 8 * T * k),
+            # op, ref fn, triton fn, bytes: logits + bias read, ids written
+            ("route", lambda: gate.route(gate.scores(logits)),
+             lambda: kernels.route_triton(logits, gate.bias, k, G, KG, "sigmoid"), 4 * T * E + 4 * E + 4 * T * k),
             # ids read; counts, offsets, perm, inv written (int64)
-            ("dispatch", lambda: kernels.dispatch_ref(ids, E), lambda: kernels.dispatch_triton(ids, E),
+            ("dispatch", lambda: ds.dispatch(ids, E), lambda: kernels.dispatch_triton(ids, E),
              4 * T * k + 8 * (2 * E + 1) + 16 * T * k),
         ]
         # correctness first: dispatch must be identical; gate ids may differ only on fp32 near-ties
-        same_ids = (gate(kernels.route_triton)[1] == ids).all(-1).float().mean().item()
-        assert all(torch.equal(a, b) for a, b in zip(kernels.dispatch_triton(ids, E), kernels.dispatch_ref(ids, E)))
+        same_ids = (rows[0][2]() == ids).all(-1).float().mean().item()
+        assert all(torch.equal(a, b) for a, b in zip(kernels.dispatch_triton(ids, E), ds.dispatch(ids, E)))
         for op, ref, tri, nbytes in rows:
             with torch.no_grad():
                 t_ref, t_tri = do_bench(ref) * 1e3, do_bench(tri) * 1e3  # ms -> µs
@@ -161,8 +162,7 @@ def decode_row(name, model, idx, n, repeats):
     t_re, ref = timed(lambda: recompute(model, idx, n), repeats)
     speeds, outs = {}, {}
     for impl in ("naive", "absorb"):
-        model.args.attn_impl = impl
-        t, outs[impl] = timed(lambda: model.generate(idx, n, temperature=0), repeats)
+        t, outs[impl] = timed(lambda: model.generate(idx, n, temperature=0, attn_impl=impl), repeats)
         speeds[impl] = n / t
     t_sp, (outs["spec"], st) = timed(lambda: model.generate_speculative(idx, n, temperature=0), repeats)
     if idx.size(1) + n <= model.args.max_seq_len:        # no sliding: all four must be identical
@@ -204,8 +204,8 @@ def bench_decode(args):
     for name, cfg in [("nano (default ModelArgs)", {}), ("DeepSeek-V3 671B", V3_SHAPE)]:
         a = ds.ModelArgs(**cfg)
         base = ds.cache_numbers_per_token(a)
-        for label, kw in [("MLA absorb", {}), ("MLA naive", {"attn_impl": "naive"}), ("MHA", {"attn": "mha"})]:
-            n = ds.cache_numbers_per_token(ds.ModelArgs(**{**cfg, **kw}))
+        for label, attn, impl in [("MLA absorb", "mla", "absorb"), ("MLA naive", "mla", "naive"), ("MHA", "mha", "absorb")]:
+            n = ds.cache_numbers_per_token(ds.ModelArgs(**{**cfg, "attn": attn}), impl)
             print(f"| {name}: {label} | {n:,} | {n * a.n_layers * 2 / 1024:,.1f} | {n / base:.1f}x |")
 
 

@@ -583,8 +583,8 @@ def main(argv=None):
             for k in range(rank, c.eval_iters, world):
                 x, y = get_batch(data, c.batch_size, c.block_size, batch_seed(c.seed, 1 + s, k), device)
                 with amp:
-                    model(x, y)
-                sums += torch.stack([raw.losses["main"], raw.losses["mtp"]]).float()
+                    _, parts = model(x, y)
+                sums += torch.stack([parts["main"], parts["mtp"]]).float()
             if ddp:
                 dist.all_reduce(sums)
             out[split], out[f"{split}_mtp"] = (sums / c.eval_iters).tolist()
@@ -622,16 +622,16 @@ def main(argv=None):
         lr = get_lr(iter_num, c)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        raw.args.mtp_lambda = get_mtp_lambda(iter_num, c)
+        mtp_lambda = get_mtp_lambda(iter_num, c)
         parts = torch.zeros(4, device=device)       # total, main, mtp, balance: summed over micro-batches
         for micro in range(c.gradient_accumulation_steps):
             x, y = get_batch(train_data, c.batch_size, c.block_size, batch_seed(c.seed, 0, rank, iter_num, micro), device)
             last = micro == c.gradient_accumulation_steps - 1
             with (train_model.no_sync() if ddp and not last else nullcontext()):
                 with amp:
-                    _, loss = train_model(x, y)
-                scaler.scale(loss / c.gradient_accumulation_steps).backward()
-            parts += torch.stack([loss.detach(), raw.losses["main"], raw.losses["mtp"], raw.losses["balance"]]).float()
+                    _, losses = train_model(x, y, mtp_lambda=mtp_lambda)
+                scaler.scale(losses["total"] / c.gradient_accumulation_steps).backward()
+            parts += torch.stack([losses[k].detach() for k in ("total", "main", "mtp", "balance")]).float()
         if c.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), c.grad_clip)
@@ -654,7 +654,7 @@ def main(argv=None):
                 f"| lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {f'{100 * mfu:.2f}%' if mfu is not None else '-'} "
                 f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {_hms(eta)}")
             record(kind="train", step=iter_num, loss=total, main=main_l, mtp=mtp_l, balance=bal, lr=lr,
-                   mtp_lambda=raw.args.mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, eta_s=eta,
+                   mtp_lambda=mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, eta_s=eta,
                    time_s=time.time() - t_start)
             t_last, steps_since, maxvio_sum = time.time(), 0, None
 
