@@ -1,6 +1,7 @@
 """Benchmarks, one function per part.
 
-    python bench.py --parts kernels      # the Triton MoE gate / dispatch vs the PyTorch references
+    python bench.py --parts kernels      # registers / spills of the Triton kernels per CUDA target (no GPU
+                                         # needed); on a GPU also their timings vs the PyTorch references
     python bench.py --parts step         # a training step: MoE (grouped GEMM, loop) vs dense of equal active size
     python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
     python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same steps and same time
@@ -30,13 +31,77 @@ KERNEL_SHAPES = [
     ("V3", 65536, 256, 8, 8, 4),
     ("nano", 12 * 64, 16, 2, 4, 2),
 ]
+# (name, E, k, groups, groups kept) of deepseek.py's gates, compiled for each CUDA compute capability
+COMPILE_SHAPES = [("V3", 256, 8, 8, 4), ("nano", 16, 4, 4, 2), ("nano cpu", 8, 2, 1, 1)]
+CCS = (70, 75, 80, 86, 89, 90)                        # V100, T4, A100, RTX 30xx, RTX 40xx / L4, H100
+MAX_WARPS = {70: 64, 75: 32, 80: 64, 86: 48, 89: 48, 90: 64}  # resident warps per SM; 64K registers each
+
+
+def occupancy(regs, warps, cc):
+    """Fraction of an SM's warp slots that blocks of `warps` warps using `regs` registers a thread can
+    fill: registers are given out per warp in units of 256, from 64K per SM."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(MAX_WARPS[cc], 65536 // per_warp) // warps * warps / MAX_WARPS[cc]
+
+
+def compile_rows(ccs, shapes):
+    """Compile each kernel at each shape for each compute capability (needs TRITON_INTERPRET and the
+    Triton cache off, TRITON_DUMP_PTXAS_LOG=1): dicts of kernel, shape, cc, registers and spill bytes
+    from Triton's own `ptxas -v`, warps, the PTX target and the cubin size."""
+    import io
+    import re
+    import kernels
+    rows = []
+    for name, E, k, G, KG in shapes:
+        meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+        calls = [(kernels.route_triton, meta(4096, E), meta(E), k, G, KG, "sigmoid"),
+                 (kernels.dispatch_triton, meta(4096, k, dtype=torch.int32), E)]
+        for cc in ccs:
+            for fn, *call_args in calls:
+                log = io.StringIO()
+                with contextlib.redirect_stdout(log):             # Triton prints the ptxas log
+                    done = kernels.compile_launches(cc, fn, *call_args)
+                for kname, ck in done:
+                    m = re.search(rf"function '{kname}'.*?(\d+) bytes spill stores, (\d+) bytes spill loads"
+                                  r".*?Used (\d+) registers", log.getvalue(), re.S)
+                    rows.append(dict(kernel=kname, shape=name, cc=cc, regs=int(m[3]), spills=int(m[1]) + int(m[2]),
+                                     warps=ck.metadata.num_warps, target=re.search(r"\.target (\w+)", ck.asm["ptx"])[1],
+                                     cubin=len(ck.asm["cubin"])))
+    return rows
+
+
+def compile_kernels(ccs=CCS, shapes=COMPILE_SHAPES):
+    """compile_rows in a fresh process: no GPU needed, and no interpreter (TRITON_INTERPRET unset)."""
+    import os
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as cache:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
+        code = f"import bench, json; print(json.dumps(bench.compile_rows({tuple(ccs)!r}, {list(shapes)!r})))"
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parent,
+                             capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"kernel compile failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def bench_kernels(args):
-    """Markdown table: microseconds of the reference and the Triton kernel, speed-up, and the
-    achieved bandwidth against the bytes that must move (fp32 logits, sigmoid gate)."""
+    """Without a GPU: registers, spills and occupancy of each kernel compiled for each CUDA target.
+    On a GPU also a markdown table: microseconds of the reference and the Triton kernel, speed-up,
+    and the achieved bandwidth against the bytes that must move (fp32 logits, sigmoid gate)."""
+    ccs = (80, 90) if args.quick else CCS
+    rows = compile_kernels(ccs)
+    print("registers / spill bytes / occupancy per CUDA target (bundled ptxas -v; T never enters)")
+    print("| kernel | shape | warps | " + " | ".join(f"sm_{cc}" for cc in ccs) + " |")
+    print("|---|---|---:|" + "---:|" * len(ccs))
+    for kname, shape in dict.fromkeys((r["kernel"], r["shape"]) for r in rows):
+        cells = {r["cc"]: r for r in rows if (r["kernel"], r["shape"]) == (kname, shape)}
+        print(f"| {kname} | {shape} | {cells[ccs[0]]['warps']} | " + " | ".join(
+            f"{c['regs']} / {c['spills']} / {occupancy(c['regs'], c['warps'], cc):.0%}"
+            for cc, c in cells.items()) + " |")
     if not torch.cuda.is_available():
-        print("kernels: needs a CUDA GPU, skipped")
+        print("kernels: timings need a CUDA GPU, skipped")
         return
     import triton.testing
     import kernels
@@ -46,20 +111,21 @@ def bench_kernels(args):
     for name, T, E, k, G, KG in KERNEL_SHAPES:
         torch.manual_seed(0)
         logits = torch.randn(T, E, device=device)
-        bias = 0.01 * torch.randn(E, device=device)
-        ids = kernels.route_ref(logits, bias, k, G, KG, "sigmoid", 2.5)[1]
-        gate = lambda fn: fn(logits, bias, k, G, KG, "sigmoid", 2.5)  # noqa: E731
+        gate = ds.Gate(ds.ModelArgs(n_routed_experts=E, n_activated_experts=k, n_expert_groups=G,
+                                    n_limited_groups=KG)).to(device)
+        gate.bias.normal_(0, 0.01)
+        ids = gate.route(gate.scores(logits))
         rows = [
-            # op, ref fn, triton fn, bytes: logits + bias read, weights + ids written
-            ("route", lambda: gate(kernels.route_ref), lambda: gate(kernels.route_triton),
-             4 * T * E + 4 * E + 8 * T * k),
+            # op, ref fn, triton fn, bytes: logits + bias read, ids written
+            ("route", lambda: gate.route(gate.scores(logits)),
+             lambda: kernels.route_triton(logits, gate.bias, k, G, KG, "sigmoid"), 4 * T * E + 4 * E + 4 * T * k),
             # ids read; counts, offsets, perm, inv written (int64)
-            ("dispatch", lambda: kernels.dispatch_ref(ids, E), lambda: kernels.dispatch_triton(ids, E),
+            ("dispatch", lambda: ds.dispatch(ids, E), lambda: kernels.dispatch_triton(ids, E),
              4 * T * k + 8 * (2 * E + 1) + 16 * T * k),
         ]
         # correctness first: dispatch must be identical; gate ids may differ only on fp32 near-ties
-        same_ids = (gate(kernels.route_triton)[1] == ids).all(-1).float().mean().item()
-        assert all(torch.equal(a, b) for a, b in zip(kernels.dispatch_triton(ids, E), kernels.dispatch_ref(ids, E)))
+        same_ids = (rows[0][2]() == ids).all(-1).float().mean().item()
+        assert all(torch.equal(a, b) for a, b in zip(kernels.dispatch_triton(ids, E), ds.dispatch(ids, E)))
         for op, ref, tri, nbytes in rows:
             with torch.no_grad():
                 t_ref, t_tri = do_bench(ref) * 1e3, do_bench(tri) * 1e3  # ms -> µs
