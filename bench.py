@@ -113,7 +113,8 @@ def decode_row(name, model, idx, n, repeats):
 def bench_decode(args):
     """CPU decoding speed, side by side: tokens/s without cache, with the naive (per-head K/V) and the
     absorbed (latent) MLA cache, and with MTP speculative decoding; then cache sizes per token."""
-    from train import load_checkpoint, tokenizer_from_meta
+    from data import tokenizer_from_meta
+    from train import load_checkpoint
     torch.manual_seed(0)
     print(f"decode: CPU, {torch.get_num_threads()} threads, greedy, best of {args.timing_repeats}")
     print("| model | prompt+new tokens | recompute tok/s | naive cache | absorb cache | speculative | "

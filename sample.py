@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from train import UserError, load_checkpoint, pick_device, tokenizer_from_meta
+from data import UserError, tokenizer_from_meta
+from train import load_checkpoint, pick_device
 
 
 class Parser(argparse.ArgumentParser):
