@@ -96,8 +96,7 @@ def decode_row(name, model, idx, n, repeats):
     t_re, ref = timed(lambda: recompute(model, idx, n), repeats)
     speeds, outs = {}, {}
     for impl in ("naive", "absorb"):
-        model.args.attn_impl = impl
-        t, outs[impl] = timed(lambda: model.generate(idx, n, temperature=0), repeats)
+        t, outs[impl] = timed(lambda: model.generate(idx, n, temperature=0, attn_impl=impl), repeats)
         speeds[impl] = n / t
     t_sp, (outs["spec"], st) = timed(lambda: model.generate_speculative(idx, n, temperature=0), repeats)
     if idx.size(1) + n <= model.args.max_seq_len:        # no sliding: all four must be identical
@@ -140,8 +139,8 @@ def bench_decode(args):
     for name, cfg in [("nano (default ModelArgs)", {}), ("DeepSeek-V3 671B", V3_SHAPE)]:
         a = ds.ModelArgs(**cfg)
         base = ds.cache_numbers_per_token(a)
-        for label, kw in [("MLA absorb", {}), ("MLA naive", {"attn_impl": "naive"}), ("MHA", {"attn": "mha"})]:
-            n = ds.cache_numbers_per_token(ds.ModelArgs(**{**cfg, **kw}))
+        for label, attn, impl in [("MLA absorb", "mla", "absorb"), ("MLA naive", "mla", "naive"), ("MHA", "mha", "absorb")]:
+            n = ds.cache_numbers_per_token(ds.ModelArgs(**{**cfg, "attn": attn}), impl)
             print(f"| {name}: {label} | {n:,} | {n * a.n_layers * 2 / 1024:,.1f} | {n / base:.1f}x |")
 
 

@@ -50,22 +50,35 @@ class ModelArgs:
     mscale: float = 1.0
     # ours: training and ablations
     n_mtp: int = 1                  # Multi-Token Prediction depth D (0 disables)
-    mtp_lambda: float = 0.3         # weight of the MTP loss (eq. 25)
+    mtp_lambda: float = 0.3         # weight of the MTP loss (eq. 25) unless forward is given another
     bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing (0 disables)
     seq_aux_alpha: float = 1e-4     # alpha of the sequence-wise balance loss (eq. 17)
     dropout: float = 0.0
     attn: str = "mla"               # "mla" | "mha" (baseline with a full per-head K/V cache)
-    attn_impl: str = "absorb"       # MLA decoding: "absorb" (latent cache) | "naive" (per-head K/V cache)
 
     def __post_init__(self):
-        assert self.attn in ("mla", "mha"), f"attn must be 'mla' or 'mha', not {self.attn!r}"
-        assert self.attn_impl in ("absorb", "naive"), f"attn_impl must be 'absorb' or 'naive', not {self.attn_impl!r}"
-        assert self.score_func in ("sigmoid", "softmax"), f"score_func must be 'sigmoid' or 'softmax'"
+        """Every field checked once, here, with a message naming it (ValueError)."""
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"ModelArgs: {msg}")
+        for k in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank",
+                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"):
+            need(getattr(self, k) >= 1, f"{k} must be at least 1, not {getattr(self, k)}")
+        for k in ("n_dense_layers", "n_routed_experts", "n_shared_experts", "q_lora_rank", "n_mtp", "mtp_lambda",
+                  "bias_update_speed", "seq_aux_alpha"):
+            need(getattr(self, k) >= 0, f"{k} must be >= 0, not {getattr(self, k)}")
+        for k in ("rope_theta", "rope_factor", "route_scale", "mscale"):
+            need(getattr(self, k) > 0, f"{k} must be > 0, not {getattr(self, k)}")
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even (RoPE rotates pairs), not {self.qk_rope_head_dim}")
+        need(0 <= self.dropout < 1, f"dropout must be in [0, 1), not {self.dropout}")
+        need(self.attn in ("mla", "mha"), f"attn must be 'mla' or 'mha', not {self.attn!r}")
+        need(self.score_func in ("sigmoid", "softmax"), f"score_func must be 'sigmoid' or 'softmax', not {self.score_func!r}")
         if self.n_routed_experts:
-            E, G = self.n_routed_experts, self.n_expert_groups
-            assert E % G == 0, f"n_routed_experts={E} must divide into n_expert_groups={G}"
-            assert self.n_activated_experts <= self.n_limited_groups * E // G, \
-                "n_activated_experts exceeds the experts in n_limited_groups groups"
+            E, G, KG, K = self.n_routed_experts, self.n_expert_groups, self.n_limited_groups, self.n_activated_experts
+            need(G >= 1 and E % G == 0, f"n_routed_experts={E} must divide into n_expert_groups={G}")
+            need(1 <= KG <= G, f"n_limited_groups must be in [1, n_expert_groups={G}], not {KG}")
+            need(1 <= K <= KG * E // G, f"n_activated_experts must be in [1, {KG * E // G}] (the experts in "
+                                        f"n_limited_groups groups), not {K}")
 
     # keys of the official ModelArgs that only matter to DeepSeek's serving code
     _ignored = ("max_batch_size", "dtype", "scale_fmt")
@@ -193,7 +206,9 @@ class MLA(Attention):
         self.kv_norm = RMSNorm(args.kv_lora_rank)
         self.wkv_b = nn.Linear(args.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)  # eqs. 2, 5
 
-    def forward(self, x, cos, sin, start_pos=None):
+    def forward(self, x, cos, sin, start_pos=None, attn_impl="absorb"):
+        """start_pos None: training over a whole sequence. An int: cached decoding of a chunk starting
+        there, with the latent cache (attn_impl "absorb") or per-head K/V rebuilt from it ("naive")."""
         B, S, _ = x.shape
         q = self.wq(x) if self.args.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_pe = q.view(B, S, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
@@ -201,7 +216,7 @@ class MLA(Attention):
         kv, k_pe = self.wkv_a(x).split([self.args.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_norm(kv)                                   # the latent c^KV is normalised, k^R is not
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)          # (B, S, 1, rope): one key for all heads (eq. 3)
-        if start_pos is None or self.args.attn_impl == "naive":
+        if start_pos is None or attn_impl == "naive":
             k_nope, v = self.wkv_b(kv).view(B, S, self.n_heads, -1).split([self.nope, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)   # eq. 4
             o = self.attend(torch.cat([q_nope, q_pe], dim=-1), k, v, start_pos)      # eqs. 9-10
@@ -229,7 +244,7 @@ class MHA(Attention):
         self.wk = nn.Linear(args.dim, H * (self.nope + self.rope), bias=False)
         self.wv = nn.Linear(args.dim, H * self.v_dim, bias=False)
 
-    def forward(self, x, cos, sin, start_pos=None):
+    def forward(self, x, cos, sin, start_pos=None, attn_impl=None):      # one cache layout: attn_impl unused
         B, S, _ = x.shape
         q, k = (w(x).view(B, S, self.n_heads, -1) for w in (self.wq, self.wk))
         q, k = (torch.cat([t[..., :self.nope], apply_rope(t[..., self.nope:], cos, sin)], dim=-1) for t in (q, k))
@@ -237,10 +252,10 @@ class MHA(Attention):
         return self.wo(o.flatten(2))
 
 
-def cache_numbers_per_token(args):
+def cache_numbers_per_token(args, attn_impl="absorb"):
     """Numbers one layer caches per token at decode: the absorbed MLA latent + shared RoPE key,
     or full per-head K and V (MHA, or MLA in naive mode)."""
-    if args.attn == "mla" and args.attn_impl == "absorb":
+    if args.attn == "mla" and attn_impl == "absorb":
         return args.kv_lora_rank + args.qk_rope_head_dim
     return args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
 
@@ -248,7 +263,7 @@ def cache_numbers_per_token(args):
 # ----------------------------------------------------------------------------- DeepSeekMoE
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward, w2(silu(w1 x) * w3 x): the dense FFN, the shared experts and each routed expert."""
+    """SwiGLU feed-forward, w2(silu(w1 x) * w3 x): the dense FFN and the shared experts."""
 
     def __init__(self, dim, inter_dim):
         super().__init__()
@@ -261,70 +276,134 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """Router (eqs. 13-16). Affinities s = sigmoid(u e_i) in fp32; a bias b_i (a buffer: no gradient,
-    no weight decay) is added for choosing the top-k experts only, within the n_limited_groups best
-    groups; the gate values are the unbiased s of the chosen, normalised, times route_scale."""
+    """Router (eqs. 13-16). The affinities s are computed in fp32; a bias b (a buffer: no gradient, no
+    weight decay) is added for choosing the experts only; the gate values are the unbiased s of the
+    chosen, normalised (sigmoid), times route_scale."""
 
     def __init__(self, args):
         super().__init__()
-        self.args = args
-        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
+        self.score_func, self.route_scale = args.score_func, args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))   # the centroids e_i
         self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
         # tokens per expert counted by training forwards since the last bias update (§2.1.2)
         self.register_buffer("load", torch.zeros(args.n_routed_experts, dtype=torch.float32), persistent=False)
 
+    def scores(self, logits):
+        """s_i (eq. 15): sigmoid(u e_i) in V3, softmax over the experts in V2."""
+        return logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+
     def forward(self, x):
-        a = self.args
-        with torch.autocast(x.device.type, enabled=False):           # routing stays in fp32
+        """x (T, dim) -> scores s (T, E), gate values g (T, k), chosen experts (T, k) int32."""
+        with torch.autocast(x.device.type, enabled=False):            # routing stays in fp32
             logits = F.linear(x.float(), self.weight.float())
-        weights, ids = kernels.route(logits, self.bias, a.n_activated_experts, a.n_expert_groups,
-                                     a.n_limited_groups, a.score_func, a.route_scale)
-        return logits, weights, ids
+        scores = self.scores(logits)
+        if kernels.enabled(x):     # the same choice, fused into one Triton kernel
+            ids = kernels.route_triton(logits, self.bias, self.topk, self.n_groups, self.topk_groups, self.score_func)
+        else:
+            ids = self.route(scores)
+        weights = scores.gather(1, ids.long())
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)        # eq. 13 (V2's softmax gate is not renormalised)
+        return scores, weights * self.route_scale, ids
+
+    def route(self, scores):
+        """Choose each token's top-k experts by s + b (eq. 16), within its n_limited_groups best
+        expert groups. Ties go to the lower expert (and group) index: stable sorts, not topk.
+        The plain PyTorch reference of kernels.route_triton."""
+        biased = scores + self.bias                                      # the bias only chooses
+        if self.n_groups > 1:
+            grouped = biased.unflatten(-1, (self.n_groups, -1))
+            # V3 scores a group by the sum of its two best biased scores; V2 (softmax: DeepSeek's
+            # gate then has no bias) by its best score
+            best = grouped.sort(dim=-1, descending=True)[0]
+            group_scores = best[..., :2].sum(dim=-1) if self.score_func == "sigmoid" else best[..., 0]
+            keep = group_scores.sort(dim=-1, descending=True, stable=True)[1][:, :self.topk_groups]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            # -inf, not 0: a zeroed score could still beat a kept expert whose biased score is negative
+            biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        return biased.sort(dim=-1, descending=True, stable=True)[1][:, :self.topk].int()
 
 
-def sequence_balance_loss(scores, ids, n_experts, alpha):
+def dispatch(ids, n_experts):
+    """Group the (token, slot) pairs by expert with a stable sort. ids (T, k) -> counts (E,),
+    offsets (E+1,), perm (T*k,), inv (T*k,), int64: expert e owns the pairs perm[offsets[e]:offsets[e+1]],
+    and inv[j] is where pair j landed (perm[inv] == arange). The reference of kernels.dispatch_triton."""
+    flat = ids.flatten().long()
+    counts = torch.bincount(flat, minlength=n_experts)
+    perm = torch.argsort(flat, stable=True)
+    return counts, F.pad(counts.cumsum(0), (1, 0)), perm, torch.argsort(perm)
+
+
+def sequence_balance_loss(scores, ids, alpha):
     """Complementary sequence-wise balance loss (eqs. 17-20), averaged over the batch.
     scores (B, T, E) affinities s; ids (B, T, K) chosen experts. Equals alpha when perfectly balanced."""
     B, T, K = ids.shape
-    counts = torch.zeros(B, n_experts, device=ids.device).scatter_add_(1, ids.view(B, -1).long(),
-                                                                       torch.ones(B, T * K, device=ids.device))
-    f = counts * n_experts / (K * T)                                 # eq. 18 (no gradient: counts)
+    E = scores.size(-1)
+    counts = torch.zeros(B, E, device=ids.device).scatter_add_(1, ids.flatten(1).long(),
+                                                               torch.ones(B, T * K, device=ids.device))
+    f = counts * E / (K * T)                                         # eq. 18 (no gradient: counts)
     P = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)      # eqs. 19-20
     return alpha * (f * P).sum(dim=-1).mean()                         # eq. 17
 
 
+class Experts(nn.Module):
+    """The routed experts of one MoE layer, n SwiGLU FFNs held as stacked weights so that each
+    projection runs for all experts in one grouped GEMM over the token copies sorted by expert."""
+
+    def __init__(self, n, dim, inter_dim):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n, inter_dim, dim))
+
+    def forward(self, x, counts, grouped=None):
+        """x (N, dim) token copies, expert 0's first; counts (n,) copies per expert. grouped: one
+        grouped GEMM per projection (default where torch has it and the shapes allow), else a loop."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        x = x.to(dtype)
+        if grouped is None:      # what torch._grouped_mm takes: 16-bit or fp32, rows a multiple of 16 bytes
+            grouped = (hasattr(torch, "_grouped_mm") and dtype in (torch.float32, torch.bfloat16, torch.float16)
+                       and all(d * x.element_size() % 16 == 0 for d in self.w2.shape[1:]))
+        if grouped:      # no host sync: the group sizes stay on the device
+            ends = counts.cumsum(0).int()
+            mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=ends)   # noqa: E731
+            return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
+        xs = x.split(counts.tolist())                    # one host sync: the slice sizes
+        return torch.cat([F.linear(F.silu(F.linear(a, w1[e])) * F.linear(a, w3[e]), w2[e]) for e, a in enumerate(xs)])
+
+
 class MoE(nn.Module):
     """DeepSeekMoE (eq. 12): shared experts see every token, each token also goes to its top-k
-    fine-grained routed experts. Tokens are grouped by expert so each expert runs one matmul."""
+    fine-grained routed experts, weighted by its gate values."""
 
     def __init__(self, args):
         super().__init__()
         self.args = args
         self.gate = Gate(args)
-        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts))
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
-        self.aux_loss = None
 
-    @torch.compiler.disable   # slices of data-dependent size: torch.compile leaves this layer eager
+    @torch.compiler.disable   # routing and dispatch are data-dependent: torch.compile leaves this layer eager
     def forward(self, x):
+        """x (B, T, dim) -> output (B, T, dim), sequence-wise balance loss (0 unless training with alpha > 0)."""
         B, T, D = x.shape
         x = x.view(-1, D)
-        logits, weights, ids = self.gate(x)
-        counts, offsets, perm, inv = kernels.dispatch(ids, len(self.experts))
-        if self.training:
-            self.gate.load += counts
-            if self.args.seq_aux_alpha > 0:
-                scores = kernels.gate_scores(logits, self.args.score_func).view(B, T, -1)
-                self.aux_loss = sequence_balance_loss(scores, ids.view(B, T, -1), len(self.experts), self.args.seq_aux_alpha)
+        scores, weights, ids = self.gate(x)
         K = ids.size(1)
-        xs = x[perm // K]                           # (T*K, D) token copies, expert 0's first
-        # one host sync per layer: the slice sizes (DeepSeek's own inference code does the same)
-        bounds = offsets.tolist()
-        ys = torch.cat([expert(xs[lo:hi]) for expert, lo, hi in zip(self.experts, bounds, bounds[1:]) if lo < hi])
+        counts, _, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, self.args.n_routed_experts)
+        balance = x.new_zeros((), dtype=torch.float32)
+        if self.training:
+            self.gate.load += counts                                   # for the bias update (§2.1.2)
+            if self.args.seq_aux_alpha > 0:
+                balance = sequence_balance_loss(scores.view(B, T, -1), ids.view(B, T, K), self.args.seq_aux_alpha)
+        ys = self.experts(x[perm // K], counts)                        # (T*K, D), expert 0's first
         y = (ys[inv].view(-1, K, D) * weights.unsqueeze(-1).type_as(ys)).sum(dim=1)   # back in token order
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(B, T, D)
+        return y.view(B, T, D), balance
 
 
 # ----------------------------------------------------------------------------- block
@@ -338,9 +417,12 @@ class Block(nn.Module):
         self.ffn = MLP(args.dim, args.inter_dim) if dense else MoE(args)
         self.drop = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, start_pos=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos))
-        return x + self.drop(self.ffn(self.ffn_norm(x)))
+    def forward(self, x, cos, sin, start_pos=None, attn_impl="absorb"):
+        """-> (output, balance loss of this layer's MoE or 0)."""
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos, attn_impl))
+        y = self.ffn(self.ffn_norm(x))
+        y, balance = y if isinstance(self.ffn, MoE) else (y, 0.0)
+        return x + self.drop(y), balance
 
 
 # ----------------------------------------------------------------------------- Multi-Token Prediction
@@ -356,9 +438,9 @@ class MTP(nn.Module):
         self.block = Block(layer_id, args)
         self.norm = RMSNorm(args.dim)                                    # before the shared head
 
-    def forward(self, h, emb, cos, sin, start_pos=None):
+    def forward(self, h, emb, cos, sin, start_pos=None, attn_impl="absorb"):
         h = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))   # eq. 21
-        return self.block(h, cos, sin, start_pos)                                # eq. 22
+        return self.block(h, cos, sin, start_pos, attn_impl)                     # eq. 22
 
 
 # ----------------------------------------------------------------------------- model
@@ -375,55 +457,52 @@ class Transformer(nn.Module):
         cos, sin = precompute_rope(args)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding, Gate)):
-            nn.init.normal_(m.weight, std=0.02)
+        for p in self.parameters():
+            if p.dim() >= 2:                            # every matrix; norms start at 1, the bias at 0
+                nn.init.normal_(p, std=0.02)
 
     def rope(self, start_pos, S):
         p = start_pos or 0
         return self.rope_cos[p:p + S], self.rope_sin[p:p + S]
 
-    def trunk(self, idx, start_pos=None):
-        """Final hidden states h (B, S, dim), before the last norm. start_pos None: a whole sequence
-        from position 0 without cache; an int: cached decoding of a chunk starting there."""
+    def trunk(self, idx, start_pos=None, attn_impl="absorb"):
+        """Final hidden states h (B, S, dim) before the last norm, and the layers' summed balance loss.
+        start_pos None: a whole sequence from position 0 without cache; an int: cached decoding of a
+        chunk starting there."""
         S = idx.size(1)
         if (start_pos or 0) + S > self.args.max_seq_len:
             raise ValueError(f"positions up to {(start_pos or 0) + S} exceed max_seq_len={self.args.max_seq_len}")
-        h, (cos, sin) = self.embed(idx), self.rope(start_pos, S)
+        h, balance = self.embed(idx), 0.0
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
-        return h
+            h, b = layer(h, *self.rope(start_pos, S), start_pos, attn_impl)
+            balance = balance + b
+        return h, balance
 
     def logits(self, h, norm=None):
         return self.head((norm or self.norm)(h))
 
-    def forward(self, idx, targets=None, start_pos=None):
-        """nanoGPT-style: returns (logits for every position, loss or None). With targets, loss =
-        main cross-entropy + mtp_lambda * mean MTP loss + balance loss; the parts are in self.losses.
+    def forward(self, idx, targets=None, start_pos=None, mtp_lambda=None, attn_impl="absorb"):
+        """nanoGPT-style: (logits for every position, losses). losses is None without targets, else a
+        dict of tensors: main cross-entropy, mean MTP loss, balance loss, and their weighted sum
+        total = main + mtp_lambda * mtp + balance (eq. 25; mtp_lambda defaults to args.mtp_lambda).
         With start_pos, runs the cached inference path (no targets)."""
-        h = self.trunk(idx, start_pos)
+        h, balance = self.trunk(idx, start_pos, attn_impl)
         logits = self.logits(h)
         if targets is None:
             return logits, None
         main = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         mtp = []
-        cos, sin = self.rope(None, idx.size(1))
         for k, module in enumerate(self.mtp, 1):
             # depth k at position i: h^{k-1}_i and Emb(t_{i+k}) -> t_{i+k+1}; targets[:, i] is t_{i+1}
             S = h.size(1) - 1
-            h = module(h[:, :-1], self.embed(targets[:, k - 1:-1]), cos[:S], sin[:S])
-            mtp_logits = self.logits(h, module.norm)
-            mtp.append(F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-1))
+            h, b = module(h[:, :-1], self.embed(targets[:, k - 1:-1]), *self.rope(None, S))
+            mtp.append(F.cross_entropy(self.logits(h, module.norm).flatten(0, 1).float(), targets[:, k:].flatten(),
+                                       ignore_index=-1))
+            balance = balance + b
         mtp = torch.stack(mtp).mean() if mtp else main.new_zeros(())              # eq. 25
-        moes = [m for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
-        balance = sum(m.aux_loss for m in moes) if moes else main.new_zeros(())
-        for m in moes:
-            m.aux_loss = None
-        self.losses = dict(main=main.detach(), mtp=mtp.detach(), balance=balance.detach())
-        return logits, main + self.args.mtp_lambda * mtp + balance
+        balance = main.new_zeros(()) + balance
+        lam = self.args.mtp_lambda if mtp_lambda is None else mtp_lambda
+        return logits, dict(total=main + lam * mtp + balance, main=main, mtp=mtp, balance=balance)
 
     # ------------------------------------------------------------------------- balancing
 
@@ -457,8 +536,8 @@ class Transformer(nn.Module):
         if active:
             for m in modules:
                 for moe in (x for x in m.modules() if isinstance(x, MoE)):
-                    per_expert = sum(p.numel() for p in moe.experts[0].parameters())
-                    n -= (len(moe.experts) - self.args.n_activated_experts) * per_expert
+                    per_expert = sum(p[0].numel() for p in moe.experts.parameters())
+                    n -= (self.args.n_routed_experts - self.args.n_activated_experts) * per_expert
         return n
 
     def flops_per_token(self, seq_len):
@@ -472,67 +551,79 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------- generation
 
+    def window(self, tokens, slide=False):
+        """The tokens that decoding keeps in its cache: the last max_seq_len, or when the window is full
+        (slide) its last half, so the other half is decoded from the cache before the next slide."""
+        return tokens[:, -(self.args.max_seq_len // 2 if slide else self.args.max_seq_len):]
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Prefill the prompt once, then decode one token per step from the cache (temperature 0: greedy).
-        When the context window is full, keep its last half and prefill again (sliding window)."""
-        window = self.args.max_seq_len
-        ctx = idx[:, -window:]
-        logits, pos = self(ctx, start_pos=0)[0][:, -1], ctx.size(1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, attn_impl="absorb"):
+        """Prefill the prompt once, then decode one token per step from the cache (temperature 0: greedy)."""
+        ctx = self.window(idx)
+        h, pos = self.trunk(ctx, 0, attn_impl)[0], ctx.size(1)
         for _ in range(max_new_tokens):
-            nxt = torch.multinomial(probs(logits, temperature, top_k), 1)
+            nxt = torch.multinomial(probs(self.logits(h[:, -1]), temperature, top_k), 1)
             idx = torch.cat([idx, nxt], dim=1)
-            if pos == window:
-                ctx = idx[:, -(window // 2):]
-                logits, pos = self(ctx, start_pos=0)[0][:, -1], ctx.size(1)
+            if pos == self.args.max_seq_len:               # the window is full: slide
+                ctx = self.window(idx, slide=True)
+                h, pos = self.trunk(ctx, 0, attn_impl)[0], ctx.size(1)
             else:
-                logits, pos = self(nxt, start_pos=pos)[0][:, -1], pos + 1
+                h, pos = self.trunk(nxt, pos, attn_impl)[0], pos + 1
         return idx
 
     @torch.no_grad()
-    def generate_speculative(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate_speculative(self, idx, max_new_tokens, temperature=1.0, top_k=None, attn_impl="absorb"):
         """Speculative decoding with the first MTP module as drafter (report §5.4.3), one sequence.
-        Each step the main model verifies the pending token y and the draft d in one forward over
-        both; d is kept or replaced by verify_draft, so the output follows the main model exactly
-        (token for token when greedy, also past the context window: it slides where generate does).
-        Rejected positions need no cache rollback: the next chunk starts there and overwrites them.
-        Returns (idx, stats)."""
+        State: the caches hold `pos` tokens; y, the last token drawn, is pending (not yet cached);
+        d is the MTP draft for the token after y, drawn from q. One step runs the main model over
+        [y, d], keeps or replaces d by verify_draft and, when d is kept, draws the token after it
+        too. The output follows the main model exactly (token for token when greedy, also past the
+        context window: it slides where generate does). Rejected positions need no cache rollback:
+        the next chunk starts there and overwrites them. Returns (idx, stats)."""
         assert idx.size(0) == 1, "speculative decoding runs one sequence at a time"
         assert self.mtp, "speculative decoding needs an MTP module (n_mtp >= 1)"
         mtp, window = self.mtp[0], self.args.max_seq_len
+        stats = dict(forwards=0, drafted=0, accepted=0)
 
-        def draft(h, nxt, start_pos):
-            """MTP over positions start_pos.. given their main hidden states and the tokens after them:
-            a draft for the token after nxt's last, with its distribution q."""
-            hm = mtp(h, self.embed(nxt), *self.rope(start_pos, nxt.size(1)), start_pos)
+        def main(chunk, pos):
+            """The main model over chunk at pos: hidden states, next-token distributions."""
+            stats["forwards"] += 1
+            h = self.trunk(chunk, pos, attn_impl)[0]
+            return h, probs(self.logits(h[0]), temperature, top_k)
+
+        def draft(h, nxt, pos):
+            """MTP over positions pos.. from their main hidden states h and the tokens after them (nxt):
+            a draft for the token after nxt's last, and its distribution q."""
+            hm = mtp(h, self.embed(nxt), *self.rope(pos, nxt.size(1)), pos, attn_impl)[0]
             q = probs(self.logits(hm[:, -1], mtp.norm), temperature, top_k)
             return torch.multinomial(q, 1), q
 
-        ctx = idx[:, -window:]
-        h = self.trunk(ctx, start_pos=0)                                           # prefill
-        y = torch.multinomial(probs(self.logits(h[:, -1]), temperature, top_k), 1)
-        d, q = draft(h, torch.cat([ctx[:, 1:], y], dim=1), 0)
-        out, pos, n_new, forwards, drafted, accepted = [idx, y], ctx.size(1), 1, 1, 0, 0
-        while n_new < max_new_tokens:
-            if pos == window:          # context full: keep its last half (ending in y), prefill again
-                ctx = torch.cat(out, dim=1)[:, -(window // 2):]
-                h = self.trunk(ctx[:, :-1], start_pos=0)
-                d, q = draft(h, ctx[:, 1:], 0)
-                pos, forwards = ctx.size(1) - 1, forwards + 1
-            if pos == window - 1:      # room for y alone: a plain step (slides where generate does)
-                h = self.trunk(y, start_pos=pos)
-                new = [torch.multinomial(probs(self.logits(h[0]), temperature, top_k), 1)]
-            else:
-                h = self.trunk(torch.cat([y, d], dim=1), start_pos=pos)     # verify: one forward, two positions
-                p = probs(self.logits(h[0]), temperature, top_k)           # (2, V): for d's position and the next
+        def restart(tokens, slide):
+            """Fresh caches from the window's tokens but the last, which becomes y. -> y, pos, d, q"""
+            ctx = self.window(tokens, slide)
+            if ctx.size(1) == 1:                  # nothing to draft from: the first step is a plain one
+                return ctx, 0, None, None
+            h, _ = main(ctx[:, :-1], 0)
+            return ctx[:, -1:], ctx.size(1) - 1, *draft(h, ctx[:, 1:], 0)
+
+        out = idx
+        y, pos, d, q = restart(idx, slide=False)
+        while out.size(1) - idx.size(1) < max_new_tokens:
+            if d is None or pos + 1 == window:    # no draft, or room for y alone: a plain step
+                h, p = main(y, pos)
+                new = torch.multinomial(p, 1)
+            else:                                  # verify d, and draw the token after it if kept
+                h, p = main(torch.cat([y, d], dim=1), pos)
                 ok, tok = verify_draft(p[:1], q, d[0])
-                drafted, accepted = drafted + 1, accepted + int(ok)
-                new = [d, torch.multinomial(p[1:], 1)] if ok else [tok.view(1, 1)]
-                d, q = draft(h[:, :len(new)], torch.cat(new, dim=1), pos)
-            out += new
-            y, pos, n_new, forwards = new[-1], pos + len(new), n_new + len(new), forwards + 1
-        idx = torch.cat(out, dim=1)[:, :idx.size(1) + max_new_tokens]
-        return idx, dict(forwards=forwards, drafted=drafted, accepted=accepted)
+                stats["drafted"] += 1
+                stats["accepted"] += int(ok)
+                new = torch.cat([d, torch.multinomial(p[1:], 1)], dim=1) if ok else tok.view(1, 1)
+            out, pos = torch.cat([out, new], dim=1), pos + new.size(1)
+            if pos == window:                      # the window is full: slide as generate does
+                y, pos, d, q = restart(out, slide=True)
+            else:
+                y, (d, q) = new[:, -1:], draft(h[:, :new.size(1)], new, pos - new.size(1))
+        return out[:, :idx.size(1) + max_new_tokens], stats
 
 
 def verify_draft(p, q, d):

@@ -1,13 +1,11 @@
-"""MoE routing for DeepSeek-V3: a fused gate and a token dispatch, each as a plain
-PyTorch reference that defines its meaning (and runs everywhere) beside a Triton kernel
-used on a GPU.
+"""Triton kernels for DeepSeek-V3's MoE routing, used on a CUDA GPU. Each one computes exactly what
+a plain PyTorch function of deepseek.py defines (and what runs everywhere else):
 
-    route(logits, bias, ...)  -> weights (T, k), ids (T, k)   gating top-k, eqs. 13-16
-    dispatch(ids, n_experts)  -> counts, offsets, perm, inv   group the (token, slot) pairs by expert
+    route_triton(logits, bias, ...) -> ids (T, k)                     deepseek.Gate.route, eqs. 14-16
+    dispatch_triton(ids, n_experts) -> counts, offsets, perm, inv     deepseek.dispatch
 
-The Triton versions (route_triton, dispatch_triton) give the same ids / permutations and the
-same weights up to fp32 rounding. Without a GPU they still run under TRITON_INTERPRET=1 (set it
-before triton is imported); without triton installed this file falls back to the references.
+Same ids and permutations, bit for bit (up to fp32 near-ties in the gate). Without a GPU they run
+under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them.
 """
 import torch
 
@@ -19,55 +17,9 @@ except ImportError:  # e.g. Mac / Windows: the references are used
     HAS_TRITON = False
 
 
-# ----------------------------------------------------------------------------- gate
-
-def gate_scores(logits, score_func):
-    """Token-to-expert affinity s_i (eq. 15): sigmoid in V3, softmax in V2. fp32 always."""
-    logits = logits.float()
-    return logits.sigmoid() if score_func == "sigmoid" else logits.softmax(dim=-1)
-
-
-def gate_weights(scores, ids, score_func, route_scale):
-    """Gate values g_i of the chosen experts: their *unbiased* scores, normalised to sum 1
-    for sigmoid (eq. 13), times route_scale. Differentiable w.r.t. scores."""
-    w = scores.gather(1, ids.long())
-    if score_func == "sigmoid":
-        w = w / w.sum(dim=-1, keepdim=True)
-    return w * route_scale
-
-
-def route_ref(logits, bias, topk, n_groups=1, topk_groups=1, score_func="sigmoid", route_scale=1.0):
-    """Reference gate. logits (T, E) -> weights (T, topk) fp32, ids (T, topk) int32.
-    The bias b only chooses experts (aux-loss-free balancing, §2.1.2); it never enters the weights.
-    Ties go to the lower expert (and group) index: stable sorts instead of topk."""
-    scores = gate_scores(logits, score_func)
-    biased = scores + bias
-    if n_groups > 1:
-        T, E = biased.shape
-        grouped = biased.view(T, n_groups, E // n_groups)
-        # group score = sum of the two best biased scores in the group (V3)
-        group_scores = grouped.sort(dim=-1, descending=True)[0][..., :2].sum(dim=-1)
-        keep = group_scores.sort(dim=-1, descending=True, stable=True)[1][:, :topk_groups]
-        dropped = torch.ones(T, n_groups, dtype=torch.bool, device=logits.device).scatter_(1, keep, False)
-        # -inf, not 0: a zeroed sigmoid score could still beat a kept one with a negative bias
-        biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(T, E)
-    ids = biased.sort(dim=-1, descending=True, stable=True)[1][:, :topk].int()
-    return gate_weights(scores, ids, score_func, route_scale), ids
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-def dispatch_ref(ids, n_experts):
-    """Reference dispatch. ids (T, k) -> counts (E,), offsets (E+1,), perm (T*k,), inv (T*k,), all int64.
-    perm lists the flat (token, slot) pair indices ordered by expert, stably, so expert e owns
-    perm[offsets[e]:offsets[e+1]]; inv[j] is where pair j landed (perm[inv] == arange)."""
-    flat = ids.flatten().long()
-    counts = torch.bincount(flat, minlength=n_experts)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    perm = torch.argsort(flat, stable=True)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return counts, offsets, perm, inv
+def enabled(t):
+    """Whether the kernels run for tensor t: Triton installed and t on a CUDA device."""
+    return HAS_TRITON and t.is_cuda
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -99,15 +51,13 @@ if HAS_TRITON:
         # 2. the bias only chooses: sel = s + b (padding -inf so it is never chosen)
         b = tl.load(bias_ptr + g * S + j, mask=real, other=0.0).to(tl.float32)
         sel = tl.where(real, s + b, float("-inf"))
-        # 3. group-limited routing: group score = sum of its two best biased scores
+        # 3. group-limited routing: group score = sum of its two best biased scores (V3, sigmoid),
+        #    or its best score (V2, softmax)
         if G > 1:
-            top1 = tl.max(sel, 2)                                                      # (BT, GP)
-            first = tl.min(tl.where(sel == top1[:, :, None], eid, NONE), 2)            # where top1 sits
-            top2 = tl.max(tl.where(eid == first[:, :, None], float("-inf"), sel), 2)  # best of the rest
-            if S > 1:
-                gscore = top1 + top2
-            else:
-                gscore = top1
+            gscore = tl.max(sel, 2)                                                    # (BT, GP)
+            if SIGMOID and S > 1:
+                first = tl.min(tl.where(sel == gscore[:, :, None], eid, NONE), 2)      # where the best sits
+                gscore += tl.max(tl.where(eid == first[:, :, None], float("-inf"), sel), 2)  # + best of the rest
             gid = tl.arange(0, GP)[None, :]
             gscore = tl.where(gid < G, gscore, float("-inf"))
             keep = tl.zeros((BLOCK_T, GP), tl.int32)
@@ -164,43 +114,22 @@ if HAS_TRITON:
         tl.store(perm_ptr + pos, offs.to(tl.int64), mask=ok)
 
 
-class _RouteTriton(torch.autograd.Function):
-    """Forward: the fused kernel. Backward: the VJP of gate_weights(gate_scores(.)) at the chosen
-    ids, so the weight formula has one definition. ids and the bias get no gradient."""
-
-    @staticmethod
-    def forward(ctx, logits, bias, topk, n_groups, topk_groups, score_func, route_scale):
-        T, E = logits.shape
-        S = E // n_groups
-        kept = topk_groups * S if n_groups > 1 else E   # experts left after the group limit
-        assert E % n_groups == 0 and topk_groups <= n_groups and topk <= kept
-        GP, SP, KP = triton.next_power_of_2(n_groups), triton.next_power_of_2(S), triton.next_power_of_2(topk)
-        weights = torch.empty(T, topk, dtype=torch.float32, device=logits.device)
-        ids = torch.empty(T, topk, dtype=torch.int32, device=logits.device)
-        BLOCK_T = min(triton.next_power_of_2(max(T, 1)), max(1, 4096 // (GP * SP)))
-        if T > 0:
-            _route_kernel[(triton.cdiv(T, BLOCK_T),)](
-                logits, bias, weights, ids, T, logits.stride(0), logits.stride(1), float(route_scale),
-                G=n_groups, S=S, GP=GP, SP=SP, K=topk, KP=KP, KG=topk_groups if n_groups > 1 else 1,
-                SIGMOID=score_func == "sigmoid", BLOCK_T=BLOCK_T)
-        ctx.save_for_backward(logits, ids)
-        ctx.score_func, ctx.route_scale = score_func, route_scale
-        ctx.mark_non_differentiable(ids)
-        return weights, ids
-
-    @staticmethod
-    def backward(ctx, grad_w, grad_ids):
-        logits, ids = ctx.saved_tensors
-        with torch.enable_grad():
-            x = logits.detach().requires_grad_()
-            w = gate_weights(gate_scores(x, ctx.score_func), ids, ctx.score_func, ctx.route_scale)
-            (grad,) = torch.autograd.grad(w, x, grad_w)
-        return grad, None, None, None, None, None, None
-
-
-def route_triton(logits, bias, topk, n_groups=1, topk_groups=1, score_func="sigmoid", route_scale=1.0):
-    """Same contract as route_ref, one kernel launch; the weights are differentiable."""
-    return _RouteTriton.apply(logits, bias.contiguous(), topk, n_groups, topk_groups, score_func, route_scale)
+def route_triton(logits, bias, topk, n_groups=1, topk_groups=1, score_func="sigmoid"):
+    """The experts chosen by deepseek.Gate.route, one kernel launch: ids (T, topk) int32."""
+    T, E = logits.shape
+    S = E // n_groups
+    kept = topk_groups * S if n_groups > 1 else E   # experts left after the group limit
+    assert E % n_groups == 0 and topk_groups <= n_groups and topk <= kept
+    GP, SP, KP = triton.next_power_of_2(n_groups), triton.next_power_of_2(S), triton.next_power_of_2(topk)
+    weights = torch.empty(T, topk, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, topk, dtype=torch.int32, device=logits.device)
+    BLOCK_T = min(triton.next_power_of_2(max(T, 1)), max(1, 4096 // (GP * SP)))
+    if T > 0:
+        _route_kernel[(triton.cdiv(T, BLOCK_T),)](
+            logits, bias.contiguous(), weights, ids, T, logits.stride(0), logits.stride(1), 1.0,
+            G=n_groups, S=S, GP=GP, SP=SP, K=topk, KP=KP, KG=topk_groups if n_groups > 1 else 1,
+            SIGMOID=score_func == "sigmoid", BLOCK_T=BLOCK_T)
+    return ids
 
 
 def dispatch_triton(ids, n_experts, BLOCK=128):
@@ -222,15 +151,3 @@ def dispatch_triton(ids, n_experts, BLOCK=128):
     if NB > 0:
         _scatter_kernel[(NB,)](flat, start, perm, inv, N, NB, BLOCK=BLOCK)
     return counts, offsets, perm, inv
-
-
-# ----------------------------------------------------------------------------- entry points
-# The Triton kernels on a CUDA GPU, the references elsewhere (CPU, Mac, no triton).
-
-def route(logits, bias, topk, n_groups=1, topk_groups=1, score_func="sigmoid", route_scale=1.0):
-    fn = route_triton if HAS_TRITON and logits.is_cuda else route_ref
-    return fn(logits, bias, topk, n_groups, topk_groups, score_func, route_scale)
-
-
-def dispatch(ids, n_experts):
-    return (dispatch_triton if HAS_TRITON and ids.is_cuda else dispatch_ref)(ids, n_experts)

@@ -60,7 +60,6 @@ def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
     device = pick_device(a.device)
     model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device)
-    model.args.attn_impl = a.attn_impl               # every layer reads the shared args at decode time
     encode, decode = tokenizer_from_meta(ckpt["meta"])
     speculative = bool(model.mtp) if a.speculative is None else a.speculative
     if speculative and not model.mtp:
@@ -86,11 +85,11 @@ def main(argv=None):
     for _ in range(a.num_samples):
         t0 = time.perf_counter()
         if speculative:
-            y, s = model.generate_speculative(x, a.max_new_tokens, a.temperature, a.top_k)
+            y, s = model.generate_speculative(x, a.max_new_tokens, a.temperature, a.top_k, a.attn_impl)
             for k in ("forwards", "drafted", "accepted"):
                 stats[k] += s[k]
         else:
-            y = model.generate(x, a.max_new_tokens, a.temperature, a.top_k)
+            y = model.generate(x, a.max_new_tokens, a.temperature, a.top_k, a.attn_impl)
         stats["seconds"] += time.perf_counter() - t0
         stats["tokens"] += y.size(1) - x.size(1)
         print(decode(y[0].tolist()))

@@ -354,18 +354,18 @@ def wrap_ddp(model, device, args):
 
 
 @torch.no_grad()
-def evaluate(model, raw, splits, c, amp, rank, world):
+def evaluate(model, splits, c, amp, device, rank, world):
     """Mean main (and MTP) loss over the same eval_iters batches per split every time, shared out over
     the ranks, so the numbers do not depend on the number of processes."""
     model.eval()
     out = {}
     for s, (split, data) in enumerate(splits.items()):
-        sums = torch.zeros(2, device=raw.embed.weight.device)
+        sums = torch.zeros(2, device=device)
         for k in range(rank, c.eval_iters, world):
-            x, y = get_batch(data, c.batch_size, c.block_size, batch_seed(c.seed, 1 + s, k), sums.device)
+            x, y = get_batch(data, c.batch_size, c.block_size, batch_seed(c.seed, 1 + s, k), device)
             with amp:
-                model(x, y)
-            sums += torch.stack([raw.losses["main"], raw.losses["mtp"]]).float()
+                _, losses = model(x, y)
+            sums += torch.stack([losses["main"], losses["mtp"]]).float()
         if world > 1:
             dist.all_reduce(sums)
         out[split], out[f"{split}_mtp"] = (sums / c.eval_iters).tolist()
@@ -433,7 +433,7 @@ def main(argv=None):
         # evaluate (and save) every eval_interval steps and at the end; a resumed step was evaluated already
         if (iter_num % c.eval_interval == 0 or iter_num == c.max_iters or c.eval_only) and \
                 not (iter_num == start_iter > 0 and not c.eval_only):
-            losses = evaluate(model, raw, dict(train=train_data, val=val_data), c, amp, rank, world)
+            losses = evaluate(model, dict(train=train_data, val=val_data), c, amp, device, rank, world)
             improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
             saved = ""
             if master and iter_num > start_iter and (improved or c.always_save_checkpoint):
@@ -451,15 +451,15 @@ def main(argv=None):
         lr = get_lr(iter_num, c)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        raw.args.mtp_lambda = get_mtp_lambda(iter_num, c)
+        mtp_lambda = get_mtp_lambda(iter_num, c)
         parts = torch.zeros(4, device=device)       # total, main, mtp, balance: summed over micro-batches
         for micro in range(accum):
             x, y = get_batch(train_data, c.batch_size, c.block_size, batch_seed(c.seed, 0, rank, iter_num, micro), device)
             with train_model.no_sync() if ddp and micro < accum - 1 else nullcontext():   # all-reduce on the last
                 with amp:
-                    _, loss = train_model(x, y)
-                scaler.scale(loss / accum).backward()
-            parts += torch.stack([loss.detach(), raw.losses["main"], raw.losses["mtp"], raw.losses["balance"]]).float()
+                    _, losses = train_model(x, y, mtp_lambda=mtp_lambda)
+                scaler.scale(losses["total"] / accum).backward()
+            parts += torch.stack([losses[k].detach() for k in ("total", "main", "mtp", "balance")]).float()
         if c.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), c.grad_clip)
@@ -479,7 +479,7 @@ def main(argv=None):
                 f"| lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {f'{100 * mfu:.2f}%' if mfu is not None else '-'} "
                 f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {_hms(eta)}")
             record(kind="train", step=iter_num, loss=total, main=main_l, mtp=mtp_l, balance=bal, lr=lr, eta_s=eta,
-                   mtp_lambda=raw.args.mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, time_s=time.time() - t_start)
+                   mtp_lambda=mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, time_s=time.time() - t_start)
             t_last, maxvios = time.time(), []
 
     wall = time.time() - t_start
