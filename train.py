@@ -1,5 +1,4 @@
-"""
-Train the DeepSeek-V3 of deepseek.py (MLA, DeepSeekMoE with aux-loss-free balancing, MTP), nanoGPT style.
+"""Train the DeepSeek-V3 of deepseek.py (MLA, DeepSeekMoE with aux-loss-free balancing, MTP), nanoGPT style.
 
     python train.py                                     # Tiny Shakespeare: GPT-2 BPE on a GPU, characters on a CPU
     python train.py config/shakespeare_char.py          # a preset ...
@@ -42,14 +41,12 @@ DEFAULTS = dict(
     out_dir="out", eval_interval=250, eval_iters=100, log_interval=10, eval_only=False,
     always_save_checkpoint=True,  # False: save only when val loss improves
     init_from="scratch",          # "scratch" | "resume" (from out_dir/ckpt.pt)
-    # data: Tiny Shakespeare, or your own text (a .txt file or a folder of them), tokenised once into
-    # data_dir/NAME/TOKENIZER/ (NAME: dataset, else "shakespeare" or the text's name)
-    text="", dataset="", data_dir="data",
-    tokenizer="bpe",              # "bpe" (tiktoken's `encoding`; r50k_base is GPT-2's) | "char"
-    encoding="r50k_base",
-    batch_size=32,                # sequences per micro-batch, per process
-    block_size=256,               # context length (the model's max_seq_len)
-    gradient_accumulation_steps=1,  # micro-batches per optimizer step, per process
+    # data: Tiny Shakespeare or your text (a .txt file or a folder of them), tokenised once into data_dir/NAME/TOKENIZER/
+    text="", dataset="", data_dir="data",  # NAME: dataset, else "shakespeare" or the text file's name
+    tokenizer="bpe", encoding="r50k_base",  # "bpe" (tiktoken's encoding; r50k_base is GPT-2's) | "char"
+    # batch_size sequences of block_size tokens (the model's max_seq_len) per micro-batch and process;
+    # gradient_accumulation_steps micro-batches per optimizer step
+    batch_size=32, block_size=256, gradient_accumulation_steps=1,
     # model: every deepseek.ModelArgs field is a key too, with its default there (the nano model:
     # 6 layers, dim 256, MLA, 16 routed experts top-4 in 4 groups, MTP depth 1), except:
     dropout=0.2,
@@ -59,12 +56,10 @@ DEFAULTS = dict(
     # AdamW (weight decay on matrices only), linear warmup then cosine decay to min_lr; grad_clip 0: none
     learning_rate=1e-3, max_iters=1500, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     decay_lr=True, warmup_iters=100, lr_decay_iters=1500, min_lr=1e-4,
-    # system
+    # system; compile: torch.compile the model; peak_flops: per-device peak FLOP/s for MFU (0: PEAK_BF16)
     device="auto",                # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    dtype="auto",                 # auto (bf16 on CUDA where native, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
-    compile=False,                # torch.compile the model
-    seed=1337,
-    peak_flops=0.0,               # per-device peak FLOP/s for MFU; 0: PEAK_BF16 below, else MFU not shown
+    dtype="auto",                 # auto (CUDA: bf16 where native, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
+    compile=False, seed=1337, peak_flops=0.0,
 )
 MODEL_KEYS = [f.name for f in fields(ModelArgs) if f.name not in ("vocab_size", "max_seq_len")]
 DEFAULTS.update({f.name: f.default for f in fields(ModelArgs) if f.name in MODEL_KEYS and f.name not in DEFAULTS})
@@ -97,19 +92,16 @@ def parse_config(argv):
             want = type(DEFAULTS.get(key))
             if key in DEFAULTS and not eq and want is not bool:
                 raise UserError(f"--{key} needs a value: --{key}=VALUE")
-            if not eq or want is str:
-                value = raw if eq else True
-            else:
-                try:
-                    value = ast.literal_eval(raw)
-                except (ValueError, SyntaxError):
-                    value = {"true": True, "false": False}.get(raw.lower(), raw)
+            try:   # a Python literal, else true/false in any case, else the text itself
+                value = True if not eq else raw if want is str else ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = {"true": True, "false": False}.get(raw.lower(), raw)
             put(key, value, raw)
             continue
         path = next((p for p in (Path(arg), here / arg, here / "config" / f"{arg}.py") if p.is_file()), None)
         if path is None:
-            names = sorted(p.stem for p in (here / "config").glob("*.py"))
-            raise UserError(f"config file {arg} not found (presets: {', '.join(names)})")
+            names = ", ".join(sorted(p.stem for p in (here / "config").glob("*.py")))
+            raise UserError(f"config file {arg} not found (presets: {names})")
         assigned = {}
         try:
             exec(path.read_text(), dict(cfg), assigned)
@@ -150,13 +142,11 @@ def pick_device(spec):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {spec!r}: MPS is not available on this machine")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and n == 0 or dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {spec!r}: {dev.type.upper()} is not available on this machine")
     if dev.type != "cuda":
         return str(dev)
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n == 0:
-        raise UserError(f"device {spec!r}: CUDA is not available on this machine")
     if (dev.index or 0) >= n:
         raise UserError(f"device {spec!r} does not exist: this machine has {n} CUDA device(s)")
     index = torch.cuda.current_device() if dev.index is None else dev.index
@@ -165,9 +155,8 @@ def pick_device(spec):
 
 
 def configure(argv, log=print):
-    """(config, checkpoint to resume from or None, device). On resume the checkpoint's config is the
-    base and only the keys given again change; without a GPU and a preset, CPU_PRESET comes first
-    (out_dir stays "out", where sample.py looks)."""
+    """(config, checkpoint to resume or None, device). On resume the checkpoint's config is the base and only
+    keys given again change; no GPU and no preset: CPU_PRESET first, out_dir still "out" (sample.py's)."""
     cfg, explicit, presets = parse_config(argv)
     ckpt = None
     if cfg["init_from"] == "resume":
@@ -226,9 +215,8 @@ def get_mtp_lambda(it, c):
     return c.mtp_lambda_late if 0 <= c.mtp_lambda_step <= it else c.mtp_lambda
 
 
-# Dense (not 2:4 sparse) bf16 tensor-core peaks in FLOP/s: NVIDIA's datasheets (data-centre cards: half
-# the "with sparsity" figure) and architecture whitepapers (GeForce: the rate with fp32 accumulation,
-# which PyTorch's matmuls use; GA102 appendix, Ada and Blackwell RTX whitepapers).
+# Dense bf16 tensor-core peaks, FLOP/s: NVIDIA datasheets (data-centre cards: half the "with sparsity" figure),
+# architecture whitepapers (GeForce: with fp32 accumulation, as PyTorch's matmuls; GA102, Ada, Blackwell RTX).
 PEAK_BF16 = {"B200": 2250e12, "H200": 989e12, "H200 NVL": 835e12, "H100": 989e12, "H100 NVL": 835e12,
              "H100 PCIe": 756e12, "A100": 312e12, "A40": 150e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12,
              "L4": 121e12, "RTX 6000 Ada": 364e12, "RTX A6000": 155e12, "RTX 5090": 209.5e12,
@@ -255,8 +243,7 @@ def save_checkpoint(ckpt, path):
 
 
 def read_checkpoint(path):
-    """The checkpoint dict at path, in CPU memory, checked to be one of ours; UserError (a ValueError)
-    with a one-line message when it is missing, unreadable or foreign."""
+    """The checkpoint dict at path, in CPU memory; a one-line UserError if it is missing, unreadable or foreign."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
@@ -277,9 +264,8 @@ def load_state(model, state, path):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model in eval mode on device, checkpoint dict) from a train.py checkpoint: read into CPU memory,
-    only the weights move to device (the optimizer state stays behind). One-line ValueError for a
-    missing, corrupt or foreign file. Tokenizer: tokenizer_from_meta(ckpt["meta"])."""
+    """(model in eval mode on device, checkpoint): read into CPU memory, only the weights go to device.
+    One-line ValueError for a missing, corrupt or foreign file. Tokenizer: tokenizer_from_meta(ckpt["meta"])."""
     ckpt = read_checkpoint(path)
     try:
         model = Transformer(ModelArgs(**ckpt["model_args"]))
@@ -292,8 +278,7 @@ def load_checkpoint(path, device="cpu"):
 # ----------------------------------------------------------------------------- training
 
 def load_data(c, ckpt, rank, log):
-    """(train, val, meta): rank 0 tokenises first, the others then find the cache; checked to fit the
-    config and the checkpoint's tokenizer."""
+    """(train, val, meta), checked against the config and the checkpoint; rank 0 tokenises first."""
     if rank == 0:
         folder, meta = prepare_data(c.data_dir, c.dataset, c.text, c.tokenizer, c.encoding, log)
     if dist.is_initialized():
@@ -338,6 +323,7 @@ def init_model(c, meta, ckpt, device, rank, log):
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # CUDA fp32 matmuls: TF32
     n, active, mtp = model.num_params(), model.num_params(active=True), model.num_params(mtp=True)
     log(f"model: {n / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token (+{(mtp - n) / 1e6:.2f}M MTP); "
         f"vocab {model.args.vocab_size} ({meta['tokenizer']})")
@@ -347,10 +333,9 @@ def init_model(c, meta, ckpt, device, rank, log):
 def wrap_ddp(model, device, args):
     """DDP with per-rank buffers: each rank counts its own tokens per expert (update_expert_bias sums
     them); an expert that gets no token in a micro-batch has no gradient, hence find_unused_parameters."""
-    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-               else "broadcast_buffers")    # the name before torch 2.13
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     return DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
-               find_unused_parameters=args.n_routed_experts > 0, **{no_sync: False})
+               find_unused_parameters=args.n_routed_experts > 0, **{sync: False})   # broadcast_buffers: torch < 2.13
 
 
 @torch.no_grad()
@@ -374,8 +359,7 @@ def evaluate(model, splits, c, amp, device, rank, world):
 
 
 def checkpoint(model, optimizer, scaler, meta, c, iter_num, best_val_loss, world):
-    """Everything a resume needs. Batches are drawn afresh from (seed, rank, step, micro-step): the
-    step is the data position."""
+    """Everything a resume needs; batches come from (seed, rank, step, micro-step): the step is the data position."""
     cuda = model.embed.weight.is_cuda
     return dict(model=model.state_dict(), model_args=asdict(model.args), meta=tokenizer_meta(meta),
                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
@@ -408,8 +392,6 @@ def main(argv=None):
     del ckpt
     model = torch.compile(raw) if c.compile else raw     # the MoE layers stay eager (see deepseek.MoE)
     train_model = wrap_ddp(model, device, raw.args) if ddp else model
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = nullcontext() if c.dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, c.dtype))
     accum = c.gradient_accumulation_steps
     tokens_per_step = c.batch_size * c.block_size * accum * world
@@ -425,7 +407,6 @@ def main(argv=None):
         if master:
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
-
     record(kind="config", step=iter_num, config=vars(c), world_size=world)
     start_iter, t_start, t_last, maxvios = iter_num, time.time(), time.time(), []
     raw.train()
@@ -487,11 +468,9 @@ def main(argv=None):
     record(kind="done", step=iter_num, best_val=best_val_loss, wall_s=wall)
     if ddp:
         same = ranks_identical(raw)
-        log(f"ddp check: weights and balancing biases "
-            f"{f'identical on all {world} ranks' if same else f'DIFFER between the {world} ranks'}")
+        log(f"ddp check: weights and balancing biases {'identical on all' if same else 'DIFFER between the'} {world} ranks")
         record(kind="ddp_check", identical=same, world_size=world)
-        # free the DDP reducer before its process group: torch 2.13 with gloo otherwise aborts at exit
-        # now and then ("terminate called without an active exception")
+        # free the DDP reducer before its process group (else torch 2.13 + gloo now and then aborts at exit)
         del train_model
         gc.collect()
         dist.barrier()
