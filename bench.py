@@ -11,12 +11,12 @@ import json
 import statistics
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import torch
 
 import deepseek as ds
+from sample import now
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -71,12 +71,12 @@ def bench_kernels(args):
 # ----------------------------------------------------------------------------- decode
 
 def timed(fn, repeats):
-    """(best seconds over repeats, last result)."""
+    """(best seconds over repeats, last result); each clock read waits for queued CUDA work."""
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, now() - t0)
     return best, out
 
 

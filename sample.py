@@ -47,6 +47,14 @@ def parse(argv):
     return a
 
 
+def now():
+    """time.perf_counter() once the current CUDA device has finished its queued work (kernels run
+    asynchronously, so a clock read alone would time only their launch)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def read_prompt(start):
     if not start.startswith("FILE:"):
         return start
@@ -83,14 +91,14 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     stats = dict(tokens=0, seconds=0.0, forwards=0, drafted=0, accepted=0)
     for _ in range(a.num_samples):
-        t0 = time.perf_counter()
+        t0 = now()
         if speculative:
             y, s = model.generate_speculative(x, a.max_new_tokens, a.temperature, a.top_k, a.attn_impl)
             for k in ("forwards", "drafted", "accepted"):
                 stats[k] += s[k]
         else:
             y = model.generate(x, a.max_new_tokens, a.temperature, a.top_k, a.attn_impl)
-        stats["seconds"] += time.perf_counter() - t0
+        stats["seconds"] += now() - t0
         stats["tokens"] += y.size(1) - x.size(1)
         print(decode(y[0].tolist()))
         print("---------------")

@@ -1,5 +1,6 @@
 """The test suite: `python -m pytest -q`. Grouped as deepseek.py reads: config, norm and RoPE, MLA,
 gate, experts and MoE, balancing, MTP, model, generation; then kernels, training, sampling."""
+import copy
 import json
 import math
 import os
@@ -27,12 +28,15 @@ import train
 torch.set_num_threads(1)
 
 
+# the test model, small enough for a step in a few milliseconds, with every part switched on: MLA with a
+# low-rank query, 2 MoE layers of a shared and 8 routed experts with group-limited routing, MTP (depth 1)
+TINY_MODEL = dict(vocab_size=61, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=4,
+                  n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
+                  q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=32)
+
+
 def tiny(**kw):
-    """A small model with every feature on: MLA with low-rank q, 2 MoE layers with groups, MTP."""
-    base = dict(vocab_size=61, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=4,
-                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
-                q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=32)
-    return ds.ModelArgs(**{**base, **kw})
+    return ds.ModelArgs(**{**TINY_MODEL, **kw})
 
 
 def model(seed=0, **kw):
@@ -41,6 +45,19 @@ def model(seed=0, **kw):
     for g in m.gates():                         # a trained-looking bias, so selection depends on it
         g.bias.normal_(0, 0.05)
     return m
+
+
+def fit(m, batch, steps, lr=3e-3):
+    """Plain AdamW on the total loss with a bias update after every step, as train.py does for one
+    process; batch(step) -> (x, y). Returns the last step's losses."""
+    opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    for step in range(steps):
+        _, losses = m(*batch(step))
+        opt.zero_grad()
+        losses["total"].backward()
+        opt.step()
+        m.update_expert_bias()
+    return losses
 
 
 # ----------------------------------------------------------------------------- config
@@ -77,8 +94,9 @@ def test_from_json_rejects_unknown_key(tmp_path):
 
 
 @pytest.mark.parametrize("name,total,active", [
-    # 671,026,419,200 in SPEC.md counts the 58 MoE layers' 256 gate biases (a Parameter in DeepSeek's
-    # code, a buffer here): 671,026,419,200 - 58 * 256 = 671,026,404,352
+    # DeepSeek's inference/model.py built from its config_671B.json has 671,026,419,200 parameters (main
+    # model, no MTP; the report's "671B"); its Gate.bias is an nn.Parameter there, a buffer here: 58 MoE
+    # layers x 256 fewer, 671,026,404,352
     ("671B", 671_026_419_200 - 58 * 256, 37.6e9),
     ("16B", 15_706_484_224, 2.66e9),
 ])
@@ -479,18 +497,12 @@ def test_gradients_reach_every_learning_parameter():
         assert torch.equal(got, moe.gate.load > 0)
 
 
+@pytest.mark.slow
 def test_overfits_one_batch():
     torch.manual_seed(0)
     m = ds.Transformer(tiny(n_layers=2, max_seq_len=16)).train()
     idx = torch.randint(0, 61, (2, 16))
-    x, y = idx[:, :-1], idx[:, 1:]
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(200):
-        _, losses = m(x, y)
-        opt.zero_grad()
-        losses["total"].backward()
-        opt.step()
-        m.update_expert_bias()
+    losses = fit(m, lambda step: (idx[:, :-1], idx[:, 1:]), 200)
     assert losses["main"] < 0.05 and losses["mtp"] < 0.5
 
 
@@ -540,16 +552,13 @@ def pattern_model():
     torch.manual_seed(0)
     m = ds.Transformer(tiny(n_layers=2, vocab_size=16, max_seq_len=24)).train()
     pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7])
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for step in range(60):
+
+    def batch(step):             # 8 windows of the pattern at random offsets, 10% of tokens replaced by noise
         starts = torch.randint(0, len(pattern), (8,))
         seq = torch.stack([pattern.roll(-int(s)).repeat(2)[:17] for s in starts])
         seq = torch.where(torch.rand(seq.shape) < 0.1, torch.randint(0, 16, seq.shape), seq)
-        _, losses = m(seq[:, :-1], seq[:, 1:])
-        opt.zero_grad()
-        losses["total"].backward()
-        opt.step()
-        m.update_expert_bias()
+        return seq[:, :-1], seq[:, 1:]
+    fit(m, batch, 60)
     return m.double().eval()
 
 
@@ -579,6 +588,7 @@ def test_verify_draft_is_lossless():
         assert ok.float().mean().item() == pytest.approx(expected_accept.item(), abs=0.005)
 
 
+@pytest.mark.slow
 def test_speculative_sampling_matches_main_distribution(pattern_model):
     """The first two tokens of a sampled speculative run (a verified draft, then the token drawn after
     it or after its replacement) follow the main model's joint distribution."""
@@ -732,6 +742,7 @@ def test_route_then_dispatch_deterministic():
     assert all(torch.equal(x, y) for x, y in zip(d1, d2))
 
 
+@pytest.mark.slow
 def test_kernels_only_on_cuda_and_model_runs_without_triton():
     assert not kernels.enabled(torch.zeros(1))                             # CPU tensors: the references
     code = ("import sys; sys.modules['triton'] = None; import kernels, deepseek, torch; "
@@ -769,14 +780,10 @@ HAS_BPE = (SHARED / "tiktoken_cache").is_dir()
 if HAS_BPE:
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
-# a model small enough for a step in a few milliseconds, with every part switched on:
-# MLA with a low-rank query, MoE with group-limited routing, a shared expert, MTP, the balance loss
-TINY = dict(batch_size=4, block_size=32, n_layers=2, n_dense_layers=1, dim=32, n_heads=2, inter_dim=64,
-            moe_inter_dim=32, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2,
-            n_limited_groups=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=8, n_mtp=1, dropout=0.0, tokenizer="char", learning_rate=3e-3, min_lr=3e-4,
-            warmup_iters=5, lr_decay_iters=60, max_iters=8, eval_interval=4, eval_iters=2, log_interval=1,
-            bias_update_speed=0.001)
+# the training preset: the test model (tiny) with one MoE layer, on characters, for a few steps
+TINY = dict({k: v for k, v in TINY_MODEL.items() if k not in ("vocab_size", "max_seq_len")}, n_layers=2,
+            batch_size=4, block_size=32, dropout=0.0, tokenizer="char", learning_rate=3e-3, min_lr=3e-4,
+            warmup_iters=5, lr_decay_iters=60, max_iters=8, eval_interval=4, eval_iters=2, log_interval=1)
 
 
 @pytest.fixture(scope="session")
@@ -815,6 +822,13 @@ def run(tmp_path, text_file, data_dir, *args, out="out", **kw):
 
 def entries(log, kind):
     return [e for e in log if e["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, text_file, data_dir):
+    """The shared training run (40 steps, evaluated at 0, 20, 40): its folder and log entries."""
+    root = tmp_path_factory.mktemp("trained")
+    return root / "out", run(root, text_file, data_dir, max_iters=40, eval_interval=20)
 
 
 # ----------------------------------------------------------------------------- training: configuration
@@ -873,7 +887,8 @@ def small_text(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing text", "block > data", "batch > data",
-                                  "bad device", "absent cuda", "bad model", "missing ckpt", "corrupt ckpt"])
+                                  "bad device", "absent cuda", "bad model", "missing ckpt", "corrupt ckpt",
+                                  "out_dir is a file"])
 def test_bad_input_one_line_exit_2(case, tmp_path, small_text, text_file, capsys):
     out = tmp_path / "out"
     base = [str(preset(tmp_path)), f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", "--device=cpu"]
@@ -888,6 +903,7 @@ def test_bad_input_one_line_exit_2(case, tmp_path, small_text, text_file, capsys
         "bad model": [f"--text={small_text}", "--block_size=8", "--n_routed_experts=6", "--n_expert_groups=4"],
         "missing ckpt": ["--init_from=resume"],
         "corrupt ckpt": ["--init_from=resume"],
+        "out_dir is a file": [f"--text={small_text}", "--block_size=8", f"--out_dir={small_text}"],
     }[case]
     if case == "corrupt ckpt":
         out.mkdir()
@@ -898,6 +914,7 @@ def test_bad_input_one_line_exit_2(case, tmp_path, small_text, text_file, capsys
     assert not (out / "log.jsonl").exists()          # stopped before any training work
 
 
+@pytest.mark.slow
 def test_cli_exit_code_in_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--n_layer=4", f"--out_dir={tmp_path / 'out'}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -908,10 +925,57 @@ def test_cli_exit_code_in_a_real_process(tmp_path):
 
 def test_device_pick():
     assert train.pick_device("cpu") == "cpu"
-    assert train.pick_device("auto") in ("cuda", "mps", "cpu")
-    for bad in ("foo", "cuda:99"):
+    assert train.pick_device("auto") in ("mps", "cpu") or train.pick_device("auto").startswith("cuda:")
+    for bad in ("foo", "cuda:99", "meta"):
         with pytest.raises(train.UserError):
             train.pick_device(bad)
+
+
+def test_the_chosen_cuda_device_is_made_current(monkeypatch):
+    """Triton launches, RNG states and bf16 queries use the current device, so it must be the chosen one."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[-1] if current else 0)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert train.pick_device("cuda:1") == "cuda:1" and current == [1]
+    assert train.pick_device("cuda") == "cuda:1" and current == [1, 1]      # cuda: the current one
+    with pytest.raises(train.UserError, match="does not exist: this machine has 2 CUDA device"):
+        train.pick_device("cuda:2")
+    assert current == [1, 1]
+
+
+def test_auto_dtype_is_bf16_only_where_native(monkeypatch):
+    monkeypatch.setattr(train, "pick_device", lambda spec: "cuda:0")
+    for native, want in ((True, "bfloat16"), (False, "float16")):     # False: a T4 or V100 (emulated bf16)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+        c, _, device = train.configure(["--device=cuda"], log=lambda *a: None)
+        assert device == "cuda:0" and c.dtype == want
+
+
+def test_no_gpu_no_preset_trains_the_char_model_into_out(monkeypatch):
+    logs = []
+    c, _, device = train.configure(["--device=cpu", "--max_iters=7"], log=logs.append)
+    preset, _, _ = train.parse_config([train.CPU_PRESET])
+    assert device == "cpu" and c.out_dir == "out" == sample.parse([]).out_dir       # where sample.py looks
+    assert c.max_iters == 7 and all(getattr(c, k) == v for k, v in preset.items() if k not in ("out_dir", "max_iters", "device", "dtype"))
+    assert c.tokenizer == "char" and "no GPU and no preset" in logs[0]
+    c, _, _ = train.configure(["--device=cpu", "--out_dir=elsewhere", "--block_size=16"], log=logs.append)
+    assert c.out_dir == "elsewhere" and c.block_size == 16 and c.tokenizer == "char"
+    c, _, _ = train.configure(["shakespeare_char", "--device=cpu"], log=logs.append)   # a preset: as given
+    assert c.out_dir == "out-shakespeare-char" and c.block_size == 256 and len(logs) == 2
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA B200", 2250e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA A10G", 0.0), ("NVIDIA L4", 121e12),
+    ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA GeForce RTX 3090", 71e12),
+    ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 5090", 209.5e12), ("NVIDIA RTX A6000", 155e12),
+    ("NVIDIA RTX A1000", 0.0), ("Tesla T4", 0.0),
+])
+def test_mfu_peak_by_device_name(name, peak):
+    assert train.peak_flops(name) == peak
 
 
 # ----------------------------------------------------------------------------- training: data and tokenizers
@@ -1017,8 +1081,8 @@ def test_lr_and_mtp_schedule():
 
 # ----------------------------------------------------------------------------- training: the loop
 
-def test_loss_falls(tmp_path, text_file, data_dir):
-    log = run(tmp_path, text_file, data_dir, max_iters=40, eval_interval=20)
+def test_loss_falls(trained):
+    out, log = trained
     evals = entries(log, "eval")
     assert [e["step"] for e in evals] == [0, 20, 40]
     assert evals[-1]["val"] < evals[0]["val"] - 0.8 and evals[-1]["train"] < evals[0]["train"] - 0.8
@@ -1027,7 +1091,7 @@ def test_loss_falls(tmp_path, text_file, data_dir):
     first = steps[0]
     assert first["loss"] == pytest.approx(first["main"] + 0.3 * first["mtp"] + first["balance"], rel=1e-5)
     assert len(first["maxvio"]) == 2 and first["tokens_per_s"] > 0 and first["mfu"] is None   # MoE layer + MTP block
-    model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    model, ckpt = train.load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 40 and not model.training and ckpt["meta"]["tokenizer"] == "char"
     assert any(g.bias.abs().sum() > 0 for g in model.gates())          # the balancing biases moved and were saved
 
@@ -1046,6 +1110,38 @@ def test_bias_update_once_per_step_with_all_micro_batches(tmp_path, text_file, d
     assert counted == [[3 * 4 * 32 * 2, 3 * 4 * 31 * 2]] * 5
 
 
+def test_accumulated_gradient_is_that_of_the_mean_loss(tmp_path, text_file, data_dir, monkeypatch):
+    """With 3 micro-batches, the gradient that reaches clipping and AdamW is d/dp of the mean of their
+    total losses. AdamW is scale invariant, so a wrong factor would hardly show in the losses; clipping
+    and the effective learning rate would."""
+    seen, make_optimizer, clip = {}, train.configure_optimizer, torch.nn.utils.clip_grad_norm_
+
+    def spy_optimizer(model, *args):
+        seen["model"] = model
+        return make_optimizer(model, *args)
+
+    def spy_clip(params, max_norm):                  # step 0: the weights are still the initial ones
+        if "grads" not in seen:
+            seen["grads"] = {n: p.grad.clone() for n, p in seen["model"].named_parameters() if p.grad is not None}
+            seen["before"] = copy.deepcopy(seen["model"])
+        return clip(params, max_norm)
+    monkeypatch.setattr(train, "configure_optimizer", spy_optimizer)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+    log = run(tmp_path, text_file, data_dir, "--gradient_accumulation_steps=3", max_iters=1, eval_interval=1)
+    # the same 3 micro-batches (seeded by seed, rank 0, step 0, micro-step k), by hand
+    folder, meta = data.prepare_data(data_dir, text=str(text_file), tokenizer="char", log=lambda *a: None)
+    split, m = data.load_split(folder, "train", meta), seen["before"]
+    batches = [data.get_batch(split, 4, 32, data.batch_seed(train.DEFAULTS["seed"], 0, 0, 0, k)) for k in range(3)]
+    mean = torch.stack([m(x, y)[1]["total"] for x, y in batches]).mean()
+    mean.backward()
+    assert entries(log, "train")[0]["loss"] == pytest.approx(mean.item(), rel=1e-5)
+    want = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert want.keys() == seen["grads"].keys()
+    for n in want:
+        torch.testing.assert_close(seen["grads"][n], want[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+@pytest.mark.slow
 def test_resume_continues_the_same_trajectory(tmp_path, text_file, data_dir):
     kw = dict(dropout=0.1, max_iters=8, eval_interval=4)      # dropout: the RNG state is part of the resume
     extra = ["--gradient_accumulation_steps=2", "--mtp_lambda_step=6"]
@@ -1065,6 +1161,7 @@ def test_resume_continues_the_same_trajectory(tmp_path, text_file, data_dir):
         assert torch.equal(s1["model"][k], s2["model"][k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compile_matches_eager(tmp_path, text_file, data_dir):
     kw = dict(max_iters=2, eval_interval=2, eval_iters=1, n_layers=1, n_dense_layers=0)
@@ -1075,6 +1172,7 @@ def test_compile_matches_eager(tmp_path, text_file, data_dir):
     model, _ = train.load_checkpoint(tmp_path / "compiled" / "ckpt.pt")    # saved without compile's prefixes
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_stay_identical(tmp_path, text_file, data_dir):
     # 8 tokens per micro-batch, each to 1 of 8 experts: most micro-batches leave some expert without
     # tokens (and so without a gradient) on one rank and not the other
@@ -1098,8 +1196,9 @@ def test_ddp_two_processes_stay_identical(tmp_path, text_file, data_dir):
 
 # ----------------------------------------------------------------------------- training: checkpoints
 
-def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, data_dir):
-    run(tmp_path, text_file, data_dir, max_iters=4, eval_interval=4)
+@pytest.mark.slow
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, data_dir, trained):
+    shutil.copytree(trained[0], tmp_path / "out")
     path = tmp_path / "out" / "ckpt.pt"
     before = path.read_bytes()
     # a process killed (SIGKILL) halfway through writing the next checkpoint
@@ -1115,12 +1214,21 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, dat
     tmp = path.with_name("ckpt.pt.tmp")
     assert tmp.exists() and path.read_bytes() == before
     _, ckpt = train.load_checkpoint(path)
-    assert ckpt["iter_num"] == 4
+    assert ckpt["iter_num"] == 40
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         train.load_checkpoint(tmp)
     # the run resumes from the intact checkpoint
-    log = run(tmp_path, text_file, data_dir, "--init_from=resume", "--max_iters=6", max_iters=4, eval_interval=4)
-    assert [e["step"] for e in entries(log, "train")][-2:] == [5, 6]
+    log = run(tmp_path, text_file, data_dir, "--init_from=resume", "--max_iters=42", max_iters=40, eval_interval=20)
+    assert [e["step"] for e in entries(log, "train")][-3:] == [40, 41, 42]
+
+
+def test_load_checkpoint_reads_to_cpu_and_moves_only_the_weights(trained, monkeypatch):
+    maps, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: maps.append(k.get("map_location")) or load(*a, **k))
+    model, ckpt = train.load_checkpoint(trained[0] / "ckpt.pt", "meta")     # meta: any device but the CPU
+    assert maps == ["cpu"] and all(p.is_meta for p in model.parameters())
+    state = ckpt["optimizer"]["state"]
+    assert state and all(t.device.type == "cpu" for s in state.values() for t in s.values())
 
 
 def test_load_checkpoint_rejects_bad_files(tmp_path):
@@ -1196,6 +1304,17 @@ def test_sample_bad_input(char_ckpt, capsys, argv, message):
     assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_printed_times_wait_for_cuda(char_ckpt, capsys, monkeypatch):
+    """CUDA runs asynchronously: every clock read that a printed time uses synchronizes first."""
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a))
+    rc, out, _ = run_sample(capsys, f"--out_dir={char_ckpt}", "--num_samples=2", "--max_new_tokens=2")
+    assert rc == 0 and "tokens/s" in out and len(syncs) == 4                # before and after each sample
+    bench.timed(lambda: None, 3)
+    assert len(syncs) == 4 + 6
+
+
 def test_sample_bad_checkpoint(tmp_path, capsys):
     (tmp_path / "missing").mkdir()
     (tmp_path / "corrupt").mkdir()
@@ -1213,6 +1332,7 @@ def test_sample_bad_checkpoint(tmp_path, capsys):
 import bench  # noqa: E402
 
 
+@pytest.mark.slow
 def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
     bench.main(["--parts=ablation", "--iters=2", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}",
                 f"--text={text_file}"])
@@ -1223,6 +1343,7 @@ def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
     assert all(r.split(" | ")[5] == "-" for r in rows[:2]) and all(r.split(" | ")[5] != "-" for r in rows[2:])
 
 
+@pytest.mark.slow
 def test_bench_decode_smoke(char_ckpt, capsys):
     bench.main(["--parts=decode", f"--ckpts={char_ckpt}", "--long_tokens=2", "--timing_repeats=1"])
     out = capsys.readouterr().out
