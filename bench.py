@@ -171,14 +171,15 @@ def read_log(out_dir):
 @torch.no_grad()
 def expert_load(out_dir, text, data_dir, batches=10):
     """Tokens per expert in each MoE layer of the trained model on val batches: (layers, experts)."""
+    import data
     import train
     model, ckpt = train.load_checkpoint(Path(out_dir) / "ckpt.pt")
     c = ckpt["config"]
-    folder, meta = train.prepare_data(data_dir, c["dataset"], text, c["tokenizer"], c["encoding"], log=lambda *a: None)
-    val = train.load_split(folder, "val", meta)
+    folder, meta = data.prepare_data(data_dir, c["dataset"], text, c["tokenizer"], c["encoding"], log=lambda *a: None)
+    val = data.load_split(folder, "val", meta)
     model.train()                                       # gates count tokens in training mode (dropout is 0)
     for k in range(batches):                            # with targets, so the MTP block runs too
-        model(*train.get_batch(val, c["batch_size"], c["block_size"], train.batch_seed(1, k)))
+        model(*data.get_batch(val, c["batch_size"], c["block_size"], data.batch_seed(1, k)))
     return model, torch.stack([g.load.clone() for g in model.gates()]) if model.gates() else None
 
 
@@ -301,7 +302,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from train import UserError
+    from data import UserError
     try:
         main()
     except UserError as e:           # a missing checkpoint, data file, tokenizer: one line
