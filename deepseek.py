@@ -75,7 +75,7 @@ class ModelArgs:
         need(self.score_func in ("sigmoid", "softmax"), f"score_func must be 'sigmoid' or 'softmax', not {self.score_func!r}")
         if self.n_routed_experts:
             E, G, KG, K = self.n_routed_experts, self.n_expert_groups, self.n_limited_groups, self.n_activated_experts
-            need(G >= 1 and E % G == 0, f"n_routed_experts={E} must divide into n_expert_groups={G}")
+            need(G >= 1 and E % G == 0, f"n_expert_groups must divide n_routed_experts={E}, not {G}")
             need(1 <= KG <= G, f"n_limited_groups must be in [1, n_expert_groups={G}], not {KG}")
             need(1 <= K <= KG * E // G, f"n_activated_experts must be in [1, {KG * E // G}] (the experts in "
                                         f"n_limited_groups groups), not {K}")
@@ -335,6 +335,20 @@ def dispatch(ids, n_experts):
     return counts, F.pad(counts.cumsum(0), (1, 0)), perm, torch.argsort(perm)
 
 
+class Permute(torch.autograd.Function):
+    """x[perm] for a permutation perm (inv its inverse). Same value as plain indexing, but the
+    backward is the gather g[inv] instead of indexing's accumulating scatter, several times faster."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[ctx.saved_tensors[0]], None, None
+
+
 def sequence_balance_loss(scores, ids, alpha):
     """Complementary sequence-wise balance loss (eqs. 17-20), averaged over the batch.
     scores (B, T, E) affinities s; ids (B, T, K) chosen experts. Equals alpha when perfectly balanced."""
@@ -399,8 +413,9 @@ class MoE(nn.Module):
             self.gate.load += counts                                   # for the bias update (§2.1.2)
             if self.args.seq_aux_alpha > 0:
                 balance = sequence_balance_loss(scores.view(B, T, -1), ids.view(B, T, K), self.args.seq_aux_alpha)
-        ys = self.experts(x[perm // K], counts)                        # (T*K, D), expert 0's first
-        y = (ys[inv].view(-1, K, D) * weights.unsqueeze(-1).type_as(ys)).sum(dim=1)   # back in token order
+        copies = x.unsqueeze(1).expand(-1, K, -1).reshape(-1, D)        # (T*K, D): K copies of each token
+        ys = self.experts(Permute.apply(copies, perm, inv), counts)     # expert 0's copies first
+        y = torch.einsum("tk,tkd->td", weights.type_as(ys), Permute.apply(ys, inv, perm).view(-1, K, D))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(B, T, D), balance
