@@ -168,10 +168,10 @@ def bench_step(args):
     times = [[] for _ in rows]
     for r in range(args.step_repeats + 3):              # 3 warm-up rounds, then rows alternate
         for i, ((m, opt), (_, _, use_loop)) in enumerate(zip(models, rows)):
-            t0 = time.perf_counter()
+            t0 = now()
             step(m, opt, use_loop)
             if r >= 3:
-                times[i].append(time.perf_counter() - t0)
+                times[i].append(now() - t0)
     print(f"step: CPU preset (batch {cfg['batch_size']} x {cfg['block_size']}), {torch.get_num_threads()} threads, "
           f"median of {args.step_repeats} interleaved steps")
     print("| model | active params | ms/step | vs dense |")
@@ -441,8 +441,8 @@ def bench_gpu(args):
           f"{statistics.median(e['tokens_per_s'] for e in trains[1:]):,.0f} | "
           f"{f'{100 * statistics.median(mfu):.1f}%' if mfu else '-'} |")
     print("| nanoGPT, published (A100) | 5000 | 1.4697 | about 3 min | | |")
-    from train import load_checkpoint, tokenizer_from_meta
-    model, ckpt = load_checkpoint(out / "ckpt.pt", "cuda")
+    from data import tokenizer_from_meta
+    model, ckpt = train.load_checkpoint(out / "ckpt.pt", "cuda")
     idx = torch.tensor([tokenizer_from_meta(ckpt["meta"])[0]("ROMEO:\n")], device="cuda")
     print()
     decode_header()
