@@ -1,7 +1,8 @@
 """Sample from a trained model, decoding with the compressed MLA cache and, when the checkpoint has
 an MTP module, lossless MTP speculative decoding (report §5.4.3).
 
-    python sample.py --out_dir=out --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py                                    # from what `python train.py` wrote (out/ckpt.pt)
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt --temperature=0 --speculative=False --attn_impl=naive
 """
 import argparse
