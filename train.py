@@ -125,8 +125,7 @@ def check_config(c):
                              dtype=("auto", "float32", "bfloat16", "float16")).items():
         if getattr(c, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
-    out = Path(c.out_dir)
-    if blocked := next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None):
+    if blocked := next((p for p in (Path(c.out_dir), *Path(c.out_dir).parents) if p.exists() and not p.is_dir()), None):
         raise UserError(f"out_dir {c.out_dir}: {blocked} is a file, not a folder")
     model_args_from(vars(c), vocab_size=1)
 
@@ -166,12 +165,14 @@ def configure(argv, log=print):
     device = pick_device(cfg["device"])
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:     # torchrun: one GPU per process
         device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}")
-    if device == "cpu" and not presets and ckpt is None:
+    cpu_default = device == "cpu" and not presets and ckpt is None
+    if cpu_default:
         cfg = {**parse_config([CPU_PRESET, *argv])[0], "out_dir": cfg["out_dir"]}
-        log(f"no GPU and no preset: the character-level model of config/{CPU_PRESET}.py, {cfg['max_iters']} steps "
-            f"(a few minutes on 2 CPU cores), into {cfg['out_dir']}; a preset or --key=value sets any key")
     c = SimpleNamespace(**cfg)
     check_config(c)
+    if cpu_default:
+        log(f"no GPU and no preset: the character-level model of config/{CPU_PRESET}.py, {c.max_iters} steps "
+            f"(a few minutes on 2 CPU cores), into {c.out_dir}; a preset or --key=value sets any key")
     if c.dtype == "auto":   # bf16 where the GPU has it natively (emulated bf16 is slow), else fp16
         native = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
         c.dtype = ("bfloat16" if native else "float16") if device.startswith("cuda") else "float32"
@@ -479,8 +480,7 @@ def main(argv=None):
 
 
 def _hms(s):
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    return f"{int(s) // 3600}h{int(s) // 60 % 60:02d}m" if s >= 3600 else f"{int(s) // 60}m{int(s) % 60:02d}s"
 
 
 def cli(argv=None):
