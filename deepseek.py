@@ -185,8 +185,10 @@ class Attention(nn.Module):
 def causal_softmax(scores, start_pos):
     """Softmax over cached keys t for queries at positions start_pos + s: key t is seen if t <= start_pos + s."""
     S, T = scores.size(1), scores.size(-1)
-    mask = torch.full((S, T), float("-inf"), device=scores.device).triu_(start_pos + 1)
-    return (scores.float() + mask[:, None]).softmax(dim=-1).type_as(scores)
+    s = scores.float()
+    if S > 1:                                           # one new query sees every cached key: no mask
+        s = s + torch.full((S, T), float("-inf"), device=s.device).triu_(start_pos + 1)[:, None]
+    return s.softmax(dim=-1).type_as(scores)
 
 
 class MLA(Attention):
@@ -340,6 +342,10 @@ class Permute(torch.autograd.Function):
     backward is the gather g[inv] instead of indexing's accumulating scatter, several times faster."""
 
     @staticmethod
+    def of(x, perm, inv):
+        return Permute.apply(x, perm, inv) if x.requires_grad else x[perm]
+
+    @staticmethod
     def forward(ctx, x, perm, inv):
         ctx.save_for_backward(inv)
         return x[perm]
@@ -414,8 +420,8 @@ class MoE(nn.Module):
             if self.args.seq_aux_alpha > 0:
                 balance = sequence_balance_loss(scores.view(B, T, -1), ids.view(B, T, K), self.args.seq_aux_alpha)
         copies = x.unsqueeze(1).expand(-1, K, -1).reshape(-1, D)        # (T*K, D): K copies of each token
-        ys = self.experts(Permute.apply(copies, perm, inv), counts)     # expert 0's copies first
-        y = torch.einsum("tk,tkd->td", weights.type_as(ys), Permute.apply(ys, inv, perm).view(-1, K, D))
+        ys = self.experts(Permute.of(copies, perm, inv), counts)        # expert 0's copies first
+        y = torch.bmm(weights.type_as(ys).unsqueeze(1), Permute.of(ys, inv, perm).view(-1, K, D)).squeeze(1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(B, T, D), balance
