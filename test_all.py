@@ -740,6 +740,7 @@ def test_route_bias_only_selects():
 
 
 @needs_triton
+@pytest.mark.slow
 def test_route_random():
     g = torch.Generator().manual_seed(1234)
     for _ in range(25):
@@ -827,6 +828,7 @@ def test_dispatch_clamps_bad_ids():
 
 
 @needs_triton
+@pytest.mark.slow
 def test_route_then_dispatch_deterministic():
     logits = torch.randn(77, 256, device=DEV)
     bias = 0.1 * torch.randn(256, device=DEV)
