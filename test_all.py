@@ -1425,8 +1425,7 @@ def test_sample_prompt_file_and_cropping(char_ckpt, capsys, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--start=héllo"], "characters not in the vocabulary: 'é'"),
-    (["--device=cuda:7"], "device 'cuda:7'"),
-    (["--device=nonsense"], "unknown device"),
+    (["--device=cuda:7"], "device 'cuda:7'"), (["--device=nonsense"], "unknown device"),   # devices
     (["--start=FILE:/no/such/prompt.txt"], "prompt file"),
     (["--speculative=maybe"], "expected True or False"),
     (["--top_k=0"], ">= 1"),
