@@ -5,11 +5,13 @@
     python bench.py --parts step         # a training step: MoE (grouped GEMM, loop) vs dense of equal active size
     python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
     python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same steps and same time
+    python bench.py --parts fp8          # FP8 training (report §3.3) beside fp32: loss, step time, saved activations
     python bench.py --gpu                # everything worth measuring on one CUDA GPU (about 8 minutes)
     python bench.py --quick              # a smoke version of every CPU part
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -20,6 +22,7 @@ import torch
 
 import deepseek as ds
 from sample import now
+import fp8
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -409,6 +412,63 @@ def plot_ablation(results, root):
     print(f"plots: {root / 'ablation_val_loss.png'}, {root / 'ablation_expert_load.png'}")
 
 
+# ----------------------------------------------------------------------------- fp8
+
+def fp8_saved_bytes(args, B=4):
+    """Bytes per token that the FP8 linear layers of a model keep for the backward: each layer's input as
+    E4M3 plus one fp32 scale per 1x128 tile, against fp32 autograd's 4 bytes a number, where layers that
+    read the same tensor (w1 and w3, wq and wkv_a) share one saved copy. Counted on one forward."""
+    model, inputs, run = ds.Transformer(args).train(), [], fp8.linear
+    idx = torch.randint(0, args.vocab_size, (B, args.max_seq_len))
+    fp8.linear = lambda x, w: inputs.append(x) or run(x, w)      # every FP8 layer's input, as it comes
+    try:
+        model(idx, idx)
+    finally:
+        fp8.linear = run
+    quantized = sum(x.numel() + 4 * (x.numel() // x.size(-1)) * -(-x.size(-1) // fp8.C) for x in inputs)
+    full = 4 * sum({(x.data_ptr(), x.shape): x.numel() for x in inputs}.values())
+    return quantized / idx.numel(), full / idx.numel()
+
+
+def bench_fp8(args):
+    """The CPU preset trained with fp8=True beside the same run in fp32 (same seed, data and steps):
+    best val loss, step time, and the activations kept for the backward by the linear layers."""
+    import train
+    root, iters = Path(args.out), min(args.iters, 50) if args.quick else args.iters
+    root.mkdir(parents=True, exist_ok=True)
+    a, b = (train_row(args, root, name, over, 0, iters, "fp8") for name, over in [("fp32", {}), ("fp8", {"fp8": True})])
+    model, _ = train.load_checkpoint(b["out"] / "ckpt.pt")
+    per_token_fp8, per_token_fp32 = fp8_saved_bytes(dataclasses.replace(model.args, fp8=True))
+    print(f"\nfp8: char-level Tiny Shakespeare (config/shakespeare_char_cpu.py), {iters} steps, seed 1337, "
+          f"{torch.get_num_threads()} CPU threads; GEMM path: "
+          f"{'torch._scaled_mm' if fp8.scaled_mm_runs(torch.device('cpu')) else 'dequantize + fp32 matmul'}")
+    print("| run | best val loss | vs fp32 | ms/step | step time vs fp32 | linear-layer activations kept, bytes/token |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| fp32 | {a['best']:.4f} | | {1000 * a['step_s']:.0f} | 1.00x | {per_token_fp32:,.0f} |")
+    print(f"| fp8 (E4M3, 1x128 / 128x128 scales) | {b['best']:.4f} | {(b['best'] - a['best']) / a['best']:+.2%} | "
+          f"{1000 * b['step_s']:.0f} | {b['step_s'] / a['step_s']:.2f}x | {per_token_fp8:,.0f} ({per_token_fp8 / per_token_fp32:.2f}x) |")
+    fp8_gpu_speed(args)
+    return a, b
+
+
+def fp8_gpu_speed(args):
+    """Tokens/s of config/shakespeare_char.py on this GPU in bf16 autocast, and with fp8=True: 60 steps each."""
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
+        print("fp8: no CUDA GPU with compute capability >= 8.9 here: FP8 vs bf16 tokens/s not measured")
+        return
+    import train
+    speed = {}
+    for name, over in [("bf16", []), ("fp8", ["--fp8=True"])]:
+        out = Path(args.out) / f"gpu-fp8-{name}"
+        with open(f"{out}.log", "w") as log, contextlib.redirect_stdout(log):
+            train.cli(["shakespeare_char", f"--data_dir={args.data_dir}", "--device=cuda", "--dtype=bfloat16",
+                       f"--out_dir={out}", "--max_iters=60", "--eval_interval=60", "--eval_iters=1", "--log_interval=10", *over])
+        trains = [e for e in read_log(out) if e["kind"] == "train"]
+        speed[name] = statistics.median(e["tokens_per_s"] for e in trains[1:])      # the first step compiles
+    print(f"fp8: {torch.cuda.get_device_name()}, config/shakespeare_char.py: tokens/s bf16 {speed['bf16']:,.0f}, "
+          f"fp8 {speed['fp8']:,.0f} ({speed['fp8'] / speed['bf16']:.2f}x)")
+
+
 # ----------------------------------------------------------------------------- one GPU
 
 def bench_gpu(args):
@@ -447,30 +507,32 @@ def bench_gpu(args):
     print()
     decode_header()
     decode_row("shakespeare_char (GPU)", model, idx, model.args.max_seq_len - idx.size(1), args.timing_repeats)
+    print()
+    fp8_gpu_speed(args)
 
 
 # ----------------------------------------------------------------------------- main
 
 PARTS = {"kernels": bench_kernels, "step": bench_step, "decode": bench_decode, "ablation": bench_ablation,
-         "gpu": bench_gpu}
+         "fp8": bench_fp8, "gpu": bench_gpu}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="kernels,step,decode,ablation", help=f"comma list of: {', '.join(PARTS)}")
+    parser.add_argument("--parts", default="kernels,step,decode,ablation,fp8", help=f"comma list of: {', '.join(PARTS)}")
     parser.add_argument("--ckpts", default="out-shakespeare-char-cpu,out", help="decode: checkpoint folders")
     parser.add_argument("--long_tokens", type=int, default=None, help="decode: tokens after the 512-token prompt (64, quick 16)")
     parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
     parser.add_argument("--timing_repeats", type=int, default=None, help="decode: timing repeats, best kept (3, quick 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke version of each part (< 3 minutes on 2 cores)")
-    parser.add_argument("--iters", type=int, default=None, help="ablation: iterations per row (default 2000, quick 200)")
+    parser.add_argument("--iters", type=int, default=None, help="ablation, fp8: iterations per run (default 2000, quick 200; fp8 quick 50)")
     parser.add_argument("--timing_iters", type=int, default=None, help="ablation: steps of each row's timing run (50, quick 10)")
     parser.add_argument("--step_repeats", type=int, default=None, help="step: timed steps per model (40, quick 5)")
     parser.add_argument("--gpu", action="store_true", help="run the gpu part alone (the same as --parts gpu)")
     parser.add_argument("--gpu_minutes", type=float, default=5.0, help="gpu: training time budget in minutes")
-    parser.add_argument("--out", default="out-bench", help="ablation: runs, logs and plots go here")
-    parser.add_argument("--data_dir", default="data", help="ablation: data cache (as train.py)")
-    parser.add_argument("--text", default="", help="ablation: the text to train on (default: Tiny Shakespeare)")
+    parser.add_argument("--out", default="out-bench", help="ablation, fp8: runs, logs and plots go here")
+    parser.add_argument("--data_dir", default="data", help="ablation, fp8: data cache (as train.py)")
+    parser.add_argument("--text", default="", help="ablation, fp8: the text to train on (default: Tiny Shakespeare)")
     args = parser.parse_args(argv)
     parts = ["gpu"] if args.gpu else [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import fp8
 import kernels
 
 
@@ -55,6 +56,7 @@ class ModelArgs:
     seq_aux_alpha: float = 1e-4     # alpha of the sequence-wise balance loss (eq. 17)
     dropout: float = 0.0
     attn: str = "mla"               # "mla" | "mha" (baseline with a full per-head K/V cache)
+    fp8: bool = False               # the blocks' linear layers train in FP8 (§3.3, fp8.py)
 
     def __post_init__(self):
         """Every field checked once, here, with a message naming it (ValueError)."""
@@ -99,6 +101,21 @@ class ModelArgs:
             raise ValueError(f"{path}: unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
         kw = {**cls._official, **{k: v for k, v in cfg.items() if k in valid}}
         return cls(**kw)
+
+
+# ----------------------------------------------------------------------------- FP8 linear layers
+
+class Linear(nn.Linear):
+    """A linear layer without bias whose three GEMMs (forward, input and weight gradients) run in FP8
+    when fp8 is set (report §3.3, fp8.py); the weight stays an fp32 master. The blocks' projections
+    are these; the embedding, output head, gate, norms and attention core stay in higher precision (§3.3.1)."""
+
+    def __init__(self, in_features, out_features, fp8=False):
+        super().__init__(in_features, out_features, bias=False)
+        self.fp8 = fp8
+
+    def forward(self, x):
+        return fp8.linear(x, self.weight) if self.fp8 else super().forward(x)
 
 
 # ----------------------------------------------------------------------------- norm and RoPE
@@ -155,7 +172,7 @@ class Attention(nn.Module):
         if args.max_seq_len > args.original_seq_len:
             mscale = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
             self.softmax_scale *= mscale ** 2
-        self.wo = nn.Linear(self.n_heads * self.v_dim, args.dim, bias=False)
+        self.wo = Linear(self.n_heads * self.v_dim, args.dim, args.fp8)
         self.cache = {}
 
     def fill_cache(self, start_pos, **new):
@@ -199,14 +216,14 @@ class MLA(Attention):
         super().__init__(args)
         H, qk = args.n_heads, self.nope + self.rope
         if args.q_lora_rank > 0:                                      # eqs. 6-8: low-rank query
-            self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)
+            self.wq_a = Linear(args.dim, args.q_lora_rank, args.fp8)
             self.q_norm = RMSNorm(args.q_lora_rank)
-            self.wq_b = nn.Linear(args.q_lora_rank, H * qk, bias=False)
+            self.wq_b = Linear(args.q_lora_rank, H * qk, args.fp8)
         else:
-            self.wq = nn.Linear(args.dim, H * qk, bias=False)
-        self.wkv_a = nn.Linear(args.dim, args.kv_lora_rank + self.rope, bias=False)   # eqs. 1, 3
+            self.wq = Linear(args.dim, H * qk, args.fp8)
+        self.wkv_a = Linear(args.dim, args.kv_lora_rank + self.rope, args.fp8)      # eqs. 1, 3
         self.kv_norm = RMSNorm(args.kv_lora_rank)
-        self.wkv_b = nn.Linear(args.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)  # eqs. 2, 5
+        self.wkv_b = Linear(args.kv_lora_rank, H * (self.nope + self.v_dim), args.fp8)     # eqs. 2, 5
 
     def forward(self, x, cos, sin, start_pos=None, attn_impl="absorb"):
         """start_pos None: training over a whole sequence. An int: cached decoding of a chunk starting
@@ -242,9 +259,9 @@ class MHA(Attention):
     def __init__(self, args):
         super().__init__(args)
         H = args.n_heads
-        self.wq = nn.Linear(args.dim, H * (self.nope + self.rope), bias=False)
-        self.wk = nn.Linear(args.dim, H * (self.nope + self.rope), bias=False)
-        self.wv = nn.Linear(args.dim, H * self.v_dim, bias=False)
+        self.wq = Linear(args.dim, H * (self.nope + self.rope), args.fp8)
+        self.wk = Linear(args.dim, H * (self.nope + self.rope), args.fp8)
+        self.wv = Linear(args.dim, H * self.v_dim, args.fp8)
 
     def forward(self, x, cos, sin, start_pos=None, attn_impl=None):      # one cache layout: attn_impl unused
         B, S, _ = x.shape
@@ -267,11 +284,11 @@ def cache_numbers_per_token(args, attn_impl="absorb"):
 class MLP(nn.Module):
     """SwiGLU feed-forward, w2(silu(w1 x) * w3 x): the dense FFN and the shared experts."""
 
-    def __init__(self, dim, inter_dim):
+    def __init__(self, dim, inter_dim, fp8=False):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.w1 = Linear(dim, inter_dim, fp8)
+        self.w2 = Linear(inter_dim, dim, fp8)
+        self.w3 = Linear(dim, inter_dim, fp8)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -371,28 +388,31 @@ class Experts(nn.Module):
     """The routed experts of one MoE layer, n SwiGLU FFNs held as stacked weights so that each
     projection runs for all experts in one grouped GEMM over the token copies sorted by expert."""
 
-    def __init__(self, n, dim, inter_dim):
+    def __init__(self, n, dim, inter_dim, fp8=False):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n, inter_dim, dim))
+        self.fp8 = fp8
 
     def forward(self, x, counts, grouped=None):
         """x (N, dim) token copies, expert 0's first; counts (n,) copies per expert. grouped: one
-        grouped GEMM per projection (default where torch has it and the shapes allow), else a loop."""
+        grouped GEMM per projection (default where torch has it and the shapes allow), else a loop.
+        FP8 (§3.3): the loop, each projection through fp8.linear on the fp32 master weights."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = (w if self.fp8 else w.to(dtype) for w in (self.w1, self.w2, self.w3))
         x = x.to(dtype)
         if grouped is None:      # what torch._grouped_mm takes: 16-bit or fp32, rows a multiple of 16 bytes
-            grouped = (hasattr(torch, "_grouped_mm") and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            grouped = (not self.fp8 and hasattr(torch, "_grouped_mm") and dtype in (torch.float32, torch.bfloat16, torch.float16)
                        and all(d * x.element_size() % 16 == 0 for d in self.w2.shape[1:]))
         if grouped:      # no host sync: the group sizes stay on the device
             ends = counts.cumsum(0).int()
             mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=ends)   # noqa: E731
             return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
+        lin = fp8.linear if self.fp8 else F.linear
         xs = x.split(counts.tolist())                    # one host sync: the slice sizes
-        return torch.cat([F.linear(F.silu(F.linear(a, w1[e])) * F.linear(a, w3[e]), w2[e]) for e, a in enumerate(xs)])
+        return torch.cat([lin(F.silu(lin(a, w1[e])) * lin(a, w3[e]), w2[e]) for e, a in enumerate(xs)])
 
 
 class MoE(nn.Module):
@@ -403,8 +423,8 @@ class MoE(nn.Module):
         super().__init__()
         self.args = args
         self.gate = Gate(args)
-        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
-        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim, args.fp8)
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, args.fp8) if args.n_shared_experts else None
 
     @torch.compiler.disable   # routing and dispatch are data-dependent: torch.compile leaves this layer eager
     def forward(self, x):
@@ -435,7 +455,7 @@ class Block(nn.Module):
         self.attn_norm, self.ffn_norm = RMSNorm(args.dim), RMSNorm(args.dim)
         self.attn = (MLA if args.attn == "mla" else MHA)(args)
         dense = layer_id < args.n_dense_layers or args.n_routed_experts == 0
-        self.ffn = MLP(args.dim, args.inter_dim) if dense else MoE(args)
+        self.ffn = MLP(args.dim, args.inter_dim, args.fp8) if dense else MoE(args)
         self.drop = nn.Dropout(args.dropout)
 
     def forward(self, x, cos, sin, start_pos=None, attn_impl="absorb"):
@@ -455,7 +475,8 @@ class MTP(nn.Module):
     def __init__(self, layer_id, args):
         super().__init__()
         self.hnorm, self.enorm = RMSNorm(args.dim), RMSNorm(args.dim)
-        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)     # M_k
+        # M_k stays in higher precision with the embedding (§3.3.1): half its input is a token embedding
+        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
         self.block = Block(layer_id, args)
         self.norm = RMSNorm(args.dim)                                    # before the shared head
 

@@ -1,5 +1,5 @@
 """The test suite: `python -m pytest -q`. Grouped as deepseek.py reads: config, norm and RoPE, MLA,
-gate, experts and MoE, balancing, MTP, model, generation; then kernels, training, sampling."""
+gate, experts and MoE, balancing, MTP, model, generation; then FP8, kernels, training, sampling."""
 import copy
 import importlib.util
 import json
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import data
 import deepseek as ds
+import fp8
 import kernels
 import sample
 import train
@@ -653,6 +654,156 @@ def test_speculative_sampling_matches_main_distribution(pattern_model):
     assert (emp - joint).abs().max() < 0.04
 
 
+# ----------------------------------------------------------------------------- FP8 (report §3.3)
+
+def ref_quantize(x, tm, tk):
+    """The definition, tile by tile: scale = max|tile| / 448 (1 for an all-zero tile), q = E4M3(x / scale)."""
+    M, K = x.shape
+    q, s = torch.empty(M, K, dtype=torch.float8_e4m3fn), torch.empty(-(-M // tm), -(-K // tk))
+    for i in range(0, M, tm):
+        for j in range(0, K, tk):
+            t = x[i:i + tm, j:j + tk]
+            a = t.abs().max()
+            s[i // tm, j // tk] = sc = a / 448 if a > 0 else torch.tensor(1.0)
+            q[i:i + tm, j:j + tk] = (t / sc).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def fp8_error(x, tm, tk):
+    """Bound on |x - dequantize(quantize(x))| per element: E4M3 keeps 3 mantissa bits, so rounding to nearest
+    errs by at most 2^-4 |x| on normal values; below 2^-6 (subnormal) the spacing is 2^-9, so at most 2^-10,
+    in units of the tile's scale."""
+    s = ref_quantize(x, tm, tk)[1].repeat_interleave(tm, 0)[:x.size(0)].repeat_interleave(tk, 1)[:, :x.size(1)]
+    return 2 ** -4 * x.abs() + 2 ** -10 * s
+
+
+def gemm_bound(a, ea, b, eb):
+    """|A^ B^^T - A B^T| for |A^ - A| <= ea, |B^ - B| <= eb, plus fp32 rounding of the sums."""
+    A, B = a.abs(), b.abs()
+    return ea @ B.T + A @ eb.T + ea @ eb.T + 1e-5 * A @ B.T
+
+
+def uneven(M, K, seed=0):
+    """Rows and 128-wide column blocks of very different sizes, so a scale shared across tiles would
+    flush the small ones to zero and break the bounds below."""
+    torch.manual_seed(seed)
+    cols = torch.logspace(2, -2, -(-K // 128)).repeat_interleave(128)[:K]
+    return torch.randn(M, K) * torch.logspace(-2, 2, M)[:, None] * cols
+
+
+@pytest.mark.parametrize("M,K", [(5, 300), (130, 256), (1, 1), (200, 129)])
+@pytest.mark.parametrize("tiles", ["1x128", "128x128", "128x1"])
+def test_fp8_quantize_matches_definition(M, K, tiles):
+    x = uneven(M, K)
+    x[:min(M, 128), :128] = 0                                       # an all-zero tile
+    x[-1, -1], x[0, -1] = 3e30, 1e-30                              # huge and tiny values
+    if M > 2:
+        x[1] *= 1e-30                                               # a row of tiny tiles
+    tm, tk = dict(zip(["1x128", "128x128", "128x1"], [(1, 128), (128, 128), (128, 1)]))[tiles]
+    q, s = ref_quantize(x, tm, tk)
+    if tiles == "128x1":                                           # per channel per 128 tokens: 1x128 of x^T
+        got_q, got_s = (t.t() for t in fp8.quantize(x.t()))
+        back = fp8.dequantize(got_q.t(), got_s.t()).t()
+    else:
+        got_q, got_s = fp8.quantize(x, tm)
+        back = fp8.dequantize(got_q, got_s, tm)
+    assert torch.equal(got_s, s) and torch.equal(got_q.view(torch.uint8), q.view(torch.uint8))
+    assert back.isfinite().all() and not (back[x == 0] != 0).any()
+    assert ((back - x).abs() <= fp8_error(x, tm, tk)).all()
+    assert x.numel() == 1 or ((back - x).abs() > 2 ** -5 * x.abs()).any()    # a 3-bit, not a wider, mantissa
+
+
+def check_fp8_gemm(got, a, b, b_rows, ref, bound):
+    """got: an FP8 GEMM of A (M, K) in 1x128 tiles and B (N, K) in b_rows x 128 tiles. It must be the product
+    of the dequantized operands up to fp32 rounding, and within bound of the exact product ref."""
+    da, db = fp8.dequantize(*fp8.quantize(a)), fp8.dequantize(*fp8.quantize(b, b_rows), b_rows)
+    assert ((got - da @ db.T).abs() <= 1e-5 * da.abs() @ db.abs().T).all()
+    assert ((got - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("scaled_mm", [True, False])
+def test_fp8_three_gemms_within_bound(scaled_mm, monkeypatch):
+    """Fprop x W^T, Dgrad dy W and Wgrad dy^T x against the fp32 products, each within the bound that the
+    operands' own tile errors give."""
+    monkeypatch.setattr(fp8, "SCALED_MM", scaled_mm)
+    T, n_in, n_out = 150, 300, 200
+    x, w, dy = uneven(T, n_in, 0), uneven(n_out, n_in, 1) / 20, uneven(T, n_out, 2)
+    cases = [(x, w, (128, 128)),                                   # Fprop: inner = in
+             (dy, w.T, (128, 128)),                                # Dgrad: inner = out
+             (dy.T, x.T, (1, 128))]                                # Wgrad: inner = tokens, 128x1 tiles of dy and x
+    for a, b, (mb, kb) in cases:
+        got = fp8.gemm(fp8.quantize(a), fp8.quantize(b, mb), mb)
+        check_fp8_gemm(got, a, b, mb, a @ b.T, gemm_bound(a, fp8_error(a, 1, 128), b, fp8_error(b, mb, kb)))
+
+
+def test_fp8_scaled_mm_and_dequantize_paths_agree(monkeypatch):
+    for M, N, K in [(37, 150, 300), (5, 16, 128), (1, 7, 3)]:
+        a, b = fp8.quantize(uneven(M, K)), fp8.quantize(uneven(N, K, 1), 128)
+        outs = []
+        for p in (True, False):
+            monkeypatch.setattr(fp8, "SCALED_MM", p)
+            outs.append(fp8.gemm(a, b, 128))
+        scale = fp8.dequantize(*a).abs() @ fp8.dequantize(*b, 128).abs().T
+        assert ((outs[0] - outs[1]).abs() <= 1e-6 * scale).all()
+
+
+@pytest.mark.parametrize("scaled_mm", [True, False])
+@pytest.mark.parametrize("zero_stride", [False, True])
+def test_fp8_linear_gradients_within_bound(scaled_mm, zero_stride, monkeypatch):
+    """The autograd function against fp32 autograd, with leading batch dims; the output gradient of a
+    .sum() is a zero-stride expand. Wgrad sees x twice quantized: 1x128 (saved), then 128x1."""
+    monkeypatch.setattr(fp8, "SCALED_MM", scaled_mm)
+    x, w = uneven(74, 300).view(2, 37, 300).requires_grad_(), (uneven(150, 300, 1) / 20).requires_grad_()
+    y = fp8.linear(x, w)
+    assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.float8_e4m3fn, torch.float32] * 2   # FP8 + scales
+    g = torch.ones(2, 37, 150) if zero_stride else uneven(74, 150, 2).view(2, 37, 150)
+    (y.sum() if zero_stride else (y * g).sum()).backward()
+    X, G, W = x.detach().flatten(0, 1), g.flatten(0, 1), w.detach()
+    assert y.shape == (2, 37, 150) and x.grad.shape == x.shape
+    eW = fp8_error(W, 128, 128)
+    check_fp8_gemm(y.detach().flatten(0, 1), X, W, 128, X @ W.T, gemm_bound(X, fp8_error(X, 1, 128), W, eW))
+    check_fp8_gemm(x.grad.flatten(0, 1), G, W.T, 128, G @ W, gemm_bound(G, fp8_error(G, 1, 128), W.T, eW.T))
+    X1 = fp8.dequantize(*fp8.quantize(X))                           # what the backward holds
+    eX = fp8_error(X, 1, 128) + fp8_error(X1, 128, 1)
+    check_fp8_gemm(w.grad, G.T, X1.T, 1, G.T @ X, gemm_bound(G.T, fp8_error(G.T, 1, 128), X.T, eX.T))
+
+
+def test_fp8_empty_input_gives_zero_gradient():
+    """An expert that got no token: an empty batch runs and leaves a zero weight gradient."""
+    x, w = torch.zeros(0, 300, requires_grad=True), torch.randn(150, 300, requires_grad=True)
+    fp8.linear(x, w).sum().backward()
+    assert x.grad.shape == (0, 300) and torch.equal(w.grad, torch.zeros(150, 300))
+
+
+@pytest.mark.parametrize("attn", ["mla", "mha"])
+def test_fp8_model_forward_backward(attn, monkeypatch):
+    """fp8=True: exactly the blocks' projections (attention, dense FFN, shared and routed experts) run
+    through fp8.linear, not the embedding, head, gate or MTP's eh_proj; both GEMM paths give the same
+    loss and gradients, and these stay close to fp32's (E4M3 errs by ~2^-4 per operand)."""
+    ref, m8 = model(attn=attn).train(), model(attn=attn, fp8=True).train()
+    m8.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref(idx, idx)[1]["total"].backward()
+    seen, run = set(), fp8.linear
+    monkeypatch.setattr(fp8, "linear", lambda x, w: seen.add(w.untyped_storage().data_ptr()) or run(x, w))
+    out = {}
+    for path in (True, False):
+        monkeypatch.setattr(fp8, "SCALED_MM", path)
+        m8.zero_grad()
+        loss = m8(idx, idx)[1]["total"]
+        loss.backward()
+        out[path] = loss.detach(), {n: p.grad.clone() for n, p in m8.named_parameters()}
+    high = ("embed", "head", "gate", "eh_proj", "norm")
+    assert {n for n, p in m8.named_parameters() if p.untyped_storage().data_ptr() in seen} == \
+           {n for n, p in m8.named_parameters() if not any(h in n for h in high)}
+    (l1, g1), (l2, g2) = out[True], out[False]
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=0)
+    assert abs(l1 - ref(idx, idx)[1]["total"]) < 1e-2 * l1
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-5 * g2[n].abs().max())
+        assert F.cosine_similarity(g1[n].flatten(), p.grad.flatten(), dim=0) > 0.95, n
+
+
 # ----------------------------------------------------------------------------- kernels
 # The Triton gate and dispatch against their references; without a GPU in the Triton interpreter.
 
@@ -1228,6 +1379,20 @@ def test_loss_falls(trained):
     assert any(g.bias.abs().sum() > 0 for g in model.gates())          # the balancing biases moved and were saved
 
 
+def test_fp8_training_loss_falls_and_samples_without_fp8(tmp_path, text_file, data_dir, capsys):
+    """--fp8=True trains (the loss falls as in fp32); its checkpoint holds fp32 masters, loads with FP8 off
+    and samples."""
+    log = run(tmp_path, text_file, data_dir, "--fp8=True", max_iters=40, eval_interval=20)
+    evals = entries(log, "eval")
+    assert evals[-1]["val"] < evals[0]["val"] - 0.8 and evals[-1]["train"] < evals[0]["train"] - 0.8
+    model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["model_args"]["fp8"] and not model.args.fp8
+    assert not any(getattr(m, "fp8", False) for m in model.modules())
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    assert sample.cli(["--device=cpu", f"--out_dir={tmp_path / 'out'}", "--num_samples=1", "--max_new_tokens=20"]) == 0
+    assert "20 tokens in" in capsys.readouterr().out
+
+
 def test_bias_update_once_per_step_with_all_micro_batches(tmp_path, text_file, data_dir, monkeypatch):
     counted = []
     original = ds.Transformer.update_expert_bias
@@ -1480,6 +1645,24 @@ def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
     for r in same_time[1:]:
         assert int(r[1]) == max(1, round(budget / float(r[2]))) or abs(int(r[1]) * float(r[2]) - budget) < float(r[2])
     assert (tmp_path / "ablation_val_loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+@pytest.mark.slow
+def test_bench_fp8_smoke(tmp_path, text_file, data_dir, capsys):
+    bench.main(["--parts=fp8", "--iters=2", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}", f"--text={text_file}"])
+    out = capsys.readouterr().out
+    fp32, fp8_row = ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+                     if line.startswith(("| fp32 |", "| fp8 (")))
+    assert fp32[4] == "1.00x" and fp8_row[2].endswith("%")
+    # the linear layers' inputs per token, written out for the preset (dim 128, kv_lora 64, 4 heads x v 32,
+    # FFN 384, experts 128 wide, k = 2): attention, dense FFN, MoE (shared + 2 routed); 1 dense + 3 MoE layers
+    # + the MTP block on 63 of 64 positions. fp32: 4 bytes a number, an input read by two layers kept once;
+    # fp8: every layer's input, 1 byte a number + a 4-byte scale per 128
+    att, dense, moe = 128 + 64 + 128, 128 + 384, 3 * (128 + 128)
+    att8, dense8, moe8 = 3 * 132 + 68, 2 * 132 + 396, 3 * (3 * 132)
+    layers = lambda a, d, m: a + d + (3 + 63 / 64) * (a + m)      # noqa: E731
+    saved = [int(r[5].split()[0].replace(",", "")) for r in (fp32, fp8_row)]
+    assert saved == [round(4 * layers(att, dense, moe)), round(layers(att8, dense8, moe8))]
 
 
 @pytest.mark.slow

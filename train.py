@@ -187,7 +187,7 @@ def model_args_from(cfg, vocab_size):
     """ModelArgs from a config dict: its model keys, the data's vocabulary, block_size as max_seq_len."""
     try:
         return ModelArgs(vocab_size=vocab_size, max_seq_len=cfg["block_size"], **{k: cfg[k] for k in MODEL_KEYS})
-    except (AssertionError, ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         raise UserError(f"bad model config: {e}") from None
 
 
@@ -265,12 +265,12 @@ def load_state(model, state, path):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model in eval mode on device, checkpoint): read into CPU memory, only the weights go to device.
-    One-line ValueError for a missing, corrupt or foreign file. Tokenizer: tokenizer_from_meta(ckpt["meta"])."""
+    """(model in eval mode on device, checkpoint): read into CPU memory, only the weights go to device; FP8 off
+    (the fp32 masters run as they are). One-line ValueError for a missing, corrupt or foreign file."""
     ckpt = read_checkpoint(path)
     try:
-        model = Transformer(ModelArgs(**ckpt["model_args"]))
-    except (TypeError, AssertionError) as e:
+        model = Transformer(ModelArgs(**{**ckpt["model_args"], "fp8": False}))
+    except (TypeError, ValueError) as e:
         raise UserError(f"{path}: bad model_args ({one_line(e)})") from None
     load_state(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
