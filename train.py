@@ -7,6 +7,7 @@ Train the DeepSeek-V3 of deepseek.py (MLA, DeepSeekMoE with aux-loss-free balanc
     python train.py --text=my_book.txt --tokenizer=char # your own text (a .txt file or a folder of them)
     python train.py --init_from=resume --out_dir=out    # continue the run saved in out/ckpt.pt
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
+    torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded over the ranks
 
 Configuration: the DEFAULTS below, then each preset file given (config/NAME.py: plain Python
 assignments to the same keys), then --key=value overrides (--flag alone sets a bool key). An unknown
@@ -16,7 +17,9 @@ the checkpoint's config replaces the defaults and only the keys given again chan
 Batches are a pure function of (seed, rank, step, micro-step), so a resumed run sees exactly the
 batches an uninterrupted one would. Under torchrun every rank draws its own batches, gradients are
 averaged by DistributedDataParallel, and the experts' token counts are summed over all micro-batches
-and ranks before each bias update, so every rank applies the same update.
+and ranks before each bias update, so every rank applies the same update. With --expert_parallel=True
+each rank holds only its slice of every MoE layer's routed experts and tokens travel to them by
+all-to-all (deepseek.MoE.routed_parallel); checkpoints still hold all experts.
 """
 import ast
 import difflib
@@ -38,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from deepseek import ModelArgs, Transformer
+from deepseek import MoE, ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------- defaults
 # A GPU-sized run on Tiny Shakespeare with the GPT-2 BPE. Without a GPU (and without a preset),
@@ -83,6 +86,7 @@ DEFAULTS = dict(
     device="auto",                # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (bf16 on CUDA if supported, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
     compile=False,                # torch.compile the model
+    expert_parallel=False,        # under torchrun: shard the routed experts over the ranks (all-to-all)
     seed=1337,
     peak_flops=0.0,               # per-device peak FLOP/s for MFU; 0: known GPUs' bf16 peak, else MFU not shown
 )
@@ -455,6 +459,52 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
+# ----------------------------------------------------------------------------- expert parallelism
+
+def shard_experts(model, world):
+    """Keep only this rank's slice of every MoE layer's routed experts (deepseek.MoE.shard). Their gradients
+    come through the all-to-all backward summed over the ranks' losses: 1/world makes them the gradient of
+    the mean loss, as DDP's average is for the replicated weights. -> {name: parameter} of the slices."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.shard(dist.group.WORLD)
+            for p in m.experts.parameters():
+                p.register_hook(lambda g: g / world)
+    return {f"{n}.experts.{k}": p for n, m in model.named_modules() if isinstance(m, MoE)
+            for k, p in m.experts.named_parameters()}
+
+
+def map_experts(model, optimizer, sharded, state, opt_state, fn):
+    """Replace the expert weights and their AdamW moments in a model and an optimizer state dict by fn
+    of them: gather (saving) or slice (resuming) along the expert dimension."""
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for name, p in sharded.items():
+        state[name] = fn(state[name])
+        i = index[id(p)]
+        if i in opt_state["state"]:     # a fresh dict: optimizer.state_dict() shares the live one
+            opt_state["state"][i] = {k: fn(v) if k in ("exp_avg", "exp_avg_sq") else v
+                                     for k, v in opt_state["state"][i].items()}
+
+
+def gather(t, world):
+    """The ranks' slices of a tensor, concatenated in rank order (a collective: every rank calls it)."""
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def all_to_all_volume(model, steps, device):
+    """All ranks' training forwards since the last call: per MoE layer, token sends to another rank per
+    token (each token goes once to each rank holding any of its experts), and bytes per step (dispatch
+    and combine, forward; the backward moves as much again). Clears the counts."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    t = torch.tensor([m.traffic for m in moes], dtype=torch.float64, device=device)
+    dist.all_reduce(t)                  # logging only
+    for m in moes:
+        m.traffic = [0, 0, 0]
+    return [round(v, 3) for v in (t[:, 1] / t[:, 0].clamp(min=1)).tolist()], t[:, 2].sum().item() / steps
+
+
 # ----------------------------------------------------------------------------- training
 
 def main(argv=None):
@@ -463,12 +513,18 @@ def main(argv=None):
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = read_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
-        saved = {k: v for k, v in ckpt["config"].items() if k in DEFAULTS}
+        # how the run is spread over processes is chosen afresh: expert_parallel is not inherited
+        saved = {k: v for k, v in ckpt["config"].items() if k in DEFAULTS and k != "expert_parallel"}
         cfg = {**cfg, **saved, **{k: cfg[k] for k in explicit}, "init_from": "resume"}
     c = SimpleNamespace(**cfg)
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ     # under torchrun: one process per device
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     master = rank == 0
+    if c.expert_parallel and not ddp:
+        raise UserError("expert_parallel=True needs torchrun (one process per device), e.g. "
+                        "torchrun --standalone --nproc_per_node=2 train.py --expert_parallel=True")
+    if c.expert_parallel and c.n_routed_experts % world:
+        raise UserError(f"expert_parallel=True: the world size {world} must divide n_routed_experts={c.n_routed_experts}")
     log = print if master else (lambda *a, **k: None)
     device = pick_device(c.device)
     device_type = torch.device(device).type
@@ -514,11 +570,13 @@ def main(argv=None):
     torch.manual_seed(c.seed)                              # the same initial weights on every rank
     args = model_args_from(vars(c), meta["vocab_size"])
     raw = Transformer(args).to(device)
+    sharded = shard_experts(raw, world) if c.expert_parallel else {}
     optimizer = configure_optimizer(raw, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c.dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         path = Path(c.out_dir) / "ckpt.pt"
+        map_experts(raw, optimizer, sharded, ckpt["model"], ckpt["optimizer"], lambda t: t.chunk(world)[rank].clone())
         _load_state(raw, ckpt["model"], path)
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -542,6 +600,9 @@ def main(argv=None):
         # an expert that gets no token in a micro-batch is skipped, hence find_unused_parameters
         no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else "broadcast_buffers")    # the name before torch 2.13
+        # each rank's own expert slices are not DDP's (their gradients come through the all-to-all)
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            model, [n for n, _ in model.named_parameters() if n.removeprefix("_orig_mod.") in sharded])
         train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
                           find_unused_parameters=args.n_routed_experts > 0, **{no_sync: False})
     else:
@@ -580,11 +641,12 @@ def main(argv=None):
         out = {}
         for s, (split, data) in enumerate((("train", train_data), ("val", val_data))):
             sums = torch.zeros(2, device=device)
-            for k in range(rank, c.eval_iters, world):
+            # as many forwards on every rank (expert parallel layers exchange tokens), the extra ones not counted
+            for k in range(rank, -(-c.eval_iters // world) * world, world):
                 x, y = get_batch(data, c.batch_size, c.block_size, batch_seed(c.seed, 1 + s, k), device)
                 with amp:
                     _, parts = model(x, y)
-                sums += torch.stack([parts["main"], parts["mtp"]]).float()
+                sums += torch.stack([parts["main"], parts["mtp"]]).float() * (k < c.eval_iters)
             if ddp:
                 dist.all_reduce(sums)
             out[split], out[f"{split}_mtp"] = (sums / c.eval_iters).tolist()
@@ -601,11 +663,14 @@ def main(argv=None):
             losses = evaluate()
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
-            saved = ""
-            if master and iter_num > start_iter and (improved or c.always_save_checkpoint):
+            saved, save = "", iter_num > start_iter and (improved or c.always_save_checkpoint)
+            if save:
+                state, opt_state = raw.state_dict(), optimizer.state_dict()
+                map_experts(raw, optimizer, sharded, state, opt_state, lambda t: gather(t, world))   # all ranks
+            if save and master:
                 save_checkpoint(dict(
-                    model=raw.state_dict(), model_args=asdict(raw.args), meta=tokenizer_meta(meta),
-                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                    model=state, model_args=asdict(raw.args), meta=tokenizer_meta(meta),
+                    optimizer=opt_state, scaler=scaler.state_dict(), iter_num=iter_num,
                     best_val_loss=best_val_loss, config=vars(c),
                     rng=dict(torch=torch.get_rng_state(),
                              cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None),
@@ -646,16 +711,18 @@ def main(argv=None):
         if iter_num % c.log_interval == 0 or iter_num == c.max_iters:
             total, main_l, mtp_l, bal = (parts / c.gradient_accumulation_steps).tolist()   # host sync: logging only
             mv = [round(v, 4) for v in (maxvio_sum / steps_since).tolist()]
+            a2a = all_to_all_volume(raw, steps_since, device) if sharded else None
             dt = (time.time() - t_last) / steps_since
             tok_s = tokens_per_step / dt
             mfu = flops_per_token * tok_s / (peak * world) if peak else None
             eta = dt * (c.max_iters - iter_num)
             log(f"step {iter_num}/{c.max_iters} | loss {total:.4f} (main {main_l:.4f} mtp {mtp_l:.4f} bal {bal:.2e}) "
                 f"| lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {f'{100 * mfu:.2f}%' if mfu is not None else '-'} "
-                f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {_hms(eta)}")
+                f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {_hms(eta)}"
+                + (f" | a2a sends/token {' '.join(f'{v:.2f}' for v in a2a[0])}, {a2a[1] / 1e6:.2f} MB/step" if a2a else ""))
             record(kind="train", step=iter_num, loss=total, main=main_l, mtp=mtp_l, balance=bal, lr=lr,
                    mtp_lambda=mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, eta_s=eta,
-                   time_s=time.time() - t_start)
+                   time_s=time.time() - t_start, **(dict(a2a_sends_per_token=a2a[0], a2a_bytes_per_step=a2a[1]) if a2a else {}))
             t_last, steps_since, maxvio_sum = time.time(), 0, None
 
     wall = time.time() - t_start
@@ -663,12 +730,13 @@ def main(argv=None):
     record(kind="done", step=iter_num, best_val=best_val_loss, wall_s=wall)
     if ddp:
         # every rank must hold the same weights and balancing biases: compare them elementwise
-        flat = torch.cat([t.detach().float().flatten() for t in raw.state_dict().values()])
+        flat = torch.cat([t.detach().float().flatten() for k, t in raw.state_dict().items() if k not in sharded])
         hi, lo = flat.clone(), flat.clone()
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         same = bool(torch.equal(hi, lo))
-        log("ddp check: weights and balancing biases " + (f"identical on all {world} ranks" if same else f"DIFFER between the {world} ranks"))
+        log(f"ddp check: {'replicated ' if sharded else ''}weights and balancing biases "
+            + (f"identical on all {world} ranks" if same else f"DIFFER between the {world} ranks"))
         record(kind="ddp_check", identical=same, world_size=world)
         # free the DDP reducer before its process group: torch 2.13 with gloo otherwise aborts at exit
         # now and then ("terminate called without an active exception")
