@@ -1095,6 +1095,72 @@ def test_ddp_two_processes_stay_identical(tmp_path, text_file, data_dir):
     assert sum(g.bias.abs().sum() for g in model.gates()) > 0         # balancing ran
 
 
+# ----------------------------------------------------------------------------- training: expert parallelism
+
+def ep_worker(rank, world, store, kw):
+    """One rank of an expert-parallel model (DDP for the rest, as train.py sets it up) against a
+    single-process copy on the whole global batch: loss, every gradient, an AdamW step (gathered weights
+    and moments), a re-shard of the gathered state, the bias update and MaxVio, the node limit."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    ref, ep = model(**kw), model(**kw)
+    sharded = train.shard_experts(ep, world)
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(ep, list(sharded))
+    ddp = torch.nn.parallel.DistributedDataParallel(ep, forward_sync_buffers=False)
+    idx, tgt = torch.randint(0, 61, (2, 2 * world, 16), generator=torch.Generator().manual_seed(1))
+    _, want = ref(idx, tgt)                        # the global batch: the mean of the ranks' losses
+    want["total"].backward()
+    _, got = ddp(idx[2 * rank:2 * rank + 2], tgt[2 * rank:2 * rank + 2])
+    got["total"].backward()
+    total = got["total"].detach().clone()
+    torch.distributed.all_reduce(total)
+    assert abs(total.item() / world - want["total"].item()) < 1e-5
+    full = dict(ref.named_parameters())
+    for name, p in ep.named_parameters():
+        assert p.shape[0] == (8 // world if name in sharded else full[name].shape[0]), name
+        g = full[name].grad.chunk(world)[rank] if name in sharded else full[name].grad
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-5, msg=name)
+    opts = [train.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.95), "cpu") for m in (ref, ep)]
+    for opt in opts:
+        opt.step()
+    state, opt_state = ep.state_dict(), opts[1].state_dict()
+    train.map_experts(ep, opts[1], sharded, state, opt_state, lambda t: train.gather(t, world))
+    for k, v in ref.state_dict().items():        # |Adam step| <= lr: near-zero gradients may differ in sign
+        torch.testing.assert_close(state[k], v, rtol=0, atol=2e-3, msg=k)
+    for i, m in opts[0].state_dict()["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_state["state"][i][k], m[k], rtol=0, atol=1e-6)
+    # the gathered state re-sharded into a fresh model and optimizer: this rank's slices come back exactly
+    fresh = model(seed=1, **kw)
+    resharded = train.shard_experts(fresh, world)
+    opt = train.configure_optimizer(fresh, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    train.map_experts(fresh, opt, resharded, state, opt_state, lambda t: t.chunk(world)[rank].clone())
+    fresh.load_state_dict(state)
+    opt.load_state_dict(opt_state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), ep.parameters()))
+    for a, b in zip(opt.state.values(), opts[1].state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq"))
+    # balancing: each rank counts its experts' tokens from all ranks; summed, the loads are the global ones
+    assert torch.equal(ref.update_expert_bias(), ep.update_expert_bias())
+    assert all(torch.equal(a.bias, b.bias) for a, b in zip(ref.gates(), ep.gates()))
+    # one expert group per rank: a token reaches at most n_limited_groups ranks, one of them maybe its own;
+    # a send carries the token (dim fp32), its K gate values (fp32) and K expert ids (int32), and dim fp32 back
+    K, traffic = ep.args.n_activated_experts, [m.traffic for m in ep.modules() if isinstance(m, ds.MoE)]
+    for tokens, sends, nbytes in traffic:
+        assert sends <= tokens * ep.args.n_limited_groups and nbytes == sends * (2 * 32 + 2 * K) * 4, traffic
+    assert sum(t[1] for t in traffic) > 0
+    del ddp
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,kw", [(2, dict(n_expert_groups=2, n_limited_groups=1)),
+                                      (4, dict(n_expert_groups=4, n_limited_groups=2, n_activated_experts=3))])
+def test_expert_parallel_matches_single_process(tmp_path, world, kw):
+    torch.multiprocessing.spawn(ep_worker, args=(world, str(tmp_path / "store"), kw), nprocs=world)
+
+
 # ----------------------------------------------------------------------------- training: checkpoints
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, data_dir):
