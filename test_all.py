@@ -1161,6 +1161,60 @@ def test_expert_parallel_matches_single_process(tmp_path, world, kw):
     torch.multiprocessing.spawn(ep_worker, args=(world, str(tmp_path / "store"), kw), nprocs=world)
 
 
+def torchrun(tmp_path, text_file, data_dir, out, *args, world=2, **kw):
+    """train.py under torchrun on the tiny preset (gloo on CPU); returns the log.jsonl entries."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                        "train.py", str(preset(tmp_path, **kw)), f"--text={text_file}", f"--data_dir={data_dir}",
+                        f"--out_dir={tmp_path / out}", "--device=cpu", *args],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "identical on all" in r.stdout
+    return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_expert_parallel_training_matches_ddp(tmp_path, text_file, data_dir, capsys):
+    # 2 ranks, one expert group each, n_limited_groups 1: every token is sent to at most one other rank;
+    # 3 eval batches over 2 ranks: one rank runs an extra, uncounted forward so the exchanges pair up
+    kw = dict(max_iters=6, eval_interval=3, eval_iters=3)
+    ddp = torchrun(tmp_path, text_file, data_dir, "ddp", "--gradient_accumulation_steps=2", **kw)
+    torchrun(tmp_path, text_file, data_dir, "ep", "--gradient_accumulation_steps=2", "--expert_parallel=True",
+             "--max_iters=3", **kw)
+    ep = torchrun(tmp_path, text_file, data_dir, "ep", "--init_from=resume", "--expert_parallel=True", **kw)
+    a, b = entries(ddp, "train"), entries(ep, "train")
+    assert [e["step"] for e in b] == list(range(1, 7)) and all("a2a_sends_per_token" not in e for e in a)
+    for x, y in zip(a, b, strict=True):
+        assert x["maxvio"] == y["maxvio"] and x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert all(0 < v <= 1 for v in y["a2a_sends_per_token"]) and y["a2a_bytes_per_step"] > 0
+    assert entries(ddp, "eval")[-1]["val"] == pytest.approx(entries(ep, "eval")[-1]["val"], abs=1e-5)
+    # rank 0 saved one ordinary checkpoint with all experts: as DDP's, to the last bit of Adam's noise
+    m1, c1 = train.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
+    m2, c2 = train.load_checkpoint(tmp_path / "ep" / "ckpt.pt")
+    assert m2.layers[1].ffn.experts.w1.shape[0] == 4 and c2["iter_num"] == 6
+    for (k, v), w in zip(c1["model"].items(), c2["model"].values()):
+        torch.testing.assert_close(w, v, rtol=0, atol=0 if "gate.bias" in k else 1e-5, msg=k)
+    for i, s in c1["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(c2["optimizer"]["state"][i][k], s[k], rtol=0, atol=1e-6)
+    assert sample.cli(["--device=cpu", f"--out_dir={tmp_path / 'ep'}", "--num_samples=1", "--max_new_tokens=5"]) == 0
+    # and a single process resumes from it (expert_parallel is not inherited)
+    log = run(tmp_path, text_file, data_dir, "--init_from=resume", "--max_iters=7", out="ep", **kw)
+    assert entries(log, "train")[-1]["step"] == 7 and "a2a_sends_per_token" not in entries(log, "train")[-1]
+
+
+@pytest.mark.parametrize("env,message", [
+    ({}, "expert_parallel=True needs torchrun"),
+    ({"RANK": "0", "WORLD_SIZE": "3"}, "the world size 3 must divide n_routed_experts=4"),   # as torchrun sets it
+])
+def test_expert_parallel_bad_use_one_line_exit_2(tmp_path, text_file, monkeypatch, capsys, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    argv = [str(preset(tmp_path)), f"--text={text_file}", f"--out_dir={tmp_path / 'out'}", "--expert_parallel=True"]
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
 # ----------------------------------------------------------------------------- training: checkpoints
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, data_dir):

@@ -493,6 +493,15 @@ def gather(t, world):
     return torch.cat(parts)
 
 
+def grad_norm(model, sharded):
+    """The norm of the whole model's gradient when each rank holds a slice of the experts: their squared
+    norms are summed over the ranks (every rank then clips by the same factor)."""
+    norm = lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None])   # noqa: E731
+    experts = norm(sharded.values()) ** 2
+    dist.all_reduce(experts)
+    return (norm(p for n, p in model.named_parameters() if n not in sharded) ** 2 + experts).sqrt()
+
+
 def all_to_all_volume(model, steps, device):
     """All ranks' training forwards since the last call: per MoE layer, token sends to another rank per
     token (each token goes once to each rank holding any of its experts), and bytes per step (dispatch
@@ -541,6 +550,8 @@ def main(argv=None):
         c.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
     if c.dtype == "float16" and device_type != "cuda":
         raise UserError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
+    if c.dtype == "float16" and c.expert_parallel:     # its loss scaler would skip steps on some ranks only
+        raise UserError("expert_parallel=True needs dtype bfloat16 or float32, not float16")
     if ddp:
         if device_type == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -699,7 +710,10 @@ def main(argv=None):
             parts += torch.stack([losses[k].detach() for k in ("total", "main", "mtp", "balance")]).float()
         if c.grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), c.grad_clip)
+            if sharded:     # the whole model's gradient norm, with every rank's expert slices
+                torch.nn.utils.clip_grads_with_norm_(raw.parameters(), c.grad_clip, grad_norm(raw, sharded))
+            else:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), c.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
