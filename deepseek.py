@@ -75,7 +75,7 @@ class ModelArgs:
         need(self.score_func in ("sigmoid", "softmax"), f"score_func must be 'sigmoid' or 'softmax', not {self.score_func!r}")
         if self.n_routed_experts:
             E, G, KG, K = self.n_routed_experts, self.n_expert_groups, self.n_limited_groups, self.n_activated_experts
-            need(G >= 1 and E % G == 0, f"n_routed_experts={E} must divide into n_expert_groups={G}")
+            need(G >= 1 and E % G == 0, f"n_expert_groups must divide n_routed_experts={E}, not {G}")
             need(1 <= KG <= G, f"n_limited_groups must be in [1, n_expert_groups={G}], not {KG}")
             need(1 <= K <= KG * E // G, f"n_activated_experts must be in [1, {KG * E // G}] (the experts in "
                                         f"n_limited_groups groups), not {K}")
@@ -335,6 +335,20 @@ def dispatch(ids, n_experts):
     return counts, F.pad(counts.cumsum(0), (1, 0)), perm, torch.argsort(perm)
 
 
+class Permute(torch.autograd.Function):
+    """x[perm] for a permutation perm (inv its inverse). Same value as plain indexing, but the
+    backward is the gather g[inv] instead of indexing's accumulating scatter, several times faster."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[ctx.saved_tensors[0]], None, None
+
+
 def sequence_balance_loss(scores, ids, alpha):
     """Complementary sequence-wise balance loss (eqs. 17-20), averaged over the batch.
     scores (B, T, E) affinities s; ids (B, T, K) chosen experts. Equals alpha when perfectly balanced."""
@@ -424,9 +438,10 @@ class MoE(nn.Module):
         sorts last and is skipped, so only the first `copies` pairs run. -> (y, copies per expert (n,))"""
         (N, D), K, n = x.shape, ids.size(1), self.experts.w1.size(0)
         counts, _, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, n + 1)
-        ys = self.experts(x[perm[:copies] // K], counts[:n])                  # expert 0's copies first
-        ys = F.pad(ys, (0, 0, 0, N * K - copies))[inv].view(N, K, D)          # (row, slot) order, 0 if skipped
-        return (ys * weights.unsqueeze(-1).type_as(ys)).sum(dim=1), counts[:n]
+        xs = Permute.apply(x.unsqueeze(1).expand(-1, K, -1).reshape(-1, D), perm, inv)   # K copies of each row
+        ys = self.experts(xs[:copies], counts[:n])                              # expert 0's copies first
+        ys = Permute.apply(F.pad(ys, (0, 0, 0, N * K - copies)), inv, perm)     # (row, slot) order, 0 if skipped
+        return torch.einsum("tk,tkd->td", weights.type_as(ys), ys.view(N, K, D)), counts[:n]
 
     def routed_parallel(self, x, ids, weights):
         """routed() under expert parallelism (§3.2.2), sending each token once to each rank that holds

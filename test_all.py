@@ -54,6 +54,11 @@ OFFICIAL = {
             "n_dense_layers": 1, "n_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
             "n_activated_experts": 6, "route_scale": 1.0, "q_lora_rank": 0, "kv_lora_rank": 512,
             "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "mscale": 0.707, "dtype": "bf16"},
+    "236B": {"vocab_size": 102400, "dim": 5120, "inter_dim": 12288, "moe_inter_dim": 1536, "n_layers": 60,
+             "n_dense_layers": 1, "n_heads": 128, "n_routed_experts": 160, "n_shared_experts": 2,
+             "n_activated_experts": 6, "n_expert_groups": 8, "n_limited_groups": 3, "route_scale": 16.0,
+             "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+             "v_head_dim": 128, "mscale": 0.707, "dtype": "bf16"},
 }
 
 
@@ -68,6 +73,16 @@ def test_from_json_official_defaults(tmp_path):
     assert a.score_func == "softmax" and a.n_expert_groups == 1 and a.max_seq_len == 16384 and a.mscale == 0.707
     b = official(tmp_path, "671B")
     assert b.score_func == "sigmoid" and b.route_scale == 2.5 and b.q_lora_rank == 1536
+
+
+@pytest.mark.parametrize("field,value", [
+    ("dim", 0), ("n_layers", -1), ("n_heads", 0), ("kv_lora_rank", 0), ("q_lora_rank", -8), ("qk_rope_head_dim", 7),
+    ("v_head_dim", 0), ("moe_inter_dim", 0), ("n_shared_experts", -1), ("n_mtp", -1), ("rope_theta", 0.0),
+    ("route_scale", -1.0), ("dropout", 1.0), ("seq_aux_alpha", -0.1), ("n_limited_groups", 5),
+    ("n_activated_experts", 0), ("n_activated_experts", 9), ("n_expert_groups", 3), ("attn", "gqa")])
+def test_model_args_checks_every_field(field, value):
+    with pytest.raises(ValueError, match=f"ModelArgs: {field} "):
+        tiny(**{field: value})
 
 
 def test_from_json_rejects_unknown_key(tmp_path):
@@ -245,6 +260,19 @@ def test_gate_matches_direct_equations(E, k, G, KG, f, scale):
     bias[: E // 2] = 0.0                              # ties in the bias too
     _, w, ids = gate(E, k, G, KG, f, scale, bias)(logits)
     w_ref, ids_ref = direct_gate(logits, bias, k, G, KG, f, scale)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref)
+
+
+def test_official_v2_config_routes_like_the_official_gate(tmp_path):
+    """config_236B.json (softmax, 160 experts in 8 groups, keep 3, top-6, route_scale 16): the group
+    score is the group's best score, the weights are the unnormalised softmax scores times 16."""
+    a = official(tmp_path, "236B")
+    g = ds.Gate(a)
+    torch.nn.init.normal_(g.weight, std=0.02)
+    x = torch.randn(50, a.dim)
+    _, w, ids = g(x)
+    w_ref, ids_ref = direct_gate(F.linear(x, g.weight), g.bias, 6, 8, 3, "softmax", 16.0)
     assert torch.equal(ids, ids_ref)
     torch.testing.assert_close(w, w_ref)
 
