@@ -400,7 +400,8 @@ class MoE(nn.Module):
         self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
         self.group = None              # expert parallelism: the process group the routed experts are sharded over
-        self.traffic = [0, 0, 0]       # training forwards under expert parallelism: tokens, token sends to other ranks, bytes
+        # expert parallel training forwards: tokens; sent to other ranks: tokens, the expert copies they carry, bytes
+        self.traffic = [0, 0, 0, 0]
 
     def shard(self, group):
         """Expert parallelism (§3.2): keep only this rank's slice of the routed experts, rank r holding
@@ -467,10 +468,9 @@ class MoE(nn.Module):
         y, counts = self.routed(xw[:, :D], local_in, xw[:, D:], copies)
         y = AllToAll.apply(y, recv, send, g)                                      # back to the tokens' ranks
         if self.training:
-            off = sum(send) - send[r]
-            self.traffic[0] += T
-            self.traffic[1] += off
-            self.traffic[2] += off * ((xw.size(1) + D) * xw.element_size() + K * local.element_size())
+            sends, copies = (sum(c) - c[r] for c in zip(*sizes))                  # to other ranks
+            row = (xw.size(1) + D) * xw.element_size() + K * local.element_size()  # bytes per send, there and back
+            self.traffic = [a + b for a, b in zip(self.traffic, (T, sends, copies, sends * row))]
         return y.new_zeros(T, D).index_add(0, tok, y), F.pad(counts, (r * n, (W - r - 1) * n))
 
 

@@ -1174,8 +1174,9 @@ def ep_worker(rank, world, store, kw):
     # one expert group per rank: a token reaches at most n_limited_groups ranks, one of them maybe its own;
     # a send carries the token (dim fp32), its K gate values (fp32) and K expert ids (int32), and dim fp32 back
     K, traffic = ep.args.n_activated_experts, [m.traffic for m in ep.modules() if isinstance(m, ds.MoE)]
-    for tokens, sends, nbytes in traffic:
-        assert sends <= tokens * ep.args.n_limited_groups and nbytes == sends * (2 * 32 + 2 * K) * 4, traffic
+    for tokens, sends, copies, nbytes in traffic:
+        assert sends <= min(copies, tokens * ep.args.n_limited_groups) and copies <= K * tokens, traffic
+        assert nbytes == sends * (2 * 32 + 2 * K) * 4
     assert sum(t[1] for t in traffic) > 0
     del ddp
     torch.distributed.barrier()
@@ -1214,6 +1215,7 @@ def test_expert_parallel_training_matches_ddp(tmp_path, text_file, data_dir, cap
     for x, y in zip(a, b, strict=True):
         assert x["maxvio"] == y["maxvio"] and x["loss"] == pytest.approx(y["loss"], abs=1e-5)
         assert all(0 < v <= 1 for v in y["a2a_sends_per_token"]) and y["a2a_bytes_per_step"] > 0
+        assert all(s <= c <= 2 for s, c in zip(y["a2a_sends_per_token"], y["a2a_copies_per_token"]))
     assert entries(ddp, "eval")[-1]["val"] == pytest.approx(entries(ep, "eval")[-1]["val"], abs=1e-5)
     # rank 0 saved one ordinary checkpoint with all experts: as DDP's, to the last bit of Adam's noise
     m1, c1 = train.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
@@ -1368,6 +1370,16 @@ def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
     assert [r.split(" | ")[0][2:4] for r in rows] == ["1 ", "2 ", "3 ", "4a", "4b", "5 "]
     assert rows[0].endswith("| +0.0000 | 1.00x |")
     assert all(r.split(" | ")[5] == "-" for r in rows[:2]) and all(r.split(" | ")[5] != "-" for r in rows[2:])
+
+
+@pytest.mark.slow
+def test_bench_expert_parallel_volume(capsys):
+    rows = bench.main(["--parts=ep", "--quick"])["ep"]
+    assert [r["M"] for r in rows] == [4, 3, 2, 1]
+    for r in rows:     # a token reaches at most M ranks, one send per rank however many of its 4 experts are there
+        assert all(s <= min(r["M"], 3) and s <= c <= 4 for s, c in zip(r["sends"], r["copies"]))
+    assert max(rows[-1]["sends"]) < min(rows[0]["sends"])
+    assert "| 1 | " in capsys.readouterr().out
 
 
 def test_bench_decode_smoke(char_ckpt, capsys):

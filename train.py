@@ -503,15 +503,18 @@ def grad_norm(model, sharded):
 
 
 def all_to_all_volume(model, steps, device):
-    """All ranks' training forwards since the last call: per MoE layer, token sends to another rank per
-    token (each token goes once to each rank holding any of its experts), and bytes per step (dispatch
-    and combine, forward; the backward moves as much again). Clears the counts."""
+    """All ranks' training forwards since the last call (then cleared): per MoE layer, sends of a token
+    to another rank per token (once to each rank holding any of its experts) and the expert copies they
+    carry per token (what one send per copy would cost); bytes per step (dispatch and combine, forward;
+    the backward moves as much again)."""
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     t = torch.tensor([m.traffic for m in moes], dtype=torch.float64, device=device)
     dist.all_reduce(t)                  # logging only
     for m in moes:
-        m.traffic = [0, 0, 0]
-    return [round(v, 3) for v in (t[:, 1] / t[:, 0].clamp(min=1)).tolist()], t[:, 2].sum().item() / steps
+        m.traffic = [0, 0, 0, 0]
+    per_token = lambda i: [round(v, 3) for v in (t[:, i] / t[:, 0].clamp(min=1)).tolist()]   # noqa: E731
+    return dict(a2a_sends_per_token=per_token(1), a2a_copies_per_token=per_token(2),
+                a2a_bytes_per_step=t[:, 3].sum().item() / steps)
 
 
 # ----------------------------------------------------------------------------- training
@@ -733,10 +736,11 @@ def main(argv=None):
             log(f"step {iter_num}/{c.max_iters} | loss {total:.4f} (main {main_l:.4f} mtp {mtp_l:.4f} bal {bal:.2e}) "
                 f"| lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {f'{100 * mfu:.2f}%' if mfu is not None else '-'} "
                 f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {_hms(eta)}"
-                + (f" | a2a sends/token {' '.join(f'{v:.2f}' for v in a2a[0])}, {a2a[1] / 1e6:.2f} MB/step" if a2a else ""))
+                + (f" | a2a sends/token {' '.join(f'{v:.2f}' for v in a2a['a2a_sends_per_token'])}, "
+                   f"{a2a['a2a_bytes_per_step'] / 1e6:.2f} MB/step" if a2a else ""))
             record(kind="train", step=iter_num, loss=total, main=main_l, mtp=mtp_l, balance=bal, lr=lr,
                    mtp_lambda=mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, eta_s=eta,
-                   time_s=time.time() - t_start, **(dict(a2a_sends_per_token=a2a[0], a2a_bytes_per_step=a2a[1]) if a2a else {}))
+                   time_s=time.time() - t_start, **(a2a or {}))
             t_last, steps_since, maxvio_sum = time.time(), 0, None
 
     wall = time.time() - t_start
