@@ -1239,10 +1239,12 @@ def test_expert_parallel_training_matches_ddp(tmp_path, text_file, data_dir, cap
 def test_expert_parallel_bad_use_one_line_exit_2(tmp_path, text_file, monkeypatch, capsys, env, message):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    argv = [str(preset(tmp_path)), f"--text={text_file}", f"--out_dir={tmp_path / 'out'}", "--expert_parallel=True"]
+    argv = [str(preset(tmp_path)), f"--text={text_file}", f"--data_dir={tmp_path / 'data'}",
+            f"--out_dir={tmp_path / 'out'}", "--expert_parallel=True"]
     assert train.cli(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "data").exists()          # stopped before any work
 
 
 # ----------------------------------------------------------------------------- training: checkpoints
