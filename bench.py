@@ -1,10 +1,13 @@
 """Benchmarks, one function per part.
 
-    python bench.py --parts kernels      # the Triton MoE gate / dispatch vs the PyTorch references
+    python bench.py --parts kernels      # registers / spills of the Triton kernels per CUDA target (no GPU
+                                         # needed); on a GPU also their timings vs the PyTorch references
+    python bench.py --parts step         # a training step: MoE (grouped GEMM, loop) vs dense of equal active size
     python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
-    python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same budget
+    python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same steps and same time
     python bench.py --parts ep           # expert parallelism: all-to-all volume with and without the node limit
-    python bench.py --quick              # a smoke version of every part (< 3 minutes on 2 cores)
+    python bench.py --gpu                # everything worth measuring on one CUDA GPU (about 8 minutes)
+    python bench.py --quick              # a smoke version of every CPU part
 """
 import argparse
 import contextlib
@@ -29,13 +32,77 @@ KERNEL_SHAPES = [
     ("V3", 65536, 256, 8, 8, 4),
     ("nano", 12 * 64, 16, 2, 4, 2),
 ]
+# (name, E, k, groups, groups kept) of deepseek.py's gates, compiled for each CUDA compute capability
+COMPILE_SHAPES = [("V3", 256, 8, 8, 4), ("nano", 16, 4, 4, 2), ("nano cpu", 8, 2, 1, 1)]
+CCS = (70, 75, 80, 86, 89, 90)                        # V100, T4, A100, RTX 30xx, RTX 40xx / L4, H100
+MAX_WARPS = {70: 64, 75: 32, 80: 64, 86: 48, 89: 48, 90: 64}  # resident warps per SM; 64K registers each
+
+
+def occupancy(regs, warps, cc):
+    """Fraction of an SM's warp slots that blocks of `warps` warps using `regs` registers a thread can
+    fill: registers are given out per warp in units of 256, from 64K per SM."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(MAX_WARPS[cc], 65536 // per_warp) // warps * warps / MAX_WARPS[cc]
+
+
+def compile_rows(ccs, shapes):
+    """Compile each kernel at each shape for each compute capability (needs TRITON_INTERPRET and the
+    Triton cache off, TRITON_DUMP_PTXAS_LOG=1): dicts of kernel, shape, cc, registers and spill bytes
+    from Triton's own `ptxas -v`, warps, the PTX target and the cubin size."""
+    import io
+    import re
+    import kernels
+    rows = []
+    for name, E, k, G, KG in shapes:
+        meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+        calls = [(kernels.route_triton, meta(4096, E), meta(E), k, G, KG, "sigmoid"),
+                 (kernels.dispatch_triton, meta(4096, k, dtype=torch.int32), E)]
+        for cc in ccs:
+            for fn, *call_args in calls:
+                log = io.StringIO()
+                with contextlib.redirect_stdout(log):             # Triton prints the ptxas log
+                    done = kernels.compile_launches(cc, fn, *call_args)
+                for kname, ck in done:
+                    m = re.search(rf"function '{kname}'.*?(\d+) bytes spill stores, (\d+) bytes spill loads"
+                                  r".*?Used (\d+) registers", log.getvalue(), re.S)
+                    rows.append(dict(kernel=kname, shape=name, cc=cc, regs=int(m[3]), spills=int(m[1]) + int(m[2]),
+                                     warps=ck.metadata.num_warps, target=re.search(r"\.target (\w+)", ck.asm["ptx"])[1],
+                                     cubin=len(ck.asm["cubin"])))
+    return rows
+
+
+def compile_kernels(ccs=CCS, shapes=COMPILE_SHAPES):
+    """compile_rows in a fresh process: no GPU needed, and no interpreter (TRITON_INTERPRET unset)."""
+    import os
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as cache:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
+        code = f"import bench, json; print(json.dumps(bench.compile_rows({tuple(ccs)!r}, {list(shapes)!r})))"
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parent,
+                             capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"kernel compile failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def bench_kernels(args):
-    """Markdown table: microseconds of the reference and the Triton kernel, speed-up, and the
-    achieved bandwidth against the bytes that must move (fp32 logits, sigmoid gate)."""
+    """Without a GPU: registers, spills and occupancy of each kernel compiled for each CUDA target.
+    On a GPU also a markdown table: microseconds of the reference and the Triton kernel, speed-up,
+    and the achieved bandwidth against the bytes that must move (fp32 logits, sigmoid gate)."""
+    ccs = (80, 90) if args.quick else CCS
+    rows = compile_kernels(ccs)
+    print("registers / spill bytes / occupancy per CUDA target (bundled ptxas -v; T never enters)")
+    print("| kernel | shape | warps | " + " | ".join(f"sm_{cc}" for cc in ccs) + " |")
+    print("|---|---|---:|" + "---:|" * len(ccs))
+    for kname, shape in dict.fromkeys((r["kernel"], r["shape"]) for r in rows):
+        cells = {r["cc"]: r for r in rows if (r["kernel"], r["shape"]) == (kname, shape)}
+        print(f"| {kname} | {shape} | {cells[ccs[0]]['warps']} | " + " | ".join(
+            f"{c['regs']} / {c['spills']} / {occupancy(c['regs'], c['warps'], cc):.0%}"
+            for cc, c in cells.items()) + " |")
     if not torch.cuda.is_available():
-        print("kernels: needs a CUDA GPU, skipped")
+        print("kernels: timings need a CUDA GPU, skipped")
         return
     import triton.testing
     import kernels
@@ -45,20 +112,21 @@ def bench_kernels(args):
     for name, T, E, k, G, KG in KERNEL_SHAPES:
         torch.manual_seed(0)
         logits = torch.randn(T, E, device=device)
-        bias = 0.01 * torch.randn(E, device=device)
-        ids = kernels.route_ref(logits, bias, k, G, KG, "sigmoid", 2.5)[1]
-        gate = lambda fn: fn(logits, bias, k, G, KG, "sigmoid", 2.5)  # noqa: E731
+        gate = ds.Gate(ds.ModelArgs(n_routed_experts=E, n_activated_experts=k, n_expert_groups=G,
+                                    n_limited_groups=KG)).to(device)
+        gate.bias.normal_(0, 0.01)
+        ids = gate.route(gate.scores(logits))
         rows = [
-            # op, ref fn, triton fn, bytes: logits + bias read, weights + ids written
-            ("route", lambda: gate(kernels.route_ref), lambda: gate(kernels.route_triton),
-             4 * T * E + 4 * E + 8 * T * k),
+            # op, ref fn, triton fn, bytes: logits + bias read, ids written
+            ("route", lambda: gate.route(gate.scores(logits)),
+             lambda: kernels.route_triton(logits, gate.bias, k, G, KG, "sigmoid"), 4 * T * E + 4 * E + 4 * T * k),
             # ids read; counts, offsets, perm, inv written (int64)
-            ("dispatch", lambda: kernels.dispatch_ref(ids, E), lambda: kernels.dispatch_triton(ids, E),
+            ("dispatch", lambda: ds.dispatch(ids, E), lambda: kernels.dispatch_triton(ids, E),
              4 * T * k + 8 * (2 * E + 1) + 16 * T * k),
         ]
         # correctness first: dispatch must be identical; gate ids may differ only on fp32 near-ties
-        same_ids = (gate(kernels.route_triton)[1] == ids).all(-1).float().mean().item()
-        assert all(torch.equal(a, b) for a, b in zip(kernels.dispatch_triton(ids, E), kernels.dispatch_ref(ids, E)))
+        same_ids = (rows[0][2]() == ids).all(-1).float().mean().item()
+        assert all(torch.equal(a, b) for a, b in zip(kernels.dispatch_triton(ids, E), ds.dispatch(ids, E)))
         for op, ref, tri, nbytes in rows:
             with torch.no_grad():
                 t_ref, t_tri = do_bench(ref) * 1e3, do_bench(tri) * 1e3  # ms -> µs
@@ -67,6 +135,52 @@ def bench_kernels(args):
                   f"{nbytes / t_ref / 1e3:.0f} | {nbytes / t_tri / 1e3:.0f} |")
         if same_ids < 1:
             print(f"note: {name} T={T}: {100 * (1 - same_ids):.3f}% of tokens chose differently (fp32 near-ties)")
+
+
+# ----------------------------------------------------------------------------- training step
+
+def bench_step(args):
+    """Milliseconds per training step (forward, backward, AdamW, bias update) of the CPU preset's MoE
+    model beside the dense model with the same activated FFN width (inter_dim = shared + k routed), timed
+    interleaved in one process on the same batch; the routed experts by grouped GEMM and by a loop."""
+    from unittest import mock
+    import train
+    cfg, _, _ = train.parse_config(["shakespeare_char_cpu"])
+    rows = [("dense, same active FFN width", dict(n_routed_experts=0, n_mtp=0), False),
+            ("MoE, grouped GEMM", dict(n_mtp=0), False),
+            ("MoE, per-expert loop", dict(n_mtp=0), True),
+            ("MoE + MTP (the preset)", dict(), False)]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 65, (2, cfg["batch_size"], cfg["block_size"]), generator=g)
+    models = []
+    for name, over, _ in rows:
+        torch.manual_seed(0)
+        m = ds.Transformer(train.model_args_from({**cfg, **over}, 65)).train()
+        models.append((m, train.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.99), "cpu")))
+
+    def step(m, opt, use_loop):
+        with mock.patch.object(ds.Experts, "forward", lambda s, a, c: orig(s, a, c, grouped=False)) if use_loop \
+                else contextlib.nullcontext():
+            m(x, y)[1]["total"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        m.update_expert_bias()
+    orig = ds.Experts.forward
+    times = [[] for _ in rows]
+    for r in range(args.step_repeats + 3):              # 3 warm-up rounds, then rows alternate
+        for i, ((m, opt), (_, _, use_loop)) in enumerate(zip(models, rows)):
+            t0 = time.perf_counter()
+            step(m, opt, use_loop)
+            if r >= 3:
+                times[i].append(time.perf_counter() - t0)
+    print(f"step: CPU preset (batch {cfg['batch_size']} x {cfg['block_size']}), {torch.get_num_threads()} threads, "
+          f"median of {args.step_repeats} interleaved steps")
+    print("| model | active params | ms/step | vs dense |")
+    print("|---|---:|---:|---:|")
+    base = statistics.median(times[0])
+    for (name, _, _), (m, _), t in zip(rows, models, times):
+        print(f"| {name} | {m.num_params(active=True) / 1e6:.3f}M | {1000 * statistics.median(t):.1f} | "
+              f"{statistics.median(t) / base:.2f}x |")
 
 
 # ----------------------------------------------------------------------------- decode
@@ -110,16 +224,20 @@ def decode_row(name, model, idx, n, repeats):
           f"{n / st['forwards']:.2f} |")
 
 
+def decode_header():
+    print("| model | prompt+new tokens | recompute tok/s | naive cache | absorb cache | speculative | "
+          "absorb / recompute | speculative / recompute | speculative / absorb | acceptance greedy / T=1 | "
+          "tokens per forward |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
 def bench_decode(args):
     """CPU decoding speed, side by side: tokens/s without cache, with the naive (per-head K/V) and the
     absorbed (latent) MLA cache, and with MTP speculative decoding; then cache sizes per token."""
     from train import load_checkpoint, tokenizer_from_meta
     torch.manual_seed(0)
     print(f"decode: CPU, {torch.get_num_threads()} threads, greedy, best of {args.timing_repeats}")
-    print("| model | prompt+new tokens | recompute tok/s | naive cache | absorb cache | speculative | "
-          "absorb / recompute | speculative / recompute | speculative / absorb | acceptance greedy / T=1 | "
-          "tokens per forward |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    decode_header()
     for out_dir in filter(None, args.ckpts.split(",")):
         path = Path(out_dir) / "ckpt.pt"
         if not path.exists():
@@ -182,60 +300,78 @@ def expert_load(out_dir, text, data_dir, batches=10):
     return model, torch.stack([g.load.clone() for g in model.gates()]) if model.gates() else None
 
 
-def bench_ablation(args):
-    """Train every row of ABLATION on the same data, budget and seeds; print a Markdown table with
-    ratios against row 1, and save the validation curves and MoE expert loads as PNG."""
+def train_row(args, root, name, over, seed, iters, tag):
+    """One run of an ablation row for `iters` steps (schedule scaled to them); its summary from log.jsonl."""
     import train
+    out = root / f"{tag}_row{name.split()[0]}_seed{seed}"
+    every = max(iters // 8, 1)
+    argv = ["shakespeare_char_cpu", "--device=cpu", f"--out_dir={out}", f"--data_dir={args.data_dir}", f"--seed={1337 + seed}",
+            "--always_save_checkpoint=True", f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+            f"--mtp_lambda_step={round(0.7 * iters)}", f"--eval_interval={every}", f"--log_interval={min(every, 10)}"]
+    argv += (["--eval_iters=4"] if args.quick else []) + ([f"--text={args.text}"] if args.text else [])
+    argv += [f"--{k}={v}" for k, v in over.items()]
+    print(f"ablation: {name}, seed {seed}, {iters} steps ...", file=sys.stderr, flush=True)
+    if out.exists():
+        for f in out.iterdir():
+            f.unlink()
+    with open(root / f"{out.name}.log", "w") as log, contextlib.redirect_stdout(log):
+        if train.cli(argv) != 0:
+            raise SystemExit(f"ablation: training failed, see {root / out.name}.log")
+    entries = read_log(out)
+    c = entries[0]["config"]
+    tokens_per_step = c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
+    trains = [e for e in entries if e["kind"] == "train"]
+    step_s = statistics.median(tokens_per_step / e["tokens_per_s"] for e in trains[1:] or trains)
+    return dict(best=next(e for e in entries if e["kind"] == "done")["best_val"], iters=iters, step_s=step_s,
+                maxvio=statistics.mean(trains[-1]["maxvio"]) if trains[-1]["maxvio"] else None, out=out,
+                curve=[(e["step"], e["step"] * step_s, e["val"]) for e in entries if e["kind"] == "eval"],
+                mtp=over.get("n_mtp", 1) > 0)
+
+
+def bench_ablation(args):
+    """Train every row of ABLATION on the same data and seeds, twice: for the same number of steps, and
+    for the same training time as row 1 (each row's steps from a short timing run of every row in this
+    process). Prints a Markdown table per budget with differences against row 1, and saves the
+    validation curves (per step and per second) and the MoE expert loads as PNG."""
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    extra = [f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}",
-             f"--eval_interval={max(args.iters // 8, 1)}", f"--log_interval={max(args.iters // 8, 1)}"]
-    if args.quick:
-        extra += ["--eval_iters=4"]
-    if args.text:
-        extra += [f"--text={args.text}"]
-    results = []
-    for name, over in ABLATION:
-        runs = []
-        for r in range(args.repeats):
-            out = root / f"row{name.split()[0]}_seed{r}"
-            argv = ["shakespeare_char_cpu", "--device=cpu", f"--out_dir={out}", f"--data_dir={args.data_dir}",
-                    f"--seed={1337 + r}", "--always_save_checkpoint=True", *extra] + [f"--{k}={v}" for k, v in over.items()]
-            print(f"ablation: {name}, seed {r} ...", file=sys.stderr, flush=True)
-            if out.exists():
-                for f in out.iterdir():
-                    f.unlink()
-            with open(root / f"{out.name}.log", "w") as log, contextlib.redirect_stdout(log):
-                if train.cli(argv) != 0:
-                    raise SystemExit(f"ablation: training failed, see {root / out.name}.log")
-            entries = read_log(out)
-            done = next(e for e in entries if e["kind"] == "done")
-            trains = [e for e in entries if e["kind"] == "train"]
-            runs.append(dict(best=done["best_val"], wall=done["wall_s"],
-                             tok_s=statistics.mean(e["tokens_per_s"] for e in trains),
-                             maxvio=statistics.mean(trains[-1]["maxvio"]) if trains[-1]["maxvio"] else None,
-                             curve=[(e["step"], e["val"]) for e in entries if e["kind"] == "eval"], out=out,
-                             mtp=over.get("n_mtp", 1) > 0))
-        model, load = expert_load(runs[0]["out"], args.text, args.data_dir)
-        results.append(dict(name=name, runs=runs, load=load, total=model.num_params(),
-                            active=model.num_params(active=True), flops=model.flops_per_token(model.args.max_seq_len)))
+    step_s = [train_row(args, root, name, over, 0, args.timing_iters, "timing")["step_s"] for name, over in ABLATION]
+    budgets = {"steps": [args.iters] * len(ABLATION),
+               "time": [max(1, round(args.iters * step_s[0] / s)) for s in step_s]}
+    results = {}
+    for budget, iters in budgets.items():
+        results[budget] = []
+        for (name, over), n in zip(ABLATION, iters):
+            runs = [train_row(args, root, name, over, r, n, budget) for r in range(args.repeats)]
+            results[budget].append(dict(name=name, runs=runs))
+    for r in results["steps"]:
+        model, r["load"] = expert_load(r["runs"][0]["out"], args.text, args.data_dir)
+        r.update(total=model.num_params(), active=model.num_params(active=True),
+                 flops=model.flops_per_token(model.args.max_seq_len))
 
     def spread(xs):
         return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
 
-    base = results[0]
     mean = lambda r, k: statistics.mean(x[k] for x in r["runs"])   # noqa: E731
-    print(f"\nablation: char-level Tiny Shakespeare, {args.iters} iterations, {args.repeats} seed(s) per row, "
-          f"{torch.get_num_threads()} CPU threads")
-    print("| row | params | active | train GFLOPs/token | best val loss | final MaxVio | tokens/s | wall s | "
-          "val vs row 1 | wall vs row 1 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
+    print(f"\nablation: char-level Tiny Shakespeare, {args.repeats} seed(s) per row, {torch.get_num_threads()} CPU threads")
+    print(f"\nsame steps ({args.iters}):\n")
+    print("| row | params | active | train GFLOPs/token | best val loss | final MaxVio | ms/step | val vs row 1 | time vs row 1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = results["steps"][0]
+    for r in results["steps"]:
         mv = [x["maxvio"] for x in r["runs"] if x["maxvio"] is not None]
         print(f"| {r['name']} | {r['total'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | {r['flops'] / 1e9:.4f} | "
               f"{spread([x['best'] for x in r['runs']])} | {f'{statistics.mean(mv):.2f}' if mv else '-'} | "
-              f"{mean(r, 'tok_s'):,.0f} | {mean(r, 'wall'):.0f} | {mean(r, 'best') - mean(base, 'best'):+.4f} | "
-              f"{mean(r, 'wall') / mean(base, 'wall'):.2f}x |")
+              f"{1000 * mean(r, 'step_s'):.1f} | {mean(r, 'best') - mean(base, 'best'):+.4f} | "
+              f"{mean(r, 'step_s') / mean(base, 'step_s'):.2f}x |")
+    print(f"\nsame training time ({args.iters} steps of row 1, {args.iters * step_s[0]:.0f} s at the timing run's "
+          f"speed; steps per row from a {args.timing_iters}-step timing run):\n")
+    print("| row | steps | ms/step (timing run) | best val loss | val vs row 1 |")
+    print("|---|---:|---:|---:|---:|")
+    base = results["time"][0]
+    for r, s in zip(results["time"], step_s):
+        print(f"| {r['name']} | {r['runs'][0]['iters']} | {1000 * s:.1f} | {spread([x['best'] for x in r['runs']])} | "
+              f"{mean(r, 'best') - mean(base, 'best'):+.4f} |")
     plot_ablation(results, root)
     return results
 
@@ -248,16 +384,17 @@ def plot_ablation(results, root):
     except ImportError:
         print("ablation: matplotlib is not installed, no plots (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:                                   # the first quarter of training is off the scale
-        curve = r["runs"][0]["curve"]
-        steps, vals = zip(*[(s, v) for s, v in curve if s >= curve[-1][0] // 4])
-        ax.plot(steps, vals, marker=".", label=r["name"])
-    ax.set(xlabel="step", ylabel="val loss (main next-token)", title="Char-level Tiny Shakespeare, same budget")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, budget, x, label in [(axes[0], "steps", 0, "step"), (axes[1], "time", 1, "training seconds")]:
+        for r in results[budget]:                       # the first quarter of training is off the scale
+            curve = r["runs"][0]["curve"]
+            xs, vals = zip(*[(c[x], c[2]) for c in curve if c[0] >= curve[-1][0] // 4])
+            ax.plot(xs, vals, marker=".", label=r["name"])
+        ax.set(xlabel=label, ylabel="val loss (main next-token)", title=f"Char-level Tiny Shakespeare, same {budget}")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(root / "ablation_val_loss.png", dpi=120)
-    moe = [r for r in results if r["load"] is not None]
+    moe = [r for r in results["steps"] if r["load"] is not None]
     fig, axes = plt.subplots(1, len(moe), figsize=(3.2 * len(moe), 2.8), squeeze=False)
     for ax, r in zip(axes[0], moe):
         share = r["load"] / r["load"].sum(-1, keepdim=True)
@@ -322,31 +459,78 @@ def bench_ep(args):
     return rows
 
 
+# ----------------------------------------------------------------------------- one GPU
+
+def bench_gpu(args):
+    """What is worth measuring on one CUDA GPU, in about 8 minutes: the kernel table; config/shakespeare_char.py
+    trained for as many of its 5000 steps as fit in --gpu_minutes (schedule scaled to them) beside nanoGPT's
+    published 1.4697; decoding speeds of the checkpoint it wrote."""
+    if not torch.cuda.is_available():
+        print("gpu: no CUDA device on this machine: nothing measured")
+        return
+    import train
+    bench_kernels(args)
+    out, common = Path(args.out) / "gpu-char", ["shakespeare_char", f"--data_dir={args.data_dir}", "--device=cuda"]
+    with open(Path(args.out) / "gpu-timing.log", "w") as log, contextlib.redirect_stdout(log):
+        train.cli(common + [f"--out_dir={out}-timing", "--max_iters=60", "--eval_interval=60", "--eval_iters=1",
+                            "--log_interval=10"])
+    trains = [e for e in read_log(f"{out}-timing") if e["kind"] == "train"]
+    step_s = statistics.median(64 * 256 / e["tokens_per_s"] for e in trains[1:])
+    iters = min(5000, int(60 * args.gpu_minutes / (1.15 * step_s)))      # 15% for the evaluations
+    print(f"\ngpu: config/shakespeare_char.py, {iters} of 5000 steps ({1000 * step_s:.0f} ms/step measured)")
+    with open(Path(args.out) / "gpu-train.log", "w") as log, contextlib.redirect_stdout(log):
+        train.cli(common + [f"--out_dir={out}", f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+                            f"--mtp_lambda_step={round(0.7 * iters)}"])
+    entries = read_log(out)
+    trains = [e for e in entries if e["kind"] == "train"]
+    done = next(e for e in entries if e["kind"] == "done")
+    mfu = [e["mfu"] for e in trains[1:] if e["mfu"]]
+    print("| run | steps | best val loss | wall | tokens/s | MFU |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| ours ({torch.cuda.get_device_name()}) | {iters} | {done['best_val']:.4f} | {done['wall_s']:.0f} s | "
+          f"{statistics.median(e['tokens_per_s'] for e in trains[1:]):,.0f} | "
+          f"{f'{100 * statistics.median(mfu):.1f}%' if mfu else '-'} |")
+    print("| nanoGPT, published (A100) | 5000 | 1.4697 | about 3 min | | |")
+    from train import load_checkpoint, tokenizer_from_meta
+    model, ckpt = load_checkpoint(out / "ckpt.pt", "cuda")
+    idx = torch.tensor([tokenizer_from_meta(ckpt["meta"])[0]("ROMEO:\n")], device="cuda")
+    print()
+    decode_header()
+    decode_row("shakespeare_char (GPU)", model, idx, model.args.max_seq_len - idx.size(1), args.timing_repeats)
+
+
 # ----------------------------------------------------------------------------- main
 
-PARTS = {"kernels": bench_kernels, "decode": bench_decode, "ablation": bench_ablation, "ep": bench_ep}
+PARTS = {"kernels": bench_kernels, "step": bench_step, "decode": bench_decode, "ablation": bench_ablation,
+         "ep": bench_ep, "gpu": bench_gpu}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of: {', '.join(PARTS)}")
+    parser.add_argument("--parts", default="kernels,step,decode,ablation,ep", help=f"comma list of: {', '.join(PARTS)}")
     parser.add_argument("--ckpts", default="out-shakespeare-char-cpu,out", help="decode: checkpoint folders")
     parser.add_argument("--long_tokens", type=int, default=None, help="decode: tokens after the 512-token prompt (64, quick 16)")
     parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
     parser.add_argument("--timing_repeats", type=int, default=None, help="decode: timing repeats, best kept (3, quick 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke version of each part (< 3 minutes on 2 cores)")
     parser.add_argument("--iters", type=int, default=None, help="ablation: iterations per row (default 2000, quick 200)")
+    parser.add_argument("--timing_iters", type=int, default=None, help="ablation: steps of each row's timing run (50, quick 10)")
+    parser.add_argument("--step_repeats", type=int, default=None, help="step: timed steps per model (40, quick 5)")
+    parser.add_argument("--gpu", action="store_true", help="run the gpu part alone (the same as --parts gpu)")
+    parser.add_argument("--gpu_minutes", type=float, default=5.0, help="gpu: training time budget in minutes")
     parser.add_argument("--out", default="out-bench", help="ablation: runs, logs and plots go here")
     parser.add_argument("--data_dir", default="data", help="ablation: data cache (as train.py)")
     parser.add_argument("--text", default="", help="ablation: the text to train on (default: Tiny Shakespeare)")
     args = parser.parse_args(argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    parts = ["gpu"] if args.gpu else [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
     args.iters = args.iters or (200 if args.quick else 2000)
     args.long_tokens = args.long_tokens or (16 if args.quick else 64)
     args.timing_repeats = args.timing_repeats or (1 if args.quick else 3)
+    args.timing_iters = args.timing_iters or (10 if args.quick else 50)
+    args.step_repeats = args.step_repeats or (5 if args.quick else 40)
     return {part: PARTS[part](args) for part in parts}
 
 

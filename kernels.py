@@ -5,8 +5,12 @@ a plain PyTorch function of deepseek.py defines (and what runs everywhere else):
     dispatch_triton(ids, n_experts) -> counts, offsets, perm, inv     deepseek.dispatch
 
 Same ids and permutations, bit for bit (up to fp32 near-ties in the gate). Without a GPU they run
-under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them.
+under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them, and
+compile_launches compiles them for any CUDA target (no GPU needed either).
 """
+import functools
+import sys
+
 import torch
 
 try:
@@ -16,10 +20,30 @@ try:
 except ImportError:  # e.g. Mac / Windows: the references are used
     HAS_TRITON = False
 
+MIN_CC = (7, 0)     # Volta on: the kernels compile for sm_70 up (tested), PyTorch's own floor for Triton
+GATE_TILE = 1024    # token rows x padded experts per gate program: 8 values a thread at 4 warps
+
+
+def fallback_reason(has_triton, capability):
+    """Why a CUDA GPU of this compute capability cannot run the kernels ("" when it can)."""
+    if not has_triton:
+        return "triton is not installed"
+    if tuple(capability) < MIN_CC:
+        return "compute capability %d.%d is below %d.%d" % (*capability, *MIN_CC)
+    return ""
+
+
+@functools.cache
+def _runs_on(device):
+    reason = fallback_reason(HAS_TRITON, torch.cuda.get_device_capability(device))
+    if reason:  # once per device
+        print(f"warning: {reason}: the MoE routing falls back to PyTorch", file=sys.stderr)
+    return not reason
+
 
 def enabled(t):
-    """Whether the kernels run for tensor t: Triton installed and t on a CUDA device."""
-    return HAS_TRITON and t.is_cuda
+    """Whether the kernels run for tensor t: on a CUDA GPU that can run them (one warning line if not)."""
+    return t.is_cuda and _runs_on(t.device)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -27,7 +51,7 @@ def enabled(t):
 if HAS_TRITON:
 
     @triton.jit
-    def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_t, stride_e, route_scale,
+    def _route_kernel(logits_ptr, bias_ptr, ids_ptr, T, stride_t, stride_e,
                       G: tl.constexpr, S: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr,
                       K: tl.constexpr, KP: tl.constexpr, KG: tl.constexpr,
                       SIGMOID: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -48,9 +72,11 @@ if HAS_TRITON:
         else:
             p = tl.exp(x - tl.max(tl.max(x, 2), 1)[:, None, None])
             s = p / tl.sum(tl.sum(p, 2), 1)[:, None, None]
-        # 2. the bias only chooses: sel = s + b (padding -inf so it is never chosen)
-        b = tl.load(bias_ptr + g * S + j, mask=real, other=0.0).to(tl.float32)
-        sel = tl.where(real, s + b, float("-inf"))
+        # 2. the bias only chooses: sel = s + b, made finite (NaN lowest; a sum of two stays finite) so
+        #    that -inf marks only padding, dropped groups and taken experts: each pick is real and new
+        sel = s + tl.load(bias_ptr + g * S + j, mask=real, other=0.0).to(tl.float32)
+        sel = tl.where(sel == sel, tl.minimum(tl.maximum(sel, -1e30), 1e30), -1e30)
+        sel = tl.where(real, sel, float("-inf"))
         # 3. group-limited routing: group score = sum of its two best biased scores (V3, sigmoid),
         #    or its best score (V2, softmax)
         if G > 1:
@@ -66,47 +92,45 @@ if HAS_TRITON:
                 pick = tl.min(tl.where(gscore == best[:, None], gid, GP), 1)
                 keep = tl.where(gid == pick[:, None], 1, keep)
                 gscore = tl.where(gid == pick[:, None], float("-inf"), gscore)
-            sel = tl.where(keep[:, :, None] != 0, sel, float("-inf"))  # -inf, never 0 (see route_ref)
-        # 4. top-k by repeated argmax; ties -> lower expert index. Collect ids and unbiased scores.
+            sel = tl.where(keep[:, :, None] != 0, sel, float("-inf"))  # -inf, never 0 (see Gate.route)
+        # 4. top-k by repeated argmax; ties -> lower expert index
         kid = tl.arange(0, KP)[None, :]
-        w = tl.zeros((BLOCK_T, KP), tl.float32)
         ids = tl.zeros((BLOCK_T, KP), tl.int32)
         for i in tl.static_range(K):
             best = tl.max(tl.max(sel, 2), 1)
             pick = tl.min(tl.min(tl.where(sel == best[:, None, None], eid, NONE), 2), 1)
-            hit = eid == pick[:, None, None]
-            w_i = tl.sum(tl.sum(tl.where(hit, s, 0.0), 2), 1)            # the unbiased score s
-            sel = tl.where(hit, float("-inf"), sel)                        # taken
-            w = tl.where(kid == i, w_i[:, None], w)
+            sel = tl.where(eid == pick[:, None, None], float("-inf"), sel)       # taken
             ids = tl.where(kid == i, pick[:, None], ids)
-        # 5. weights: normalise to sum 1 for sigmoid (eq. 13), times route_scale
-        if SIGMOID:
-            w = w / tl.sum(w, 1)[:, None]
-        w = w * route_scale
         out = rows.to(tl.int64)[:, None] * K + kid
-        ok = (rows[:, None] < T) & (kid < K)
-        tl.store(w_ptr + out, w, mask=ok)
-        tl.store(ids_ptr + out, ids, mask=ok)
+        tl.store(ids_ptr + out, ids, mask=(rows[:, None] < T) & (kid < K))
+
+    @triton.jit
+    def _load_ids(ids_ptr, offs, ok, E: tl.constexpr):
+        """Expert ids of pairs offs, clamped into [0, E): whatever the ids, the dispatch kernels
+        stay inside their buffers (the gate never gives others)."""
+        return tl.minimum(tl.maximum(tl.load(ids_ptr + offs, mask=ok, other=0), 0), E - 1)
 
     @triton.jit
     def _count_kernel(ids_ptr, bc_ptr, N, NB, EP: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr):
-        """Program b counts how many of pairs [b*BLOCK, (b+1)*BLOCK) go to each expert: bc[e, b]."""
+        """Program b counts how many of pairs [b*BLOCK, (b+1)*BLOCK) go to each expert: bc[e, b].
+        A compare-and-sum over a (BLOCK, EP) tile (tl.histogram takes no mask in older Triton)."""
         b = tl.program_id(0)
         offs = b * BLOCK + tl.arange(0, BLOCK)
-        e = tl.load(ids_ptr + offs, mask=offs < N, other=0)
-        h = tl.histogram(e, EP, mask=offs < N)
+        ok = offs < N
+        e = _load_ids(ids_ptr, offs, ok, E)
         col = tl.arange(0, EP)
+        h = tl.sum(((e[:, None] == col[None, :]) & ok[:, None]).to(tl.int32), 0)
         tl.store(bc_ptr + col * NB + b, h, mask=col < E)
 
     @triton.jit
-    def _scatter_kernel(ids_ptr, start_ptr, perm_ptr, inv_ptr, N, NB, BLOCK: tl.constexpr):
+    def _scatter_kernel(ids_ptr, start_ptr, perm_ptr, inv_ptr, N, NB, E: tl.constexpr, BLOCK: tl.constexpr):
         """Pair p (expert e, block b) lands at start[e, b] + (# earlier pairs of its block with
         expert e). start[e, b] already counts expert < e and same expert in blocks < b: stable."""
         b = tl.program_id(0)
         i = tl.arange(0, BLOCK)
         offs = b * BLOCK + i
         ok = offs < N
-        e = tl.load(ids_ptr + offs, mask=ok, other=-1)
+        e = _load_ids(ids_ptr, offs, ok, E)                 # the lanes past N come last: no rank effect
         earlier_same = (e[:, None] == e[None, :]) & (i[None, :] < i[:, None])   # (BLOCK, BLOCK)
         rank = tl.sum(earlier_same.to(tl.int32), 1)
         pos = tl.load(start_ptr + e * NB + b, mask=ok, other=0) + rank
@@ -114,34 +138,45 @@ if HAS_TRITON:
         tl.store(perm_ptr + pos, offs.to(tl.int64), mask=ok)
 
 
+def _launch(kernel, grid, *args, **kw):
+    """Every launch goes through here, so that compile_launches compiles exactly what is launched."""
+    kernel[grid](*args, **kw)
+
+
+def gate_config(n_experts, topk, n_groups, topk_groups, score_func):
+    """The gate kernel's constexprs: from the expert shape only, so a new T compiles nothing."""
+    S = n_experts // n_groups
+    GP, SP = triton.next_power_of_2(n_groups), triton.next_power_of_2(S)
+    return dict(G=n_groups, S=S, GP=GP, SP=SP, K=topk, KP=triton.next_power_of_2(topk),
+                KG=topk_groups if n_groups > 1 else 1, SIGMOID=score_func == "sigmoid",
+                BLOCK_T=max(1, GATE_TILE // (GP * SP)))
+
+
 def route_triton(logits, bias, topk, n_groups=1, topk_groups=1, score_func="sigmoid"):
-    """The experts chosen by deepseek.Gate.route, one kernel launch: ids (T, topk) int32."""
+    """The experts chosen by deepseek.Gate.route, one kernel launch: ids (T, topk) int32, in [0, E)
+    and distinct whatever the logits (NaN, +-inf)."""
     T, E = logits.shape
-    S = E // n_groups
-    kept = topk_groups * S if n_groups > 1 else E   # experts left after the group limit
+    kept = topk_groups * E // n_groups if n_groups > 1 else E   # experts left after the group limit
     assert E % n_groups == 0 and topk_groups <= n_groups and topk <= kept
-    GP, SP, KP = triton.next_power_of_2(n_groups), triton.next_power_of_2(S), triton.next_power_of_2(topk)
-    weights = torch.empty(T, topk, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, topk, dtype=torch.int32, device=logits.device)
-    BLOCK_T = min(triton.next_power_of_2(max(T, 1)), max(1, 4096 // (GP * SP)))
+    cfg = gate_config(E, topk, n_groups, topk_groups, score_func)
     if T > 0:
-        _route_kernel[(triton.cdiv(T, BLOCK_T),)](
-            logits, bias.contiguous(), weights, ids, T, logits.stride(0), logits.stride(1), 1.0,
-            G=n_groups, S=S, GP=GP, SP=SP, K=topk, KP=KP, KG=topk_groups if n_groups > 1 else 1,
-            SIGMOID=score_func == "sigmoid", BLOCK_T=BLOCK_T)
+        _launch(_route_kernel, (triton.cdiv(T, cfg["BLOCK_T"]),), logits, bias.contiguous(), ids, T,
+                logits.stride(0), logits.stride(1), **cfg)
     return ids
 
 
 def dispatch_triton(ids, n_experts, BLOCK=128):
-    """Same outputs as dispatch_ref (int64), bit-identical, deterministic (no atomics):
-    1) per-block histogram bc[e, b]; 2) exclusive prefix sum over bc in (expert, block) order =
-    where each block starts writing each expert; 3) each pair goes to its start + rank in block."""
+    """Same outputs as deepseek.dispatch (int64), bit-identical, deterministic (no atomics):
+    1) per-block counts bc[e, b]; 2) exclusive prefix sum over bc in (expert, block) order =
+    where each block starts writing each expert; 3) each pair goes to its start + rank in block.
+    Ids outside [0, E) count as the nearest expert: no input makes it write outside its buffers."""
     flat = ids.flatten().int()  # no copy for the int32 ids of route
     N, E = flat.numel(), n_experts
     NB = triton.cdiv(N, BLOCK)
     bc = torch.zeros(E, NB, dtype=torch.int32, device=flat.device)
     if NB > 0:
-        _count_kernel[(NB,)](flat, bc, N, NB, EP=triton.next_power_of_2(E), E=E, BLOCK=BLOCK)
+        _launch(_count_kernel, (NB,), flat, bc, N, NB, EP=triton.next_power_of_2(E), E=E, BLOCK=BLOCK)
     bc = bc.flatten()
     start = bc.cumsum(0) - bc                    # int64, exclusive prefix sum in (expert, block) order
     counts = bc.view(E, NB).sum(1)
@@ -149,5 +184,30 @@ def dispatch_triton(ids, n_experts, BLOCK=128):
     perm = torch.empty(N, dtype=torch.int64, device=flat.device)
     inv = torch.empty(N, dtype=torch.int64, device=flat.device)
     if NB > 0:
-        _scatter_kernel[(NB,)](flat, start, perm, inv, N, NB, BLOCK=BLOCK)
+        _launch(_scatter_kernel, (NB,), flat, start, perm, inv, N, NB, E=E, BLOCK=BLOCK)
     return counts, offsets, perm, inv
+
+
+def compile_launches(cc, fn, *args):
+    """Compile for CUDA compute capability cc, without a GPU, each kernel launch that fn(*args) makes
+    (give it meta tensors), specialised as that launch would be: [(kernel name, CompiledKernel)].
+    Needs TRITON_INTERPRET unset."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import native_specialize_impl          # the launcher's own specialisation
+    backend, done = triton.backends.backends["nvidia"].compiler, []
+
+    def compile_one(kernel, grid, *a, num_warps=4, **cx):
+        spec = [native_specialize_impl(backend, x, False, True, True) for x in a]   # (type, attribute)
+        sig = {n: t for n, (t, _) in zip(kernel.arg_names, spec)} | dict.fromkeys(cx, "constexpr")
+        cx |= {n: v for n, (t, v) in zip(kernel.arg_names, spec) if t == "constexpr"}   # ints equal to 1
+        attrs = {(i,): backend.parse_attr(v) for i, (t, v) in enumerate(spec) if isinstance(v, str)}
+        src = triton.compiler.ASTSource(kernel, sig, cx, attrs)
+        done.append((kernel.__name__, triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                                     options=dict(num_warps=num_warps))))
+    global _launch
+    launch, _launch = _launch, compile_one
+    try:
+        fn(*args)
+    finally:
+        _launch = launch
+    return done

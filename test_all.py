@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -345,6 +346,20 @@ def test_experts_grouped_gemm_equals_loop(dtype):
     torch.testing.assert_close(outs[0], ref.detach(), **tol)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_moe_forward_has_no_host_sync(monkeypatch):
+    """On the grouped-GEMM path nothing in a MoE training forward reads a device value on the host."""
+    moe = model().layers[1].ffn.train()
+    x = torch.randn(2, 9, 32)
+
+    def sync(*_):
+        raise AssertionError("host sync")
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    moe(x)
+    with pytest.raises(AssertionError, match="host sync"):                 # the loop path does sync
+        moe.experts(x.view(-1, 32), torch.tensor([18, 0, 0, 0, 0, 0, 0, 0]), grouped=False)
 
 
 def test_moe_matches_per_token_loop():
@@ -728,6 +743,46 @@ def test_route_random():
         check_route(logits, bias, k, G, KG, f)
 
 
+@needs_triton
+@pytest.mark.parametrize("f", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("E,k,G,KG", [(16, 4, 1, 1), (16, 4, 4, 2), (256, 8, 8, 4), (8, 2, 8, 4)])
+def test_route_nonfinite_logits(E, k, G, KG, f):
+    """NaN / +-inf logits (whole rows, single entries) give k distinct ids in [0, E) within KG groups,
+    from the kernel and from Gate.route, and a valid dispatch; rows whose scores are defined agree."""
+    nan, inf = float("nan"), float("inf")
+    g = torch.Generator().manual_seed(E + k)
+    x = torch.randn(10, E, generator=g)
+    for row, (cols, v) in enumerate([(slice(None), nan), (1, nan), (slice(None), inf), (2, inf),
+                                     (slice(None), -inf), (3, -inf)]):
+        x[row, cols] = v
+    x[6, :3] = torch.tensor([nan, inf, -inf])
+    ref = gate(E, k, G, KG, f, bias=0.1 * torch.randn(E, generator=g))
+    ids = kernels.route_triton(x.to(DEV), ref.bias.to(DEV), k, G, KG, f).cpu()
+    ids_ref = ref.route(ref.scores(x))
+    for i in (ids, ids_ref):
+        assert i.min() >= 0 and i.max() < E and (i.sort(1)[0].diff(1) > 0).all()
+        assert (torch.zeros(10, G).scatter_(1, i.long() // (E // G), 1).sum(1) <= KG).all()
+        check_dispatch(i.to(DEV), E)
+    # sigmoid(+-inf) is 1 / 0; a softmax row with an inf, or all -inf, is NaN: only validity there
+    defined = ref.scores(x).isfinite().all(1)
+    assert defined.sum() == (7 if f == "sigmoid" else 4)
+    assert torch.equal(ids[defined], ids_ref[defined])
+
+
+@needs_triton
+def test_gate_block_from_expert_shape_only(monkeypatch):
+    """BLOCK_T (a constexpr) comes from the expert shape, never T: a new length compiles nothing."""
+    launches, launch = [], kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda kernel, grid, *a, **kw: launches.append((grid, kw)) or
+                        launch(kernel, grid, *a, **kw))
+    lengths = (1, 2, 37, 200)
+    for T in lengths:
+        check_route(torch.randn(T, 16, device=DEV), torch.zeros(16, device=DEV), 4, 4, 2)
+    assert all(kw == launches[0][1] for _, kw in launches)
+    BT = kernels.GATE_TILE // 16
+    assert launches[0][1]["BLOCK_T"] == BT and [grid for grid, _ in launches] == [(-(-T // BT),) for T in lengths]
+
+
 # ----------------------------------------------------------------------------- kernels: dispatch
 
 @needs_triton
@@ -749,6 +804,17 @@ def test_dispatch_edge_cases():
 
 
 @needs_triton
+def test_dispatch_clamps_bad_ids():
+    """Ids outside [0, E) never index outside the buffers: they count as the nearest expert."""
+    ids = torch.randint(0, 16, (300, 2), dtype=torch.int32)
+    ids[::7, 0], ids[::11, 1], ids[3] = -5, 16, torch.tensor([2**31 - 1, -2**31], dtype=torch.int32)
+    out = kernels.dispatch_triton(ids.to(DEV), 16)
+    for a, b in zip(out, ds.dispatch(ids.clamp(0, 15), 16)):
+        assert torch.equal(a.cpu(), b)
+    assert out[0].sum() == 600 and torch.equal(out[2].sort()[0].cpu(), torch.arange(600))
+
+
+@needs_triton
 def test_route_then_dispatch_deterministic():
     logits = torch.randn(77, 256, device=DEV)
     bias = 0.1 * torch.randn(256, device=DEV)
@@ -767,6 +833,41 @@ def test_kernels_only_on_cuda_and_model_runs_without_triton():
             "m(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1]['total'].backward()")
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=here)
+
+
+def test_triton_fallback_decision(monkeypatch, capsys):
+    """The kernels on a CUDA GPU from MIN_CC with triton; else the references after one line."""
+    assert kernels.fallback_reason(True, (7, 0)) == kernels.fallback_reason(True, (9, 0)) == ""
+    assert kernels.fallback_reason(True, (6, 1)) == "compute capability 6.1 is below 7.0"
+    assert kernels.fallback_reason(False, (9, 0)) == "triton is not installed"
+    on = lambda i: types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", i))   # noqa: E731
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (6, 1))
+    assert not kernels.enabled(on(99)) and not kernels.enabled(on(99))
+    err = capsys.readouterr().err                                           # one line, once
+    assert err == "warning: compute capability 6.1 is below 7.0: the MoE routing falls back to PyTorch\n"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    assert kernels.enabled(on(98)) == kernels.HAS_TRITON
+    kernels._runs_on.cache_clear()
+
+
+@needs_triton
+@pytest.mark.slow
+def test_kernels_compile_for_cuda(monkeypatch, capsys):
+    """Every kernel, as launched at deepseek.py's gate shapes, compiles to PTX and a cubin for each
+    CUDA target from MIN_CC (no GPU: the bundled ptxas), without spills; the gate keeps >= 1/4 occupancy."""
+    import bench
+    rows = bench.compile_kernels()
+    names = ("_route_kernel", "_count_kernel", "_scatter_kernel")
+    assert sorted((r["kernel"], r["shape"], r["cc"]) for r in rows) == \
+        sorted((n, s[0], cc) for n in names for s in bench.COMPILE_SHAPES for cc in bench.CCS)
+    assert min(bench.CCS) == 10 * kernels.MIN_CC[0] + kernels.MIN_CC[1]
+    for r in rows:
+        assert r["target"].startswith(f"sm_{r['cc']}") and r["cubin"] > 0 and r["spills"] == 0
+        assert r["kernel"] != "_route_kernel" or bench.occupancy(r["regs"], r["warps"], r["cc"]) >= 0.25
+    monkeypatch.setattr(bench, "compile_kernels", lambda ccs: [r for r in rows if r["cc"] in ccs])
+    bench.main(["--parts=kernels"])
+    table = capsys.readouterr().out.splitlines()
+    assert len([line for line in table if line.startswith("| _")]) == len(names) * len(bench.COMPILE_SHAPES)
 
 
 @needs_triton
