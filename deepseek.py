@@ -185,8 +185,10 @@ class Attention(nn.Module):
 def causal_softmax(scores, start_pos):
     """Softmax over cached keys t for queries at positions start_pos + s: key t is seen if t <= start_pos + s."""
     S, T = scores.size(1), scores.size(-1)
-    mask = torch.full((S, T), float("-inf"), device=scores.device).triu_(start_pos + 1)
-    return (scores.float() + mask[:, None]).softmax(dim=-1).type_as(scores)
+    s = scores.float()
+    if S > 1:                                           # one new query sees every cached key: no mask
+        s = s + torch.full((S, T), float("-inf"), device=s.device).triu_(start_pos + 1)[:, None]
+    return s.softmax(dim=-1).type_as(scores)
 
 
 class MLA(Attention):
@@ -340,6 +342,10 @@ class Permute(torch.autograd.Function):
     backward is the gather g[inv] instead of indexing's accumulating scatter, several times faster."""
 
     @staticmethod
+    def of(x, perm, inv):
+        return Permute.apply(x, perm, inv) if x.requires_grad else x[perm]
+
+    @staticmethod
     def forward(ctx, x, perm, inv):
         ctx.save_for_backward(inv)
         return x[perm]
@@ -439,10 +445,10 @@ class MoE(nn.Module):
         sorts last and is skipped, so only the first `copies` pairs run. -> (y, copies per expert (n,))"""
         (N, D), K, n = x.shape, ids.size(1), self.experts.w1.size(0)
         counts, _, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, n + 1)
-        xs = Permute.apply(x.unsqueeze(1).expand(-1, K, -1).reshape(-1, D), perm, inv)   # K copies of each row
+        xs = Permute.of(x.unsqueeze(1).expand(-1, K, -1).reshape(-1, D), perm, inv)   # K copies of each row
         ys = self.experts(xs[:copies], counts[:n])                              # expert 0's copies first
-        ys = Permute.apply(F.pad(ys, (0, 0, 0, N * K - copies)), inv, perm)     # (row, slot) order, 0 if skipped
-        return torch.einsum("tk,tkd->td", weights.type_as(ys), ys.view(N, K, D)), counts[:n]
+        ys = Permute.of(F.pad(ys, (0, 0, 0, N * K - copies)), inv, perm)        # (row, slot) order, 0 if skipped
+        return torch.bmm(weights.type_as(ys).unsqueeze(1), ys.view(N, K, D)).squeeze(1), counts[:n]
 
     def routed_parallel(self, x, ids, weights):
         """routed() under expert parallelism (§3.2.2), sending each token once to each rank that holds

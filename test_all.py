@@ -1,5 +1,6 @@
 """The test suite: `python -m pytest -q`. Grouped as deepseek.py reads: config, norm and RoPE, MLA,
 gate, experts and MoE, balancing, MTP, model, generation; then kernels, training, sampling."""
+import importlib.util
 import json
 import math
 import os
@@ -1466,13 +1467,21 @@ import bench  # noqa: E402
 
 
 def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
-    bench.main(["--parts=ablation", "--iters=2", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}",
-                f"--text={text_file}"])
+    bench.main(["--parts=ablation", "--iters=4", "--timing_iters=3", "--quick", f"--out={tmp_path}",
+                f"--data_dir={data_dir}", f"--text={text_file}"])
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [r.split(" | ")[0][2:4] for r in rows] == ["1 ", "2 ", "3 ", "4a", "4b", "5 "]
-    assert rows[0].endswith("| +0.0000 | 1.00x |")
-    assert all(r.split(" | ")[5] == "-" for r in rows[:2]) and all(r.split(" | ")[5] != "-" for r in rows[2:])
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    same_steps, same_time = rows[:6], rows[6:]
+    for table in (same_steps, same_time):
+        assert [r[0][2:4] for r in table] == ["1 ", "2 ", "3 ", "4a", "4b", "5 "]
+    assert same_steps[0][-2:] == ["+0.0000", "1.00x |"]
+    assert all(r[5] == "-" for r in same_steps[:2]) and all(r[5] != "-" for r in same_steps[2:])
+    # same time: row 1 keeps its steps, every row's steps x its step time is row 1's budget
+    assert same_time[0][1] == "4" and same_time[0][-1] == "+0.0000 |"
+    budget = 4 * float(same_time[0][2])
+    for r in same_time[1:]:
+        assert int(r[1]) == max(1, round(budget / float(r[2]))) or abs(int(r[1]) * float(r[2]) - budget) < float(r[2])
+    assert (tmp_path / "ablation_val_loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
 @pytest.mark.slow
