@@ -6,6 +6,7 @@
     python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
     python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same steps and same time
     python bench.py --parts fp8          # FP8 training (report §3.3) beside fp32: loss, step time, saved activations
+    python bench.py --parts ep           # expert parallelism: all-to-all volume with and without the node limit
     python bench.py --gpu                # everything worth measuring on one CUDA GPU (about 8 minutes)
     python bench.py --quick              # a smoke version of every CPU part
 """
@@ -469,6 +470,57 @@ def fp8_gpu_speed(args):
           f"fp8 {speed['fp8']:,.0f} ({speed['fp8'] / speed['bf16']:.2f}x)")
 
 
+# ----------------------------------------------------------------------------- expert parallelism
+
+# the nano model's MoE (16 experts, top-4, dim 256) with one expert group per rank
+EP_MODEL = dict(vocab_size=256, n_layers=3, n_dense_layers=1, n_mtp=0, n_routed_experts=16, n_activated_experts=4)
+
+
+def ep_volume(rank, world, store, out, batches):
+    """One rank (gloo on CPU): the same weights run with every node limit M = world .. 1 over the same
+    random tokens; rank 0 writes the all-to-all volume summed over the ranks to `out`."""
+    import expert_parallel
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    rows = []
+    for M in range(world, 0, -1):
+        torch.manual_seed(0)
+        model = ds.Transformer(ds.ModelArgs(**EP_MODEL, n_expert_groups=world, n_limited_groups=M))
+        expert_parallel.shard_experts(model, world)
+        g = torch.Generator().manual_seed(rank)
+        with torch.no_grad():                   # training mode: the layers count their traffic
+            for _ in range(batches):
+                model(torch.randint(EP_MODEL["vocab_size"], (8, 64), generator=g))
+        v, _ = expert_parallel.all_to_all_volume(model, batches, "cpu")
+        rows.append(dict(M=M, sends=v["a2a_sends_per_token"], copies=v["a2a_copies_per_token"],
+                         bytes_per_token=v["a2a_bytes_per_step"] / (world * 8 * 64)))
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def bench_ep(args):
+    """Markdown table: token sends to other ranks per token and bytes per token with the node limit M
+    (n_limited_groups, one expert group per rank) from M = world down to 1, at the same weights."""
+    import tempfile
+    world, batches = 4, 2 if args.quick else 8
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(ep_volume, args=(world, f"{tmp}/store", f"{tmp}/out.json", batches), nprocs=world)
+        rows = json.loads(Path(f"{tmp}/out.json").read_text())
+    a = ds.ModelArgs(**EP_MODEL)
+    print(f"\nexpert parallelism: {world} ranks (gloo, CPU), {a.n_routed_experts} experts top-{a.n_activated_experts} "
+          f"in {world} groups (one per rank), dim {a.dim}, fp32, same random-init weights for every M; "
+          f"{batches} x 8 x 64 tokens per rank")
+    print("| node limit M | token sends to other ranks per token (per MoE layer) | expert copies they carry "
+          "(one send per copy) | bytes per token, forward, all layers | vs M = W |")
+    print("|---:|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['M']} | {' '.join(f'{v:.2f}' for v in r['sends'])} | {' '.join(f'{v:.2f}' for v in r['copies'])} | "
+              f"{r['bytes_per_token']:,.0f} | {r['bytes_per_token'] / rows[0]['bytes_per_token']:.2f}x |")
+    return rows
+
+
 # ----------------------------------------------------------------------------- one GPU
 
 def bench_gpu(args):
@@ -514,12 +566,12 @@ def bench_gpu(args):
 # ----------------------------------------------------------------------------- main
 
 PARTS = {"kernels": bench_kernels, "step": bench_step, "decode": bench_decode, "ablation": bench_ablation,
-         "fp8": bench_fp8, "gpu": bench_gpu}
+         "fp8": bench_fp8, "ep": bench_ep, "gpu": bench_gpu}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="kernels,step,decode,ablation,fp8", help=f"comma list of: {', '.join(PARTS)}")
+    parser.add_argument("--parts", default="kernels,step,decode,ablation,fp8,ep", help=f"comma list of: {', '.join(PARTS)}")
     parser.add_argument("--ckpts", default="out-shakespeare-char-cpu,out", help="decode: checkpoint folders")
     parser.add_argument("--long_tokens", type=int, default=None, help="decode: tokens after the 512-token prompt (64, quick 16)")
     parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
@@ -543,8 +595,7 @@ def main(argv=None):
     args.timing_repeats = args.timing_repeats or (1 if args.quick else 3)
     args.timing_iters = args.timing_iters or (10 if args.quick else 50)
     args.step_repeats = args.step_repeats or (5 if args.quick else 40)
-    for part in parts:
-        PARTS[part](args)
+    return {part: PARTS[part](args) for part in parts}
 
 
 if __name__ == "__main__":

@@ -27,9 +27,13 @@ def one_line(e):
 
 
 def write_atomic(path, write):
-    """write(path.tmp), then rename it over path: a crash midway leaves the previous file intact."""
+    """write(f) into path.tmp opened for bytes, synced to disk, then renamed over path: a crash midway
+    leaves the previous file intact."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -75,7 +79,7 @@ def _source_files(text, shakespeare, log):
             except Exception as e:
                 raise UserError(f"could not download Tiny Shakespeare ({one_line(e)}); place the file by hand at "
                                 f"{shakespeare} (it is {SHAKESPEARE_URL}) or pass --text=PATH") from None
-            write_atomic(shakespeare, lambda tmp: tmp.write_bytes(data))
+            write_atomic(shakespeare, lambda f: f.write(data))
         return [shakespeare]
     path = Path(text).expanduser()
     if not path.is_dir() and not path.is_file():
@@ -126,7 +130,7 @@ def prepare_data(data_dir="data", dataset="", text="", tokenizer="bpe", encoding
     for split, part in (("train", ids[:n]), ("val", ids[n:])):
         write_atomic(folder / f"{split}.bin", part.astype(dtype).tofile)
     meta.update(dtype=np.dtype(dtype).name, train_tokens=n, val_tokens=len(ids) - n, source=source)
-    write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))   # last: a meta means complete .bin files
+    write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))   # last: a meta means complete .bin files
     return folder, meta
 
 

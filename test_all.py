@@ -23,6 +23,7 @@ import data
 import deepseek as ds
 import fp8
 import kernels
+import expert_parallel
 import sample
 import train
 
@@ -1103,6 +1104,17 @@ def run(tmp_path, text_file, data_dir, *args, out="out", **kw):
     return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
 
 
+def torchrun(tmp_path, text_file, data_dir, out, *args, **kw):
+    """train.py under torchrun, 2 processes, on the tiny preset (gloo on CPU); returns the log.jsonl entries."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", str(preset(tmp_path, **kw)), f"--text={text_file}", f"--data_dir={data_dir}",
+                        f"--out_dir={tmp_path / out}", "--device=cpu", *args],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "identical on all" in r.stdout
+    return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+
+
 def entries(log, kind):
     return [e for e in log if e["kind"] == kind]
 
@@ -1411,19 +1423,19 @@ def test_accumulated_gradient_is_that_of_the_mean_loss(tmp_path, text_file, data
     """With 3 micro-batches, the gradient that reaches clipping and AdamW is d/dp of the mean of their
     total losses. AdamW is scale invariant, so a wrong factor would hardly show in the losses; clipping
     and the effective learning rate would."""
-    seen, make_optimizer, clip = {}, train.configure_optimizer, torch.nn.utils.clip_grad_norm_
+    seen, make_optimizer, clip = {}, train.configure_optimizer, torch.nn.utils.clip_grads_with_norm_
 
     def spy_optimizer(model, *args):
         seen["model"] = model
         return make_optimizer(model, *args)
 
-    def spy_clip(params, max_norm):                  # step 0: the weights are still the initial ones
+    def spy_clip(params, max_norm, total_norm):      # step 0: the weights are still the initial ones
         if "grads" not in seen:
             seen["grads"] = {n: p.grad.clone() for n, p in seen["model"].named_parameters() if p.grad is not None}
             seen["before"] = copy.deepcopy(seen["model"])
-        return clip(params, max_norm)
+        return clip(params, max_norm, total_norm)
     monkeypatch.setattr(train, "configure_optimizer", spy_optimizer)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", spy_clip)
     log = run(tmp_path, text_file, data_dir, "--gradient_accumulation_steps=3", max_iters=1, eval_interval=1)
     # the same 3 micro-batches (seeded by seed, rank 0, step 0, micro-step k), by hand
     folder, meta = data.prepare_data(data_dir, text=str(text_file), tokenizer="char", log=lambda *a: None)
@@ -1473,22 +1485,128 @@ def test_compile_matches_eager(tmp_path, text_file, data_dir):
 def test_ddp_two_processes_stay_identical(tmp_path, text_file, data_dir):
     # 8 tokens per micro-batch, each to 1 of 8 experts: most micro-batches leave some expert without
     # tokens (and so without a gradient) on one rank and not the other
-    p = preset(tmp_path, max_iters=6, eval_interval=3, batch_size=1, block_size=8, n_routed_experts=8,
-               n_activated_experts=1, n_expert_groups=1, n_limited_groups=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", str(p), f"--text={text_file}", f"--data_dir={data_dir}",
-                        f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--gradient_accumulation_steps=2"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    log = torchrun(tmp_path, text_file, data_dir, "out", "--gradient_accumulation_steps=2", max_iters=6,
+                   eval_interval=3, batch_size=1, block_size=8, n_routed_experts=8, n_activated_experts=1,
+                   n_expert_groups=1, n_limited_groups=1)
     assert entries(log, "config")[0]["world_size"] == 2
     assert len(entries(log, "train")) == 6                            # rank 0 alone logs
     assert entries(log, "ddp_check") == [dict(kind="ddp_check", identical=True, world_size=2)]
-    assert "identical on all 2 ranks" in r.stdout
     model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["iter_num"] == 6 and ckpt["data"]["world_size"] == 2
     assert sum(g.bias.abs().sum() for g in model.gates()) > 0         # balancing ran
+
+
+# ----------------------------------------------------------------------------- training: expert parallelism
+
+def ep_worker(rank, world, store, kw):
+    """One rank of an expert-parallel model (DDP for the rest, as train.py sets it up) against a
+    single-process copy on the whole global batch: loss, every gradient, an AdamW step (gathered weights
+    and moments), a re-shard of the gathered state, the bias update and MaxVio, the node limit."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    ref, ep = model(**kw), model(**kw)
+    sharded = expert_parallel.shard_experts(ep, world)
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(ep, list(sharded))
+    ddp = torch.nn.parallel.DistributedDataParallel(ep, forward_sync_buffers=False)
+    idx, tgt = torch.randint(0, 61, (2, 2 * world, 16), generator=torch.Generator().manual_seed(1))
+    _, want = ref(idx, tgt)                        # the global batch: the mean of the ranks' losses
+    want["total"].backward()
+    _, got = ddp(idx[2 * rank:2 * rank + 2], tgt[2 * rank:2 * rank + 2])
+    got["total"].backward()
+    total = got["total"].detach().clone()
+    torch.distributed.all_reduce(total)
+    assert abs(total.item() / world - want["total"].item()) < 1e-5
+    full = dict(ref.named_parameters())
+    for name, p in ep.named_parameters():
+        assert p.shape[0] == (8 // world if name in sharded else full[name].shape[0]), name
+        g = full[name].grad.chunk(world)[rank] if name in sharded else full[name].grad
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-5, msg=name)
+    opts = [train.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.95), "cpu") for m in (ref, ep)]
+    for opt in opts:
+        opt.step()
+    state, opt_state = ep.state_dict(), opts[1].state_dict()
+    expert_parallel.map_experts(opts[1], sharded, state, opt_state, lambda t: expert_parallel.gather(t, world))
+    for k, v in ref.state_dict().items():        # |Adam step| <= lr: near-zero gradients may differ in sign
+        torch.testing.assert_close(state[k], v, rtol=0, atol=2e-3, msg=k)
+    for i, m in opts[0].state_dict()["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_state["state"][i][k], m[k], rtol=0, atol=1e-6)
+    # the gathered state re-sharded into a fresh model and optimizer: this rank's slices come back exactly
+    fresh = model(seed=1, **kw)
+    resharded = expert_parallel.shard_experts(fresh, world)
+    opt = train.configure_optimizer(fresh, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    expert_parallel.map_experts(opt, resharded, state, opt_state, lambda t: t.chunk(world)[rank].clone())
+    fresh.load_state_dict(state)
+    opt.load_state_dict(opt_state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), ep.parameters()))
+    for a, b in zip(opt.state.values(), opts[1].state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq"))
+    # balancing: each rank counts its experts' tokens from all ranks; summed, the loads are the global ones
+    assert torch.equal(ref.update_expert_bias(), ep.update_expert_bias())
+    assert all(torch.equal(a.bias, b.bias) for a, b in zip(ref.gates(), ep.gates()))
+    # one expert group per rank: a token reaches at most n_limited_groups ranks, one of them maybe its own;
+    # a send carries the token (dim fp32), its K gate values (fp32) and K expert ids (int32), and dim fp32 back
+    K, traffic = ep.args.n_activated_experts, [m.traffic for m in ep.modules() if isinstance(m, ds.MoE)]
+    for tokens, sends, copies, nbytes in traffic:
+        assert sends <= min(copies, tokens * ep.args.n_limited_groups) and copies <= K * tokens, traffic
+        assert nbytes == sends * (2 * 32 + 2 * K) * 4
+    assert sum(t[1] for t in traffic) > 0
+    del ddp
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,kw", [(2, dict(n_expert_groups=2, n_limited_groups=1)),
+                                      (4, dict(n_expert_groups=4, n_limited_groups=2, n_activated_experts=3))])
+def test_expert_parallel_matches_single_process(tmp_path, world, kw):
+    torch.multiprocessing.spawn(ep_worker, args=(world, str(tmp_path / "store"), kw), nprocs=world)
+
+
+@pytest.mark.slow
+def test_expert_parallel_training_matches_ddp(tmp_path, text_file, data_dir, capsys):
+    # 2 ranks, one expert group each, n_limited_groups 1: every token is sent to at most one other rank;
+    # 3 eval batches over 2 ranks: one rank runs an extra, uncounted forward so the exchanges pair up
+    kw = dict(max_iters=6, eval_interval=3, eval_iters=3, n_expert_groups=2, n_limited_groups=1)
+    ddp = torchrun(tmp_path, text_file, data_dir, "ddp", "--gradient_accumulation_steps=2", **kw)
+    torchrun(tmp_path, text_file, data_dir, "ep", "--gradient_accumulation_steps=2", "--expert_parallel=True",
+             "--max_iters=3", **kw)
+    ep = torchrun(tmp_path, text_file, data_dir, "ep", "--init_from=resume", "--expert_parallel=True", **kw)
+    a, b = entries(ddp, "train"), entries(ep, "train")
+    assert [e["step"] for e in b] == list(range(1, 7)) and all("a2a_sends_per_token" not in e for e in a)
+    for x, y in zip(a, b, strict=True):
+        assert x["maxvio"] == y["maxvio"] and x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert all(0 < v <= 1 for v in y["a2a_sends_per_token"]) and y["a2a_bytes_per_step"] > 0
+        assert all(s <= c <= 2 for s, c in zip(y["a2a_sends_per_token"], y["a2a_copies_per_token"]))
+    assert entries(ddp, "eval")[-1]["val"] == pytest.approx(entries(ep, "eval")[-1]["val"], abs=1e-5)
+    # rank 0 saved one ordinary checkpoint with all experts: as DDP's, to the last bit of Adam's noise
+    m1, c1 = train.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
+    m2, c2 = train.load_checkpoint(tmp_path / "ep" / "ckpt.pt")
+    assert m2.layers[1].ffn.experts.w1.shape[0] == TINY["n_routed_experts"] and c2["iter_num"] == 6
+    for (k, v), w in zip(c1["model"].items(), c2["model"].values()):
+        torch.testing.assert_close(w, v, rtol=0, atol=0 if "gate.bias" in k else 1e-5, msg=k)
+    for i, s in c1["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(c2["optimizer"]["state"][i][k], s[k], rtol=0, atol=1e-6)
+    assert sample.cli(["--device=cpu", f"--out_dir={tmp_path / 'ep'}", "--num_samples=1", "--max_new_tokens=5"]) == 0
+    # and a single process resumes from it (expert_parallel is not inherited)
+    log = run(tmp_path, text_file, data_dir, "--init_from=resume", "--max_iters=7", out="ep", **kw)
+    assert entries(log, "train")[-1]["step"] == 7 and "a2a_sends_per_token" not in entries(log, "train")[-1]
+
+
+@pytest.mark.parametrize("env,message", [
+    ({}, "expert_parallel=True needs torchrun"),
+    ({"RANK": "0", "WORLD_SIZE": "3"}, f"the world size 3 must divide n_routed_experts={TINY['n_routed_experts']}"),   # as torchrun sets it
+])
+def test_expert_parallel_bad_use_one_line_exit_2(tmp_path, text_file, monkeypatch, capsys, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    argv = [str(preset(tmp_path)), f"--text={text_file}", f"--data_dir={tmp_path / 'data'}",
+            f"--out_dir={tmp_path / 'out'}", "--expert_parallel=True"]
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "data").exists()          # stopped before any work
 
 
 # ----------------------------------------------------------------------------- training: checkpoints
@@ -1663,6 +1781,16 @@ def test_bench_fp8_smoke(tmp_path, text_file, data_dir, capsys):
     layers = lambda a, d, m: a + d + (3 + 63 / 64) * (a + m)      # noqa: E731
     saved = [int(r[5].split()[0].replace(",", "")) for r in (fp32, fp8_row)]
     assert saved == [round(4 * layers(att, dense, moe)), round(layers(att8, dense8, moe8))]
+
+
+@pytest.mark.slow
+def test_bench_expert_parallel_volume(capsys):
+    rows = bench.main(["--parts=ep", "--quick"])["ep"]
+    assert [r["M"] for r in rows] == [4, 3, 2, 1]
+    for r in rows:     # a token reaches at most M ranks, one send per rank however many of its 4 experts are there
+        assert all(s <= min(r["M"], 3) and s <= c <= 4 for s, c in zip(r["sends"], r["copies"]))
+    assert max(rows[-1]["sends"]) < min(rows[0]["sends"])
+    assert "| 1 | " in capsys.readouterr().out
 
 
 @pytest.mark.slow

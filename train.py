@@ -6,6 +6,7 @@
     python train.py --text=my_book.txt --tokenizer=char # your own text (a .txt file or a folder of them)
     python train.py --init_from=resume --out_dir=out    # continue the run saved in out/ckpt.pt
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
+    torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: expert_parallel.py
 
 Batches are a pure function of (seed, rank, step, micro-step), so a resumed run sees exactly the
 batches an uninterrupted one would. Under torchrun every rank draws its own batches, gradients are
@@ -33,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import UserError, batch_seed, get_batch, load_split, one_line, prepare_data, tokenizer_meta, write_atomic
 from deepseek import ModelArgs, Transformer
+from expert_parallel import all_to_all_volume, check_expert_parallel, gather, grad_norm, map_experts, shard_experts
 
 # ----------------------------------------------------------------------------- defaults
 # A GPU-sized run on Tiny Shakespeare with the GPT-2 BPE (without a GPU and a preset: CPU_PRESET first)
@@ -44,14 +46,11 @@ DEFAULTS = dict(
     # data: Tiny Shakespeare or your text (a .txt file or a folder of them), tokenised once into data_dir/NAME/TOKENIZER/
     text="", dataset="", data_dir="data",  # NAME: dataset, else "shakespeare" or the text file's name
     tokenizer="bpe", encoding="r50k_base",  # "bpe" (tiktoken's encoding; r50k_base is GPT-2's) | "char"
-    # batch_size sequences of block_size tokens (the model's max_seq_len) per micro-batch and process;
-    # gradient_accumulation_steps micro-batches per optimizer step
+    # per micro-batch and process: batch_size sequences of block_size tokens (the model's max_seq_len)
     batch_size=32, block_size=256, gradient_accumulation_steps=1,
-    # model: every deepseek.ModelArgs field is a key too, with its default there (the nano model:
-    # 6 layers, dim 256, MLA, 16 routed experts top-4 in 4 groups, MTP depth 1), except:
+    # model: each deepseek.ModelArgs field is a key, its default there (6 layers, dim 256, MLA, 16 experts top-4), except:
     dropout=0.2,
-    # MTP loss weight: mtp_lambda (a ModelArgs key, 0.3), then mtp_lambda_late from step mtp_lambda_step
-    # on (the report: 0.3, then 0.1; -1: never switch)
+    # MTP loss weight: mtp_lambda (a ModelArgs key, 0.3), mtp_lambda_late from step mtp_lambda_step on (-1: never)
     mtp_lambda_late=0.1, mtp_lambda_step=-1,
     # AdamW (weight decay on matrices only), linear warmup then cosine decay to min_lr; grad_clip 0: none
     learning_rate=1e-3, max_iters=1500, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
@@ -59,7 +58,7 @@ DEFAULTS = dict(
     # system; compile: torch.compile the model; peak_flops: per-device peak FLOP/s for MFU (0: PEAK_BF16)
     device="auto",                # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (CUDA: bf16 where native, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
-    compile=False, seed=1337, peak_flops=0.0,
+    compile=False, seed=1337, peak_flops=0.0, expert_parallel=False,   # expert_parallel: experts sharded over the ranks
 )
 MODEL_KEYS = [f.name for f in fields(ModelArgs) if f.name not in ("vocab_size", "max_seq_len")]
 DEFAULTS.update({f.name: f.default for f in fields(ModelArgs) if f.name in MODEL_KEYS and f.name not in DEFAULTS})
@@ -153,31 +152,32 @@ def pick_device(spec):
     return f"cuda:{index}"
 
 
-def configure(argv, log=print):
-    """(config, checkpoint to resume or None, device). On resume the checkpoint's config is the base and only
-    keys given again change; no GPU and no preset: CPU_PRESET first, out_dir still "out" (sample.py's)."""
+def configure(argv, world=None, log=print):
+    """(config, checkpoint to resume or None, device); world: torchrun's world size, None without. On resume the
+    checkpoint's config is the base and only keys given again change; no GPU, no preset: CPU_PRESET first."""
     cfg, explicit, presets = parse_config(argv)
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = read_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
-        saved = {k: v for k, v in ckpt["config"].items() if k in DEFAULTS}
+        saved = {k: v for k, v in ckpt["config"].items() if k in DEFAULTS and k != "expert_parallel"}   # chosen afresh
         cfg = {**cfg, **saved, **{k: cfg[k] for k in explicit}, "init_from": "resume"}
     device = pick_device(cfg["device"])
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:     # torchrun: one GPU per process
         device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}")
     cpu_default = device == "cpu" and not presets and ckpt is None
     if cpu_default:
-        cfg = {**parse_config([CPU_PRESET, *argv])[0], "out_dir": cfg["out_dir"]}
+        cfg = {**parse_config([CPU_PRESET, *argv])[0], "out_dir": cfg["out_dir"]}   # still "out" (sample.py's)
     c = SimpleNamespace(**cfg)
     check_config(c)
-    if cpu_default:
-        log(f"no GPU and no preset: the character-level model of config/{CPU_PRESET}.py, {c.max_iters} steps "
-            f"(a few minutes on 2 CPU cores), into {c.out_dir}; a preset or --key=value sets any key")
     if c.dtype == "auto":   # bf16 where the GPU has it natively (emulated bf16 is slow), else fp16
         native = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
         c.dtype = ("bfloat16" if native else "float16") if device.startswith("cuda") else "float32"
     if c.dtype == "float16" and not device.startswith("cuda"):
         raise UserError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
+    check_expert_parallel(c, world)
+    if cpu_default:
+        log(f"no GPU and no preset: the character-level model of config/{CPU_PRESET}.py, {c.max_iters} steps "
+            f"(a few minutes on 2 CPU cores), into {c.out_dir}; a preset or --key=value sets any key")
     return c, ckpt, device
 
 
@@ -227,20 +227,15 @@ PEAK_BF16 = {"B200": 2250e12, "H200": 989e12, "H200 NVL": 835e12, "H100": 989e12
 def peak_flops(name):
     """PEAK_BF16 for a CUDA device name ('NVIDIA H100 PCIe'): whole words, the longest entry first (L4 is
     not L40S, H100 not H100 PCIe); 0.0 when unknown."""
-    keys = [k for k in sorted(PEAK_BF16, key=len, reverse=True) if re.search(rf"\b{k}\b", name, re.IGNORECASE)]
-    return PEAK_BF16[keys[0]] if keys else 0.0
+    return next((PEAK_BF16[k] for k in sorted(PEAK_BF16, key=len, reverse=True) if re.search(rf"\b{k}\b", name, re.I)), 0.0)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(ckpt, path):
-    """Atomic (via path.tmp, synced to disk): a crash mid-save leaves the previous checkpoint intact."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-    write_atomic(Path(path), write)
+    """Atomic (via path.tmp, synced to disk): a crash mid-save leaves the previous checkpoint intact; rank 0 writes."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_atomic(Path(path), lambda f: torch.save(ckpt, f))
 
 
 def read_checkpoint(path):
@@ -300,16 +295,18 @@ def load_data(c, ckpt, rank, log):
     return train, val, meta
 
 
-def init_model(c, meta, ckpt, device, rank, log):
-    """(model, optimizer, grad scaler, step, best val loss): fresh, or restored from ckpt."""
+def init_model(c, meta, ckpt, device, rank, world, log):
+    """(model, expert slices {name: parameter} or {}, optimizer, grad scaler, step, best val loss): fresh or from ckpt."""
     torch.manual_seed(c.seed)                              # the same initial weights on every rank
     device_type = torch.device(device).type
     model = Transformer(model_args_from(vars(c), meta["vocab_size"])).to(device)
+    sharded = shard_experts(model, world) if c.expert_parallel else {}
     optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c.dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         path = Path(c.out_dir) / "ckpt.pt"
+        map_experts(optimizer, sharded, ckpt["model"], ckpt["optimizer"], lambda t: t.chunk(world)[rank].clone())
         load_state(model, ckpt["model"], path)
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -328,12 +325,14 @@ def init_model(c, meta, ckpt, device, rank, log):
     n, active, mtp = model.num_params(), model.num_params(active=True), model.num_params(mtp=True)
     log(f"model: {n / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token (+{(mtp - n) / 1e6:.2f}M MTP); "
         f"vocab {model.args.vocab_size} ({meta['tokenizer']})")
-    return model, optimizer, scaler, iter_num, best_val_loss
+    return model, sharded, optimizer, scaler, iter_num, best_val_loss
 
 
-def wrap_ddp(model, device, args):
-    """DDP with per-rank buffers: each rank counts its own tokens per expert (update_expert_bias sums
-    them); an expert that gets no token in a micro-batch has no gradient, hence find_unused_parameters."""
+def wrap_ddp(model, device, args, sharded):
+    """DDP with per-rank buffers: each rank counts its own tokens per expert (update_expert_bias sums them); an
+    expert that gets no token in a micro-batch has no gradient, hence find_unused_parameters."""
+    DDP._set_params_and_buffers_to_ignore_for_model(    # expert slices: their gradients come by the all-to-all
+        model, [n for n, _ in model.named_parameters() if n.removeprefix("_orig_mod.") in sharded])
     sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     return DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
                find_unused_parameters=args.n_routed_experts > 0, **{sync: False})   # broadcast_buffers: torch < 2.13
@@ -347,11 +346,11 @@ def evaluate(model, splits, c, amp, device, rank, world):
     out = {}
     for s, (split, data) in enumerate(splits.items()):
         sums = torch.zeros(2, device=device)
-        for k in range(rank, c.eval_iters, world):
+        for k in range(rank, -(-c.eval_iters // world) * world, world):   # as many on every rank: EP exchanges
             x, y = get_batch(data, c.batch_size, c.block_size, batch_seed(c.seed, 1 + s, k), device)
             with amp:
                 _, losses = model(x, y)
-            sums += torch.stack([losses["main"], losses["mtp"]]).float()
+            sums += torch.stack([losses["main"], losses["mtp"]]).float() * (k < c.eval_iters)   # extras: 0
         if world > 1:
             dist.all_reduce(sums)
         out[split], out[f"{split}_mtp"] = (sums / c.eval_iters).tolist()
@@ -359,23 +358,23 @@ def evaluate(model, splits, c, amp, device, rank, world):
     return out
 
 
-def checkpoint(model, optimizer, scaler, meta, c, iter_num, best_val_loss, world):
+def checkpoint(model, sharded, optimizer, scaler, meta, c, iter_num, best_val_loss, world):
     """Everything a resume needs; batches come from (seed, rank, step, micro-step): the step is the data position."""
-    cuda = model.embed.weight.is_cuda
-    return dict(model=model.state_dict(), model_args=asdict(model.args), meta=tokenizer_meta(meta),
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+    cuda, state, opt_state = model.embed.weight.is_cuda, model.state_dict(), optimizer.state_dict()
+    map_experts(optimizer, sharded, state, opt_state, lambda t: gather(t, world))   # all experts: every rank calls this
+    return dict(model=state, model_args=asdict(model.args), meta=tokenizer_meta(meta),
+                optimizer=opt_state, scaler=scaler.state_dict(), iter_num=iter_num,
                 best_val_loss=best_val_loss, config=vars(c), data=dict(step=iter_num, seed=c.seed, world_size=world),
                 rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None))
 
 
-def ranks_identical(model):
-    """True when all ranks hold the same weights and balancing biases: per tensor, max over ranks == min."""
+def ranks_identical(model, sharded):
+    """True when all ranks hold the same weights (expert slices aside) and balancing biases: per tensor, max == min."""
     same = []
-    for t in model.state_dict().values():
-        hi, lo = t.detach().float().clone(), t.detach().float().clone()
+    for t in [v.detach().float() for k, v in model.state_dict().items() if k not in sharded]:
+        hi = torch.stack([t, -t])                      # max over ranks of t and of -t: -min
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        same.append(torch.equal(hi, lo))
+        same.append(torch.equal(hi[0], -hi[1]))
     return all(same)
 
 
@@ -384,15 +383,15 @@ def main(argv=None):
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    c, ckpt, device = configure(sys.argv[1:] if argv is None else argv, log)
+    c, ckpt, device = configure(sys.argv[1:] if argv is None else argv, world if ddp else None, log)
     device_type = torch.device(device).type
     if ddp:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     train_data, val_data, meta = load_data(c, ckpt, rank, log)
-    raw, optimizer, scaler, iter_num, best_val_loss = init_model(c, meta, ckpt, device, rank, log)
+    raw, sharded, optimizer, scaler, iter_num, best_val_loss = init_model(c, meta, ckpt, device, rank, world, log)
     del ckpt
     model = torch.compile(raw) if c.compile else raw     # the MoE layers stay eager (see deepseek.MoE)
-    train_model = wrap_ddp(model, device, raw.args) if ddp else model
+    train_model = wrap_ddp(model, device, raw.args, sharded) if ddp else model
     amp = nullcontext() if c.dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, c.dtype))
     accum = c.gradient_accumulation_steps
     tokens_per_step = c.batch_size * c.block_size * accum * world
@@ -418,9 +417,9 @@ def main(argv=None):
             losses = evaluate(model, dict(train=train_data, val=val_data), c, amp, device, rank, world)
             improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
             saved = ""
-            if master and iter_num > start_iter and (improved or c.always_save_checkpoint):
-                save_checkpoint(checkpoint(raw, optimizer, scaler, meta, c, iter_num, best_val_loss, world),
-                                out_dir / "ckpt.pt")
+            if iter_num > start_iter and (improved or c.always_save_checkpoint):
+                save_checkpoint(checkpoint(raw, sharded, optimizer, scaler, meta, c, iter_num, best_val_loss, world),
+                                out_dir / "ckpt.pt")                         # every rank: the experts are gathered
                 saved = f" | saved {out_dir / 'ckpt.pt'}"
             log(f"eval step {iter_num}: train {losses['train']:.4f} val {losses['val']:.4f} (mtp: train "
                 f"{losses['train_mtp']:.4f} val {losses['val_mtp']:.4f}) | best val {best_val_loss:.4f}{saved}")
@@ -444,7 +443,7 @@ def main(argv=None):
             parts += torch.stack([losses[k].detach() for k in ("total", "main", "mtp", "balance")]).float()
         if c.grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), c.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(raw.parameters(), c.grad_clip, grad_norm(raw, sharded))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -457,18 +456,19 @@ def main(argv=None):
             dt = (time.time() - t_last) / len(maxvios)
             tok_s, eta = tokens_per_step / dt, dt * (c.max_iters - iter_num)
             mfu = raw.flops_per_token(c.block_size) * tok_s / (peak * world) if peak else None
+            a2a, a2a_text = all_to_all_volume(raw, len(maxvios), device) if sharded else ({}, "")
             log(f"step {iter_num}/{c.max_iters} | loss {total:.4f} (main {main_l:.4f} mtp {mtp_l:.4f} bal {bal:.2e}) "
                 f"| lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {f'{100 * mfu:.2f}%' if mfu is not None else '-'} "
-                f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {_hms(eta)}")
+                f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {_hms(eta)}{a2a_text}")
             record(kind="train", step=iter_num, loss=total, main=main_l, mtp=mtp_l, balance=bal, lr=lr, eta_s=eta,
-                   mtp_lambda=mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, time_s=time.time() - t_start)
+                   mtp_lambda=mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, time_s=time.time() - t_start, **a2a)
             t_last, maxvios = time.time(), []
 
     wall = time.time() - t_start
     log(f"done: best val loss {best_val_loss:.4f}, {_hms(wall)} wall")
     record(kind="done", step=iter_num, best_val=best_val_loss, wall_s=wall)
     if ddp:
-        same = ranks_identical(raw)
+        same = ranks_identical(raw, sharded)
         log(f"ddp check: weights and balancing biases {'identical on all' if same else 'DIFFER between the'} {world} ranks")
         record(kind="ddp_check", identical=same, world_size=world)
         # free the DDP reducer before its process group (else torch 2.13 + gloo now and then aborts at exit)
