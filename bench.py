@@ -572,7 +572,7 @@ PARTS = {"kernels": bench_kernels, "step": bench_step, "decode": bench_decode, "
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="kernels,step,decode,ablation,fp8,ep", help=f"comma list of: {', '.join(PARTS)}")
-    parser.add_argument("--ckpts", default="out-shakespeare-char-cpu,out", help="decode: checkpoint folders")
+    parser.add_argument("--ckpts", default="out-shakespeare-char-cpu", help="decode: checkpoint folders")
     parser.add_argument("--long_tokens", type=int, default=None, help="decode: tokens after the 512-token prompt (64, quick 16)")
     parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
     parser.add_argument("--timing_repeats", type=int, default=None, help="decode: timing repeats, best kept (3, quick 1)")
