@@ -6,6 +6,7 @@
     python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
     python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same steps and same time
     python bench.py --parts fp8          # FP8 training (report §3.3) beside fp32: loss, step time, saved activations
+    python bench.py --parts ep           # expert parallelism: all-to-all volume with and without the node limit
     python bench.py --gpu                # everything worth measuring on one CUDA GPU (about 8 minutes)
     python bench.py --quick              # a smoke version of every CPU part
 """
@@ -16,12 +17,12 @@ import json
 import statistics
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import torch
 
 import deepseek as ds
+from sample import now
 import fp8
 
 
@@ -171,10 +172,10 @@ def bench_step(args):
     times = [[] for _ in rows]
     for r in range(args.step_repeats + 3):              # 3 warm-up rounds, then rows alternate
         for i, ((m, opt), (_, _, use_loop)) in enumerate(zip(models, rows)):
-            t0 = time.perf_counter()
+            t0 = now()
             step(m, opt, use_loop)
             if r >= 3:
-                times[i].append(time.perf_counter() - t0)
+                times[i].append(now() - t0)
     print(f"step: CPU preset (batch {cfg['batch_size']} x {cfg['block_size']}), {torch.get_num_threads()} threads, "
           f"median of {args.step_repeats} interleaved steps")
     print("| model | active params | ms/step | vs dense |")
@@ -188,12 +189,12 @@ def bench_step(args):
 # ----------------------------------------------------------------------------- decode
 
 def timed(fn, repeats):
-    """(best seconds over repeats, last result)."""
+    """(best seconds over repeats, last result); each clock read waits for queued CUDA work."""
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, now() - t0)
     return best, out
 
 
@@ -236,7 +237,8 @@ def decode_header():
 def bench_decode(args):
     """CPU decoding speed, side by side: tokens/s without cache, with the naive (per-head K/V) and the
     absorbed (latent) MLA cache, and with MTP speculative decoding; then cache sizes per token."""
-    from train import load_checkpoint, tokenizer_from_meta
+    from data import tokenizer_from_meta
+    from train import load_checkpoint
     torch.manual_seed(0)
     print(f"decode: CPU, {torch.get_num_threads()} threads, greedy, best of {args.timing_repeats}")
     decode_header()
@@ -291,14 +293,15 @@ def read_log(out_dir):
 @torch.no_grad()
 def expert_load(out_dir, text, data_dir, batches=10):
     """Tokens per expert in each MoE layer of the trained model on val batches: (layers, experts)."""
+    import data
     import train
     model, ckpt = train.load_checkpoint(Path(out_dir) / "ckpt.pt")
     c = ckpt["config"]
-    folder, meta = train.prepare_data(data_dir, c["dataset"], text, c["tokenizer"], c["encoding"], log=lambda *a: None)
-    val = train.load_split(folder, "val", meta)
+    folder, meta = data.prepare_data(data_dir, c["dataset"], text, c["tokenizer"], c["encoding"], log=lambda *a: None)
+    val = data.load_split(folder, "val", meta)
     model.train()                                       # gates count tokens in training mode (dropout is 0)
     for k in range(batches):                            # with targets, so the MTP block runs too
-        model(*train.get_batch(val, c["batch_size"], c["block_size"], train.batch_seed(1, k)))
+        model(*data.get_batch(val, c["batch_size"], c["block_size"], data.batch_seed(1, k)))
     return model, torch.stack([g.load.clone() for g in model.gates()]) if model.gates() else None
 
 
@@ -467,6 +470,57 @@ def fp8_gpu_speed(args):
           f"fp8 {speed['fp8']:,.0f} ({speed['fp8'] / speed['bf16']:.2f}x)")
 
 
+# ----------------------------------------------------------------------------- expert parallelism
+
+# the nano model's MoE (16 experts, top-4, dim 256) with one expert group per rank
+EP_MODEL = dict(vocab_size=256, n_layers=3, n_dense_layers=1, n_mtp=0, n_routed_experts=16, n_activated_experts=4)
+
+
+def ep_volume(rank, world, store, out, batches):
+    """One rank (gloo on CPU): the same weights run with every node limit M = world .. 1 over the same
+    random tokens; rank 0 writes the all-to-all volume summed over the ranks to `out`."""
+    import expert_parallel
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    rows = []
+    for M in range(world, 0, -1):
+        torch.manual_seed(0)
+        model = ds.Transformer(ds.ModelArgs(**EP_MODEL, n_expert_groups=world, n_limited_groups=M))
+        expert_parallel.shard_experts(model, world)
+        g = torch.Generator().manual_seed(rank)
+        with torch.no_grad():                   # training mode: the layers count their traffic
+            for _ in range(batches):
+                model(torch.randint(EP_MODEL["vocab_size"], (8, 64), generator=g))
+        v, _ = expert_parallel.all_to_all_volume(model, batches, "cpu")
+        rows.append(dict(M=M, sends=v["a2a_sends_per_token"], copies=v["a2a_copies_per_token"],
+                         bytes_per_token=v["a2a_bytes_per_step"] / (world * 8 * 64)))
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def bench_ep(args):
+    """Markdown table: token sends to other ranks per token and bytes per token with the node limit M
+    (n_limited_groups, one expert group per rank) from M = world down to 1, at the same weights."""
+    import tempfile
+    world, batches = 4, 2 if args.quick else 8
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(ep_volume, args=(world, f"{tmp}/store", f"{tmp}/out.json", batches), nprocs=world)
+        rows = json.loads(Path(f"{tmp}/out.json").read_text())
+    a = ds.ModelArgs(**EP_MODEL)
+    print(f"\nexpert parallelism: {world} ranks (gloo, CPU), {a.n_routed_experts} experts top-{a.n_activated_experts} "
+          f"in {world} groups (one per rank), dim {a.dim}, fp32, same random-init weights for every M; "
+          f"{batches} x 8 x 64 tokens per rank")
+    print("| node limit M | token sends to other ranks per token (per MoE layer) | expert copies they carry "
+          "(one send per copy) | bytes per token, forward, all layers | vs M = W |")
+    print("|---:|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['M']} | {' '.join(f'{v:.2f}' for v in r['sends'])} | {' '.join(f'{v:.2f}' for v in r['copies'])} | "
+              f"{r['bytes_per_token']:,.0f} | {r['bytes_per_token'] / rows[0]['bytes_per_token']:.2f}x |")
+    return rows
+
+
 # ----------------------------------------------------------------------------- one GPU
 
 def bench_gpu(args):
@@ -499,8 +553,8 @@ def bench_gpu(args):
           f"{statistics.median(e['tokens_per_s'] for e in trains[1:]):,.0f} | "
           f"{f'{100 * statistics.median(mfu):.1f}%' if mfu else '-'} |")
     print("| nanoGPT, published (A100) | 5000 | 1.4697 | about 3 min | | |")
-    from train import load_checkpoint, tokenizer_from_meta
-    model, ckpt = load_checkpoint(out / "ckpt.pt", "cuda")
+    from data import tokenizer_from_meta
+    model, ckpt = train.load_checkpoint(out / "ckpt.pt", "cuda")
     idx = torch.tensor([tokenizer_from_meta(ckpt["meta"])[0]("ROMEO:\n")], device="cuda")
     print()
     decode_header()
@@ -512,13 +566,13 @@ def bench_gpu(args):
 # ----------------------------------------------------------------------------- main
 
 PARTS = {"kernels": bench_kernels, "step": bench_step, "decode": bench_decode, "ablation": bench_ablation,
-         "fp8": bench_fp8, "gpu": bench_gpu}
+         "fp8": bench_fp8, "ep": bench_ep, "gpu": bench_gpu}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="kernels,step,decode,ablation,fp8", help=f"comma list of: {', '.join(PARTS)}")
-    parser.add_argument("--ckpts", default="out-shakespeare-char-cpu,out", help="decode: checkpoint folders")
+    parser.add_argument("--parts", default="kernels,step,decode,ablation,fp8,ep", help=f"comma list of: {', '.join(PARTS)}")
+    parser.add_argument("--ckpts", default="out-shakespeare-char-cpu", help="decode: checkpoint folders")
     parser.add_argument("--long_tokens", type=int, default=None, help="decode: tokens after the 512-token prompt (64, quick 16)")
     parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
     parser.add_argument("--timing_repeats", type=int, default=None, help="decode: timing repeats, best kept (3, quick 1)")
@@ -541,12 +595,11 @@ def main(argv=None):
     args.timing_repeats = args.timing_repeats or (1 if args.quick else 3)
     args.timing_iters = args.timing_iters or (10 if args.quick else 50)
     args.step_repeats = args.step_repeats or (5 if args.quick else 40)
-    for part in parts:
-        PARTS[part](args)
+    return {part: PARTS[part](args) for part in parts}
 
 
 if __name__ == "__main__":
-    from train import UserError
+    from data import UserError
     try:
         main()
     except UserError as e:           # a missing checkpoint, data file, tokenizer: one line

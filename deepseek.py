@@ -425,6 +425,19 @@ class MoE(nn.Module):
         self.gate = Gate(args)
         self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim, args.fp8)
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, args.fp8) if args.n_shared_experts else None
+        self.group = None              # expert parallelism: the process group the routed experts are sharded over
+        # expert parallel training forwards: tokens; sent to other ranks: tokens, the expert copies they carry, bytes
+        self.traffic = [0, 0, 0, 0]
+
+    def shard(self, group):
+        """Expert parallelism (§3.2): keep only this rank's slice of the routed experts, rank r holding
+        experts [r*n, (r+1)*n) with n = n_routed_experts / world size. Everything else stays replicated."""
+        W, r = dist.get_world_size(group), dist.get_rank(group)
+        assert self.args.n_routed_experts % W == 0, "the world size must divide n_routed_experts"
+        n = self.args.n_routed_experts // W
+        for name, p in list(self.experts.named_parameters()):
+            setattr(self.experts, name, nn.Parameter(p.detach()[r * n:(r + 1) * n].clone()))
+        self.group = group
 
     @torch.compiler.disable   # routing and dispatch are data-dependent: torch.compile leaves this layer eager
     def forward(self, x):
@@ -432,19 +445,75 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x = x.view(-1, D)
         scores, weights, ids = self.gate(x)
-        K = ids.size(1)
-        counts, _, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, self.args.n_routed_experts)
+        if self.group is None:
+            y, counts = self.routed(x, ids, weights, ids.numel())
+        else:
+            y, counts = self.routed_parallel(x, ids, weights)
         balance = x.new_zeros((), dtype=torch.float32)
         if self.training:
-            self.gate.load += counts                                   # for the bias update (§2.1.2)
+            self.gate.load += counts              # for the bias update (§2.1.2), summed over ranks there
             if self.args.seq_aux_alpha > 0:
-                balance = sequence_balance_loss(scores.view(B, T, -1), ids.view(B, T, K), self.args.seq_aux_alpha)
-        copies = x.unsqueeze(1).expand(-1, K, -1).reshape(-1, D)        # (T*K, D): K copies of each token
-        ys = self.experts(Permute.of(copies, perm, inv), counts)        # expert 0's copies first
-        y = torch.bmm(weights.type_as(ys).unsqueeze(1), Permute.of(ys, inv, perm).view(-1, K, D)).squeeze(1)
+                balance = sequence_balance_loss(scores.view(B, T, -1), ids.view(B, T, -1), self.args.seq_aux_alpha)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(B, T, D), balance
+
+    def routed(self, x, ids, weights, copies):
+        """Σ_k g_k FFN_{ids_k}(x) for each row of x (eq. 12) over the experts held here: the (row, slot)
+        pairs are grouped by expert (dispatch), run in one grouped GEMM and summed back per row with their
+        gate values. An id equal to the number n of experts held here marks a slot for another rank: it
+        sorts last and is skipped, so only the first `copies` pairs run. -> (y, copies per expert (n,))"""
+        (N, D), K, n = x.shape, ids.size(1), self.experts.w1.size(0)
+        counts, _, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, n + 1)
+        xs = Permute.of(x.unsqueeze(1).expand(-1, K, -1).reshape(-1, D), perm, inv)   # K copies of each row
+        ys = self.experts(xs[:copies], counts[:n])                              # expert 0's copies first
+        ys = Permute.of(F.pad(ys, (0, 0, 0, N * K - copies)), inv, perm)        # (row, slot) order, 0 if skipped
+        return torch.bmm(weights.type_as(ys).unsqueeze(1), ys.view(N, K, D)).squeeze(1), counts[:n]
+
+    def routed_parallel(self, x, ids, weights):
+        """routed() under expert parallelism (§3.2.2), sending each token once to each rank that holds
+        any of its experts, with its expert ids and gate values; that rank runs them, sums their weighted
+        outputs and sends one vector back. With one expert group per rank, n_limited_groups = M caps the
+        ranks a token reaches (node-limited routing). -> (y, copies per expert: this rank's experts counted
+        over all ranks' tokens, 0 elsewhere)"""
+        g, (T, D), K = self.group, x.shape, ids.size(1)
+        W, r, n = dist.get_world_size(g), dist.get_rank(g), self.experts.w1.size(0)
+        on = ids.unsqueeze(-1) // n == torch.arange(W, device=x.device)          # (T, K, W): slot k's expert is on rank j
+        to = on.any(dim=1)                                                        # (T, W): token t goes to rank j
+        # split sizes both ways, tokens and the expert copies they carry per rank: the layer's one host sync
+        sizes = torch.stack([to.sum(0), on.sum((0, 1))], dim=1)
+        got = torch.empty_like(sizes)
+        dist.all_to_all_single(got, sizes, group=g)
+        sizes, got = torch.stack([sizes, got]).tolist()
+        send, recv, copies = [s[0] for s in sizes], [s[0] for s in got], sum(s[1] for s in got)
+        dest, tok = torch.nonzero_static(to.t(), size=sum(send)).unbind(1)      # sends, by rank then token
+        local = torch.where(ids[tok] // n == dest[:, None], ids[tok] % n, n)    # expert there, n: elsewhere
+        local_in = local.new_empty(sum(recv), K)
+        dist.all_to_all_single(local_in, local, recv, send, group=g)
+        xw = AllToAll.apply(torch.cat([x[tok], weights[tok].type_as(x)], dim=1), send, recv, g)
+        y, counts = self.routed(xw[:, :D], local_in, xw[:, D:], copies)
+        y = AllToAll.apply(y, recv, send, g)                                      # back to the tokens' ranks
+        if self.training:
+            sends, copies = (sum(c) - c[r] for c in zip(*sizes))                  # to other ranks
+            row = (xw.size(1) + D) * xw.element_size() + K * local.element_size()  # bytes per send, there and back
+            self.traffic = [a + b for a, b in zip(self.traffic, (T, sends, copies, sends * row))]
+        return y.new_zeros(T, D).index_add(0, tok, y), F.pad(counts, (r * n, (W - r - 1) * n))
+
+
+class AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single with uneven splits, differentiable: the gradients go back the way the
+    values came (the same exchange with send and receive sizes swapped)."""
+
+    @staticmethod
+    def forward(ctx, x, send, recv, group):
+        ctx.args = recv, send, group
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllToAll.apply(grad, *ctx.args), None, None, None
 
 
 # ----------------------------------------------------------------------------- block

@@ -1,7 +1,8 @@
 """Sample from a trained model, decoding with the compressed MLA cache and, when the checkpoint has
 an MTP module, lossless MTP speculative decoding (report §5.4.3).
 
-    python sample.py --out_dir=out --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py                                    # from what `python train.py` wrote (out/ckpt.pt)
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt --temperature=0 --speculative=False --attn_impl=naive
 """
 import argparse
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from train import UserError, load_checkpoint, pick_device, tokenizer_from_meta
+from data import UserError, tokenizer_from_meta
+from train import load_checkpoint, pick_device
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,6 +46,14 @@ def parse(argv):
     if a.num_samples < 1 or a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 1:
         raise UserError("num_samples, max_new_tokens and top_k must be >= 1, temperature >= 0")
     return a
+
+
+def now():
+    """time.perf_counter() once the current CUDA device has finished its queued work (kernels run
+    asynchronously, so a clock read alone would time only their launch)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def read_prompt(start):
@@ -82,14 +92,14 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     stats = dict(tokens=0, seconds=0.0, forwards=0, drafted=0, accepted=0)
     for _ in range(a.num_samples):
-        t0 = time.perf_counter()
+        t0 = now()
         if speculative:
             y, s = model.generate_speculative(x, a.max_new_tokens, a.temperature, a.top_k, a.attn_impl)
             for k in ("forwards", "drafted", "accepted"):
                 stats[k] += s[k]
         else:
             y = model.generate(x, a.max_new_tokens, a.temperature, a.top_k, a.attn_impl)
-        stats["seconds"] += time.perf_counter() - t0
+        stats["seconds"] += now() - t0
         stats["tokens"] += y.size(1) - x.size(1)
         print(decode(y[0].tolist()))
         print("---------------")

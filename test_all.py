@@ -1,5 +1,6 @@
 """The test suite: `python -m pytest -q`. Grouped as deepseek.py reads: config, norm and RoPE, MLA,
 gate, experts and MoE, balancing, MTP, model, generation; then FP8, kernels, training, sampling."""
+import copy
 import importlib.util
 import json
 import math
@@ -18,9 +19,11 @@ if not torch.cuda.is_available():
 import pytest
 import torch.nn.functional as F
 
+import data
 import deepseek as ds
 import fp8
 import kernels
+import expert_parallel
 import sample
 import train
 
@@ -29,12 +32,15 @@ import train
 torch.set_num_threads(1)
 
 
+# the test model, small enough for a step in a few milliseconds, with every part switched on: MLA with a
+# low-rank query, 2 MoE layers of a shared and 8 routed experts with group-limited routing, MTP (depth 1)
+TINY_MODEL = dict(vocab_size=61, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=4,
+                  n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
+                  q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=32)
+
+
 def tiny(**kw):
-    """A small model with every feature on: MLA with low-rank q, 2 MoE layers with groups, MTP."""
-    base = dict(vocab_size=61, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=4,
-                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
-                q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=32)
-    return ds.ModelArgs(**{**base, **kw})
+    return ds.ModelArgs(**{**TINY_MODEL, **kw})
 
 
 def model(seed=0, **kw):
@@ -43,6 +49,19 @@ def model(seed=0, **kw):
     for g in m.gates():                         # a trained-looking bias, so selection depends on it
         g.bias.normal_(0, 0.05)
     return m
+
+
+def fit(m, batch, steps, lr=3e-3):
+    """Plain AdamW on the total loss with a bias update after every step, as train.py does for one
+    process; batch(step) -> (x, y). Returns the last step's losses."""
+    opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    for step in range(steps):
+        _, losses = m(*batch(step))
+        opt.zero_grad()
+        losses["total"].backward()
+        opt.step()
+        m.update_expert_bias()
+    return losses
 
 
 # ----------------------------------------------------------------------------- config
@@ -94,8 +113,9 @@ def test_from_json_rejects_unknown_key(tmp_path):
 
 
 @pytest.mark.parametrize("name,total,active", [
-    # 671,026,419,200 in SPEC.md counts the 58 MoE layers' 256 gate biases (a Parameter in DeepSeek's
-    # code, a buffer here): 671,026,419,200 - 58 * 256 = 671,026,404,352
+    # DeepSeek's inference/model.py built from its config_671B.json has 671,026,419,200 parameters (main
+    # model, no MTP; the report's "671B"); its Gate.bias is an nn.Parameter there, a buffer here: 58 MoE
+    # layers x 256 fewer, 671,026,404,352
     ("671B", 671_026_419_200 - 58 * 256, 37.6e9),
     ("16B", 15_706_484_224, 2.66e9),
 ])
@@ -523,18 +543,12 @@ def test_gradients_reach_every_learning_parameter():
         assert torch.equal(got, moe.gate.load > 0)
 
 
+@pytest.mark.slow
 def test_overfits_one_batch():
     torch.manual_seed(0)
     m = ds.Transformer(tiny(n_layers=2, max_seq_len=16)).train()
     idx = torch.randint(0, 61, (2, 16))
-    x, y = idx[:, :-1], idx[:, 1:]
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(200):
-        _, losses = m(x, y)
-        opt.zero_grad()
-        losses["total"].backward()
-        opt.step()
-        m.update_expert_bias()
+    losses = fit(m, lambda step: (idx[:, :-1], idx[:, 1:]), 200)
     assert losses["main"] < 0.05 and losses["mtp"] < 0.5
 
 
@@ -584,16 +598,13 @@ def pattern_model():
     torch.manual_seed(0)
     m = ds.Transformer(tiny(n_layers=2, vocab_size=16, max_seq_len=24)).train()
     pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7])
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for step in range(60):
+
+    def batch(step):             # 8 windows of the pattern at random offsets, 10% of tokens replaced by noise
         starts = torch.randint(0, len(pattern), (8,))
         seq = torch.stack([pattern.roll(-int(s)).repeat(2)[:17] for s in starts])
         seq = torch.where(torch.rand(seq.shape) < 0.1, torch.randint(0, 16, seq.shape), seq)
-        _, losses = m(seq[:, :-1], seq[:, 1:])
-        opt.zero_grad()
-        losses["total"].backward()
-        opt.step()
-        m.update_expert_bias()
+        return seq[:, :-1], seq[:, 1:]
+    fit(m, batch, 60)
     return m.double().eval()
 
 
@@ -623,6 +634,7 @@ def test_verify_draft_is_lossless():
         assert ok.float().mean().item() == pytest.approx(expected_accept.item(), abs=0.005)
 
 
+@pytest.mark.slow
 def test_speculative_sampling_matches_main_distribution(pattern_model):
     """The first two tokens of a sampled speculative run (a verified draft, then the token drawn after
     it or after its replacement) follow the main model's joint distribution."""
@@ -880,6 +892,7 @@ def test_route_bias_only_selects():
 
 
 @needs_triton
+@pytest.mark.slow
 def test_route_random():
     g = torch.Generator().manual_seed(1234)
     for _ in range(25):
@@ -967,6 +980,7 @@ def test_dispatch_clamps_bad_ids():
 
 
 @needs_triton
+@pytest.mark.slow
 def test_route_then_dispatch_deterministic():
     logits = torch.randn(77, 256, device=DEV)
     bias = 0.1 * torch.randn(256, device=DEV)
@@ -977,6 +991,7 @@ def test_route_then_dispatch_deterministic():
     assert all(torch.equal(x, y) for x, y in zip(d1, d2))
 
 
+@pytest.mark.slow
 def test_kernels_only_on_cuda_and_model_runs_without_triton():
     assert not kernels.enabled(torch.zeros(1))                             # CPU tensors: the references
     code = ("import sys; sys.modules['triton'] = None; import kernels, deepseek, torch; "
@@ -1049,14 +1064,10 @@ HAS_BPE = (SHARED / "tiktoken_cache").is_dir()
 if HAS_BPE:
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
-# a model small enough for a step in a few milliseconds, with every part switched on:
-# MLA with a low-rank query, MoE with group-limited routing, a shared expert, MTP, the balance loss
-TINY = dict(batch_size=4, block_size=32, n_layers=2, n_dense_layers=1, dim=32, n_heads=2, inter_dim=64,
-            moe_inter_dim=32, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2,
-            n_limited_groups=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=8, n_mtp=1, dropout=0.0, tokenizer="char", learning_rate=3e-3, min_lr=3e-4,
-            warmup_iters=5, lr_decay_iters=60, max_iters=8, eval_interval=4, eval_iters=2, log_interval=1,
-            bias_update_speed=0.001)
+# the training preset: the test model (tiny) with one MoE layer, on characters, for a few steps
+TINY = dict({k: v for k, v in TINY_MODEL.items() if k not in ("vocab_size", "max_seq_len")}, n_layers=2,
+            batch_size=4, block_size=32, dropout=0.0, tokenizer="char", learning_rate=3e-3, min_lr=3e-4,
+            warmup_iters=5, lr_decay_iters=60, max_iters=8, eval_interval=4, eval_iters=2, log_interval=1)
 
 
 @pytest.fixture(scope="session")
@@ -1093,8 +1104,26 @@ def run(tmp_path, text_file, data_dir, *args, out="out", **kw):
     return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
 
 
+def torchrun(tmp_path, text_file, data_dir, out, *args, **kw):
+    """train.py under torchrun, 2 processes, on the tiny preset (gloo on CPU); returns the log.jsonl entries."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", str(preset(tmp_path, **kw)), f"--text={text_file}", f"--data_dir={data_dir}",
+                        f"--out_dir={tmp_path / out}", "--device=cpu", *args],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "identical on all" in r.stdout
+    return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+
+
 def entries(log, kind):
     return [e for e in log if e["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, text_file, data_dir):
+    """The shared training run (40 steps, evaluated at 0, 20, 40): its folder and log entries."""
+    root = tmp_path_factory.mktemp("trained")
+    return root / "out", run(root, text_file, data_dir, max_iters=40, eval_interval=20)
 
 
 # ----------------------------------------------------------------------------- training: configuration
@@ -1153,7 +1182,8 @@ def small_text(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing text", "block > data", "batch > data",
-                                  "bad device", "absent cuda", "bad model", "missing ckpt", "corrupt ckpt"])
+                                  "bad device", "absent cuda", "bad model", "missing ckpt", "corrupt ckpt",
+                                  "out_dir is a file"])
 def test_bad_input_one_line_exit_2(case, tmp_path, small_text, text_file, capsys):
     out = tmp_path / "out"
     base = [str(preset(tmp_path)), f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", "--device=cpu"]
@@ -1168,6 +1198,7 @@ def test_bad_input_one_line_exit_2(case, tmp_path, small_text, text_file, capsys
         "bad model": [f"--text={small_text}", "--block_size=8", "--n_routed_experts=6", "--n_expert_groups=4"],
         "missing ckpt": ["--init_from=resume"],
         "corrupt ckpt": ["--init_from=resume"],
+        "out_dir is a file": [f"--text={small_text}", "--block_size=8", f"--out_dir={small_text}"],
     }[case]
     if case == "corrupt ckpt":
         out.mkdir()
@@ -1178,6 +1209,7 @@ def test_bad_input_one_line_exit_2(case, tmp_path, small_text, text_file, capsys
     assert not (out / "log.jsonl").exists()          # stopped before any training work
 
 
+@pytest.mark.slow
 def test_cli_exit_code_in_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--n_layer=4", f"--out_dir={tmp_path / 'out'}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -1188,10 +1220,57 @@ def test_cli_exit_code_in_a_real_process(tmp_path):
 
 def test_device_pick():
     assert train.pick_device("cpu") == "cpu"
-    assert train.pick_device("auto") in ("cuda", "mps", "cpu")
-    for bad in ("foo", "cuda:99"):
+    assert train.pick_device("auto") in ("mps", "cpu") or train.pick_device("auto").startswith("cuda:")
+    for bad in ("foo", "cuda:99", "meta"):
         with pytest.raises(train.UserError):
             train.pick_device(bad)
+
+
+def test_the_chosen_cuda_device_is_made_current(monkeypatch):
+    """Triton launches, RNG states and bf16 queries use the current device, so it must be the chosen one."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[-1] if current else 0)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert train.pick_device("cuda:1") == "cuda:1" and current == [1]
+    assert train.pick_device("cuda") == "cuda:1" and current == [1, 1]      # cuda: the current one
+    with pytest.raises(train.UserError, match="does not exist: this machine has 2 CUDA device"):
+        train.pick_device("cuda:2")
+    assert current == [1, 1]
+
+
+def test_auto_dtype_is_bf16_only_where_native(monkeypatch):
+    monkeypatch.setattr(train, "pick_device", lambda spec: "cuda:0")
+    for native, want in ((True, "bfloat16"), (False, "float16")):     # False: a T4 or V100 (emulated bf16)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+        c, _, device = train.configure(["--device=cuda"], log=lambda *a: None)
+        assert device == "cuda:0" and c.dtype == want
+
+
+def test_no_gpu_no_preset_trains_the_char_model_into_out(monkeypatch):
+    logs = []
+    c, _, device = train.configure(["--device=cpu", "--max_iters=7"], log=logs.append)
+    preset, _, _ = train.parse_config([train.CPU_PRESET])
+    assert device == "cpu" and c.out_dir == "out" == sample.parse([]).out_dir       # where sample.py looks
+    assert c.max_iters == 7 and all(getattr(c, k) == v for k, v in preset.items() if k not in ("out_dir", "max_iters", "device", "dtype"))
+    assert c.tokenizer == "char" and "no GPU and no preset" in logs[0]
+    c, _, _ = train.configure(["--device=cpu", "--out_dir=elsewhere", "--block_size=16"], log=logs.append)
+    assert c.out_dir == "elsewhere" and c.block_size == 16 and c.tokenizer == "char"
+    c, _, _ = train.configure(["shakespeare_char", "--device=cpu"], log=logs.append)   # a preset: as given
+    assert c.out_dir == "out-shakespeare-char" and c.block_size == 256 and len(logs) == 2
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA B200", 2250e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA A10G", 0.0), ("NVIDIA L4", 121e12),
+    ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA GeForce RTX 3090", 71e12),
+    ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 5090", 209.5e12), ("NVIDIA RTX A6000", 155e12),
+    ("NVIDIA RTX A1000", 0.0), ("Tesla T4", 0.0),
+])
+def test_mfu_peak_by_device_name(name, peak):
+    assert train.peak_flops(name) == peak
 
 
 # ----------------------------------------------------------------------------- training: data and tokenizers
@@ -1200,20 +1279,20 @@ def test_char_data_roundtrip_and_cache(tmp_path):
     src = tmp_path / "a.txt"
     src.write_text("hello world, héllo wörld\n" * 20)
     logs = []
-    folder, meta = train.prepare_data(tmp_path / "d", text=str(src), tokenizer="char", log=logs.append)
+    folder, meta = data.prepare_data(tmp_path / "d", text=str(src), tokenizer="char", log=logs.append)
     assert folder == tmp_path / "d" / "a" / "char" and meta["dtype"] == "uint16"
     assert meta["tokenizer"] == "char" and meta["vocab_size"] == len(set(src.read_text()))
-    encode, decode = train.tokenizer_from_meta(meta)
-    tr, va = train.load_split(folder, "train", meta), train.load_split(folder, "val", meta)
+    encode, decode = data.tokenizer_from_meta(meta)
+    tr, va = data.load_split(folder, "train", meta), data.load_split(folder, "val", meta)
     assert len(tr) == int(0.9 * len(src.read_text())) and decode(list(tr) + list(va)) == src.read_text()
     assert encode("hello") == [meta["chars"].index(ch) for ch in "hello"]
     with pytest.raises(ValueError, match="characters not in the vocabulary: 'QZ'"):
         encode("hello QZ")
     # a second call reuses the cache; a changed source is tokenised again
-    train.prepare_data(tmp_path / "d", text=str(src), tokenizer="char", log=logs.append)
+    data.prepare_data(tmp_path / "d", text=str(src), tokenizer="char", log=logs.append)
     assert sum("tokenising" in m for m in logs) == 1
     src.write_text("another text, longer than before\n" * 20)
-    _, meta2 = train.prepare_data(tmp_path / "d", text=str(src), tokenizer="char", log=logs.append)
+    _, meta2 = data.prepare_data(tmp_path / "d", text=str(src), tokenizer="char", log=logs.append)
     assert sum("tokenising" in m for m in logs) == 2 and meta2["chars"] != meta["chars"]
 
 
@@ -1222,47 +1301,47 @@ def test_folder_of_texts_and_uint32(tmp_path):
     (tmp_path / "books" / "b.txt").write_text("second")
     (tmp_path / "books" / "a.txt").write_text("first")
     (tmp_path / "books" / "skip.md").write_text("not text")
-    folder, meta = train.prepare_data(tmp_path / "d", text=str(tmp_path / "books"), tokenizer="char", log=lambda m: None)
-    _, decode = train.tokenizer_from_meta(meta)
-    ids = list(train.load_split(folder, "train", meta)) + list(train.load_split(folder, "val", meta))
+    folder, meta = data.prepare_data(tmp_path / "d", text=str(tmp_path / "books"), tokenizer="char", log=lambda m: None)
+    _, decode = data.tokenizer_from_meta(meta)
+    ids = list(data.load_split(folder, "train", meta)) + list(data.load_split(folder, "val", meta))
     assert decode(ids) == "first\n\nsecond"
     # more distinct characters than uint16 holds
     big = tmp_path / "big.txt"
     big.write_text("".join(chr(c) for c in range(0x20, 0x20 + 70000) if not 0xD800 <= c < 0xE000))
-    folder, meta = train.prepare_data(tmp_path / "d", text=str(big), tokenizer="char", log=lambda m: None)
+    folder, meta = data.prepare_data(tmp_path / "d", text=str(big), tokenizer="char", log=lambda m: None)
     assert meta["dtype"] == "uint32" and meta["vocab_size"] > 2 ** 16
-    assert int(train.load_split(folder, "val", meta).max()) == meta["vocab_size"] - 1
+    assert int(data.load_split(folder, "val", meta).max()) == meta["vocab_size"] - 1
 
 
 @pytest.mark.skipif(not HAS_BPE, reason="no local tiktoken cache")
 def test_bpe_data_roundtrip(tmp_path):
     src = tmp_path / "t.txt"
     src.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 10)
-    folder, meta = train.prepare_data(tmp_path / "d", text=str(src), tokenizer="bpe", log=lambda m: None)
+    folder, meta = data.prepare_data(tmp_path / "d", text=str(src), tokenizer="bpe", log=lambda m: None)
     assert meta["encoding"] == "r50k_base" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
-    assert train.tokenizer_meta(meta) == dict(tokenizer="bpe", encoding="r50k_base", vocab_size=50257)
-    encode, decode = train.tokenizer_from_meta(meta)
-    ids = list(train.load_split(folder, "train", meta)) + list(train.load_split(folder, "val", meta))
+    assert data.tokenizer_meta(meta) == dict(tokenizer="bpe", encoding="r50k_base", vocab_size=50257)
+    encode, decode = data.tokenizer_from_meta(meta)
+    ids = list(data.load_split(folder, "train", meta)) + list(data.load_split(folder, "val", meta))
     assert decode([int(i) for i in ids]) == src.read_text() and encode("First")[0] == ids[0]
 
 
 def test_download_failure_says_how_to_place_the_file(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(train.urllib.request, "urlopen", offline)
-    with pytest.raises(train.UserError) as e:
-        train.prepare_data(tmp_path / "d", log=lambda m: None)
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(data.UserError) as e:
+        data.prepare_data(tmp_path / "d", log=lambda m: None)
     msg = str(e.value)
     assert "place the file by hand at" in msg and str(tmp_path / "d" / "shakespeare" / "input.txt") in msg
-    assert train.SHAKESPEARE_URL in msg and "\n" not in msg
+    assert data.SHAKESPEARE_URL in msg and "\n" not in msg
 
 
 def test_batches_are_a_function_of_the_seed():
-    data = torch.arange(1000).numpy().astype("uint16")
-    x, y = train.get_batch(data, 4, 16, train.batch_seed(1, 0, 0, 5, 0))
+    tokens = torch.arange(1000).numpy().astype("uint16")
+    x, y = data.get_batch(tokens, 4, 16, data.batch_seed(1, 0, 0, 5, 0))
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
-    x2, _ = train.get_batch(data, 4, 16, train.batch_seed(1, 0, 0, 5, 0))
-    x3, _ = train.get_batch(data, 4, 16, train.batch_seed(1, 0, 1, 5, 0))     # another rank
+    x2, _ = data.get_batch(tokens, 4, 16, data.batch_seed(1, 0, 0, 5, 0))
+    x3, _ = data.get_batch(tokens, 4, 16, data.batch_seed(1, 0, 1, 5, 0))     # another rank
     assert torch.equal(x, x2) and not torch.equal(x, x3)
 
 
@@ -1297,8 +1376,8 @@ def test_lr_and_mtp_schedule():
 
 # ----------------------------------------------------------------------------- training: the loop
 
-def test_loss_falls(tmp_path, text_file, data_dir):
-    log = run(tmp_path, text_file, data_dir, max_iters=40, eval_interval=20)
+def test_loss_falls(trained):
+    out, log = trained
     evals = entries(log, "eval")
     assert [e["step"] for e in evals] == [0, 20, 40]
     assert evals[-1]["val"] < evals[0]["val"] - 0.8 and evals[-1]["train"] < evals[0]["train"] - 0.8
@@ -1307,7 +1386,7 @@ def test_loss_falls(tmp_path, text_file, data_dir):
     first = steps[0]
     assert first["loss"] == pytest.approx(first["main"] + 0.3 * first["mtp"] + first["balance"], rel=1e-5)
     assert len(first["maxvio"]) == 2 and first["tokens_per_s"] > 0 and first["mfu"] is None   # MoE layer + MTP block
-    model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    model, ckpt = train.load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 40 and not model.training and ckpt["meta"]["tokenizer"] == "char"
     assert any(g.bias.abs().sum() > 0 for g in model.gates())          # the balancing biases moved and were saved
 
@@ -1340,6 +1419,38 @@ def test_bias_update_once_per_step_with_all_micro_batches(tmp_path, text_file, d
     assert counted == [[3 * 4 * 32 * 2, 3 * 4 * 31 * 2]] * 5
 
 
+def test_accumulated_gradient_is_that_of_the_mean_loss(tmp_path, text_file, data_dir, monkeypatch):
+    """With 3 micro-batches, the gradient that reaches clipping and AdamW is d/dp of the mean of their
+    total losses. AdamW is scale invariant, so a wrong factor would hardly show in the losses; clipping
+    and the effective learning rate would."""
+    seen, make_optimizer, clip = {}, train.configure_optimizer, torch.nn.utils.clip_grads_with_norm_
+
+    def spy_optimizer(model, *args):
+        seen["model"] = model
+        return make_optimizer(model, *args)
+
+    def spy_clip(params, max_norm, total_norm):      # step 0: the weights are still the initial ones
+        if "grads" not in seen:
+            seen["grads"] = {n: p.grad.clone() for n, p in seen["model"].named_parameters() if p.grad is not None}
+            seen["before"] = copy.deepcopy(seen["model"])
+        return clip(params, max_norm, total_norm)
+    monkeypatch.setattr(train, "configure_optimizer", spy_optimizer)
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", spy_clip)
+    log = run(tmp_path, text_file, data_dir, "--gradient_accumulation_steps=3", max_iters=1, eval_interval=1)
+    # the same 3 micro-batches (seeded by seed, rank 0, step 0, micro-step k), by hand
+    folder, meta = data.prepare_data(data_dir, text=str(text_file), tokenizer="char", log=lambda *a: None)
+    split, m = data.load_split(folder, "train", meta), seen["before"]
+    batches = [data.get_batch(split, 4, 32, data.batch_seed(train.DEFAULTS["seed"], 0, 0, 0, k)) for k in range(3)]
+    mean = torch.stack([m(x, y)[1]["total"] for x, y in batches]).mean()
+    mean.backward()
+    assert entries(log, "train")[0]["loss"] == pytest.approx(mean.item(), rel=1e-5)
+    want = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert want.keys() == seen["grads"].keys()
+    for n in want:
+        torch.testing.assert_close(seen["grads"][n], want[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+@pytest.mark.slow
 def test_resume_continues_the_same_trajectory(tmp_path, text_file, data_dir):
     kw = dict(dropout=0.1, max_iters=8, eval_interval=4)      # dropout: the RNG state is part of the resume
     extra = ["--gradient_accumulation_steps=2", "--mtp_lambda_step=6"]
@@ -1359,6 +1470,7 @@ def test_resume_continues_the_same_trajectory(tmp_path, text_file, data_dir):
         assert torch.equal(s1["model"][k], s2["model"][k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compile_matches_eager(tmp_path, text_file, data_dir):
     kw = dict(max_iters=2, eval_interval=2, eval_iters=1, n_layers=1, n_dense_layers=0)
@@ -1369,31 +1481,139 @@ def test_compile_matches_eager(tmp_path, text_file, data_dir):
     model, _ = train.load_checkpoint(tmp_path / "compiled" / "ckpt.pt")    # saved without compile's prefixes
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_stay_identical(tmp_path, text_file, data_dir):
     # 8 tokens per micro-batch, each to 1 of 8 experts: most micro-batches leave some expert without
     # tokens (and so without a gradient) on one rank and not the other
-    p = preset(tmp_path, max_iters=6, eval_interval=3, batch_size=1, block_size=8, n_routed_experts=8,
-               n_activated_experts=1, n_expert_groups=1, n_limited_groups=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", str(p), f"--text={text_file}", f"--data_dir={data_dir}",
-                        f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--gradient_accumulation_steps=2"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    log = torchrun(tmp_path, text_file, data_dir, "out", "--gradient_accumulation_steps=2", max_iters=6,
+                   eval_interval=3, batch_size=1, block_size=8, n_routed_experts=8, n_activated_experts=1,
+                   n_expert_groups=1, n_limited_groups=1)
     assert entries(log, "config")[0]["world_size"] == 2
     assert len(entries(log, "train")) == 6                            # rank 0 alone logs
     assert entries(log, "ddp_check") == [dict(kind="ddp_check", identical=True, world_size=2)]
-    assert "identical on all 2 ranks" in r.stdout
     model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["iter_num"] == 6 and ckpt["data"]["world_size"] == 2
     assert sum(g.bias.abs().sum() for g in model.gates()) > 0         # balancing ran
 
 
+# ----------------------------------------------------------------------------- training: expert parallelism
+
+def ep_worker(rank, world, store, kw):
+    """One rank of an expert-parallel model (DDP for the rest, as train.py sets it up) against a
+    single-process copy on the whole global batch: loss, every gradient, an AdamW step (gathered weights
+    and moments), a re-shard of the gathered state, the bias update and MaxVio, the node limit."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    ref, ep = model(**kw), model(**kw)
+    sharded = expert_parallel.shard_experts(ep, world)
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(ep, list(sharded))
+    ddp = torch.nn.parallel.DistributedDataParallel(ep, forward_sync_buffers=False)
+    idx, tgt = torch.randint(0, 61, (2, 2 * world, 16), generator=torch.Generator().manual_seed(1))
+    _, want = ref(idx, tgt)                        # the global batch: the mean of the ranks' losses
+    want["total"].backward()
+    _, got = ddp(idx[2 * rank:2 * rank + 2], tgt[2 * rank:2 * rank + 2])
+    got["total"].backward()
+    total = got["total"].detach().clone()
+    torch.distributed.all_reduce(total)
+    assert abs(total.item() / world - want["total"].item()) < 1e-5
+    full = dict(ref.named_parameters())
+    for name, p in ep.named_parameters():
+        assert p.shape[0] == (8 // world if name in sharded else full[name].shape[0]), name
+        g = full[name].grad.chunk(world)[rank] if name in sharded else full[name].grad
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-5, msg=name)
+    opts = [train.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.95), "cpu") for m in (ref, ep)]
+    for opt in opts:
+        opt.step()
+    state, opt_state = ep.state_dict(), opts[1].state_dict()
+    expert_parallel.map_experts(opts[1], sharded, state, opt_state, lambda t: expert_parallel.gather(t, world))
+    for k, v in ref.state_dict().items():        # |Adam step| <= lr: near-zero gradients may differ in sign
+        torch.testing.assert_close(state[k], v, rtol=0, atol=2e-3, msg=k)
+    for i, m in opts[0].state_dict()["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_state["state"][i][k], m[k], rtol=0, atol=1e-6)
+    # the gathered state re-sharded into a fresh model and optimizer: this rank's slices come back exactly
+    fresh = model(seed=1, **kw)
+    resharded = expert_parallel.shard_experts(fresh, world)
+    opt = train.configure_optimizer(fresh, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    expert_parallel.map_experts(opt, resharded, state, opt_state, lambda t: t.chunk(world)[rank].clone())
+    fresh.load_state_dict(state)
+    opt.load_state_dict(opt_state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), ep.parameters()))
+    for a, b in zip(opt.state.values(), opts[1].state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq"))
+    # balancing: each rank counts its experts' tokens from all ranks; summed, the loads are the global ones
+    assert torch.equal(ref.update_expert_bias(), ep.update_expert_bias())
+    assert all(torch.equal(a.bias, b.bias) for a, b in zip(ref.gates(), ep.gates()))
+    # one expert group per rank: a token reaches at most n_limited_groups ranks, one of them maybe its own;
+    # a send carries the token (dim fp32), its K gate values (fp32) and K expert ids (int32), and dim fp32 back
+    K, traffic = ep.args.n_activated_experts, [m.traffic for m in ep.modules() if isinstance(m, ds.MoE)]
+    for tokens, sends, copies, nbytes in traffic:
+        assert sends <= min(copies, tokens * ep.args.n_limited_groups) and copies <= K * tokens, traffic
+        assert nbytes == sends * (2 * 32 + 2 * K) * 4
+    assert sum(t[1] for t in traffic) > 0
+    del ddp
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,kw", [(2, dict(n_expert_groups=2, n_limited_groups=1)),
+                                      (4, dict(n_expert_groups=4, n_limited_groups=2, n_activated_experts=3))])
+def test_expert_parallel_matches_single_process(tmp_path, world, kw):
+    torch.multiprocessing.spawn(ep_worker, args=(world, str(tmp_path / "store"), kw), nprocs=world)
+
+
+@pytest.mark.slow
+def test_expert_parallel_training_matches_ddp(tmp_path, text_file, data_dir, capsys):
+    # 2 ranks, one expert group each, n_limited_groups 1: every token is sent to at most one other rank;
+    # 3 eval batches over 2 ranks: one rank runs an extra, uncounted forward so the exchanges pair up
+    kw = dict(max_iters=6, eval_interval=3, eval_iters=3, n_expert_groups=2, n_limited_groups=1)
+    ddp = torchrun(tmp_path, text_file, data_dir, "ddp", "--gradient_accumulation_steps=2", **kw)
+    torchrun(tmp_path, text_file, data_dir, "ep", "--gradient_accumulation_steps=2", "--expert_parallel=True",
+             "--max_iters=3", **kw)
+    ep = torchrun(tmp_path, text_file, data_dir, "ep", "--init_from=resume", "--expert_parallel=True", **kw)
+    a, b = entries(ddp, "train"), entries(ep, "train")
+    assert [e["step"] for e in b] == list(range(1, 7)) and all("a2a_sends_per_token" not in e for e in a)
+    for x, y in zip(a, b, strict=True):
+        assert x["maxvio"] == y["maxvio"] and x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert all(0 < v <= 1 for v in y["a2a_sends_per_token"]) and y["a2a_bytes_per_step"] > 0
+        assert all(s <= c <= 2 for s, c in zip(y["a2a_sends_per_token"], y["a2a_copies_per_token"]))
+    assert entries(ddp, "eval")[-1]["val"] == pytest.approx(entries(ep, "eval")[-1]["val"], abs=1e-5)
+    # rank 0 saved one ordinary checkpoint with all experts: as DDP's, to the last bit of Adam's noise
+    m1, c1 = train.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
+    m2, c2 = train.load_checkpoint(tmp_path / "ep" / "ckpt.pt")
+    assert m2.layers[1].ffn.experts.w1.shape[0] == TINY["n_routed_experts"] and c2["iter_num"] == 6
+    for (k, v), w in zip(c1["model"].items(), c2["model"].values()):
+        torch.testing.assert_close(w, v, rtol=0, atol=0 if "gate.bias" in k else 1e-5, msg=k)
+    for i, s in c1["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(c2["optimizer"]["state"][i][k], s[k], rtol=0, atol=1e-6)
+    assert sample.cli(["--device=cpu", f"--out_dir={tmp_path / 'ep'}", "--num_samples=1", "--max_new_tokens=5"]) == 0
+    # and a single process resumes from it (expert_parallel is not inherited)
+    log = run(tmp_path, text_file, data_dir, "--init_from=resume", "--max_iters=7", out="ep", **kw)
+    assert entries(log, "train")[-1]["step"] == 7 and "a2a_sends_per_token" not in entries(log, "train")[-1]
+
+
+@pytest.mark.parametrize("env,message", [
+    ({}, "expert_parallel=True needs torchrun"),
+    ({"RANK": "0", "WORLD_SIZE": "3"}, f"the world size 3 must divide n_routed_experts={TINY['n_routed_experts']}"),   # as torchrun sets it
+])
+def test_expert_parallel_bad_use_one_line_exit_2(tmp_path, text_file, monkeypatch, capsys, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    argv = [str(preset(tmp_path)), f"--text={text_file}", f"--data_dir={tmp_path / 'data'}",
+            f"--out_dir={tmp_path / 'out'}", "--expert_parallel=True"]
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "data").exists()          # stopped before any work
+
+
 # ----------------------------------------------------------------------------- training: checkpoints
 
-def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, data_dir):
-    run(tmp_path, text_file, data_dir, max_iters=4, eval_interval=4)
+@pytest.mark.slow
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, data_dir, trained):
+    shutil.copytree(trained[0], tmp_path / "out")
     path = tmp_path / "out" / "ckpt.pt"
     before = path.read_bytes()
     # a process killed (SIGKILL) halfway through writing the next checkpoint
@@ -1409,12 +1629,21 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, dat
     tmp = path.with_name("ckpt.pt.tmp")
     assert tmp.exists() and path.read_bytes() == before
     _, ckpt = train.load_checkpoint(path)
-    assert ckpt["iter_num"] == 4
+    assert ckpt["iter_num"] == 40
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         train.load_checkpoint(tmp)
     # the run resumes from the intact checkpoint
-    log = run(tmp_path, text_file, data_dir, "--init_from=resume", "--max_iters=6", max_iters=4, eval_interval=4)
-    assert [e["step"] for e in entries(log, "train")][-2:] == [5, 6]
+    log = run(tmp_path, text_file, data_dir, "--init_from=resume", "--max_iters=42", max_iters=40, eval_interval=20)
+    assert [e["step"] for e in entries(log, "train")][-3:] == [40, 41, 42]
+
+
+def test_load_checkpoint_reads_to_cpu_and_moves_only_the_weights(trained, monkeypatch):
+    maps, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: maps.append(k.get("map_location")) or load(*a, **k))
+    model, ckpt = train.load_checkpoint(trained[0] / "ckpt.pt", "meta")     # meta: any device but the CPU
+    assert maps == ["cpu"] and all(p.is_meta for p in model.parameters())
+    state = ckpt["optimizer"]["state"]
+    assert state and all(t.device.type == "cpu" for s in state.values() for t in s.values())
 
 
 def test_load_checkpoint_rejects_bad_files(tmp_path):
@@ -1479,8 +1708,7 @@ def test_sample_prompt_file_and_cropping(char_ckpt, capsys, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--start=héllo"], "characters not in the vocabulary: 'é'"),
-    (["--device=cuda:7"], "device 'cuda:7'"),
-    (["--device=nonsense"], "unknown device"),
+    (["--device=cuda:7"], "device 'cuda:7'"), (["--device=nonsense"], "unknown device"),   # devices
     (["--start=FILE:/no/such/prompt.txt"], "prompt file"),
     (["--speculative=maybe"], "expected True or False"),
     (["--top_k=0"], ">= 1"),
@@ -1488,6 +1716,17 @@ def test_sample_prompt_file_and_cropping(char_ckpt, capsys, tmp_path):
 def test_sample_bad_input(char_ckpt, capsys, argv, message):
     rc, out, err = run_sample(capsys, f"--out_dir={char_ckpt}", *argv)
     assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_printed_times_wait_for_cuda(char_ckpt, capsys, monkeypatch):
+    """CUDA runs asynchronously: every clock read that a printed time uses synchronizes first."""
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a))
+    rc, out, _ = run_sample(capsys, f"--out_dir={char_ckpt}", "--num_samples=2", "--max_new_tokens=2")
+    assert rc == 0 and "tokens/s" in out and len(syncs) == 4                # before and after each sample
+    bench.timed(lambda: None, 3)
+    assert len(syncs) == 4 + 6
 
 
 def test_sample_bad_checkpoint(tmp_path, capsys):
@@ -1507,6 +1746,7 @@ def test_sample_bad_checkpoint(tmp_path, capsys):
 import bench  # noqa: E402
 
 
+@pytest.mark.slow
 def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
     bench.main(["--parts=ablation", "--iters=4", "--timing_iters=3", "--quick", f"--out={tmp_path}",
                 f"--data_dir={data_dir}", f"--text={text_file}"])
@@ -1525,6 +1765,7 @@ def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
     assert (tmp_path / "ablation_val_loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
+@pytest.mark.slow
 def test_bench_fp8_smoke(tmp_path, text_file, data_dir, capsys):
     bench.main(["--parts=fp8", "--iters=2", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}", f"--text={text_file}"])
     out = capsys.readouterr().out
@@ -1542,6 +1783,17 @@ def test_bench_fp8_smoke(tmp_path, text_file, data_dir, capsys):
     assert saved == [round(4 * layers(att, dense, moe)), round(layers(att8, dense8, moe8))]
 
 
+@pytest.mark.slow
+def test_bench_expert_parallel_volume(capsys):
+    rows = bench.main(["--parts=ep", "--quick"])["ep"]
+    assert [r["M"] for r in rows] == [4, 3, 2, 1]
+    for r in rows:     # a token reaches at most M ranks, one send per rank however many of its 4 experts are there
+        assert all(s <= min(r["M"], 3) and s <= c <= 4 for s, c in zip(r["sends"], r["copies"]))
+    assert max(rows[-1]["sends"]) < min(rows[0]["sends"])
+    assert "| 1 | " in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_bench_decode_smoke(char_ckpt, capsys):
     bench.main(["--parts=decode", f"--ckpts={char_ckpt}", "--long_tokens=2", "--timing_repeats=1"])
     out = capsys.readouterr().out

@@ -1,17 +1,12 @@
-"""
-Train the DeepSeek-V3 of deepseek.py (MLA, DeepSeekMoE with aux-loss-free balancing, MTP), nanoGPT style.
+"""Train the DeepSeek-V3 of deepseek.py (MLA, DeepSeekMoE with aux-loss-free balancing, MTP), nanoGPT style.
 
-    python train.py                                     # Tiny Shakespeare, GPT-2 BPE (a small size on a CPU)
+    python train.py                                     # Tiny Shakespeare: GPT-2 BPE on a GPU, characters on a CPU
     python train.py config/shakespeare_char.py          # a preset ...
     python train.py config/shakespeare_char_cpu.py --device=cpu --max_iters=500   # ... then overrides
     python train.py --text=my_book.txt --tokenizer=char # your own text (a .txt file or a folder of them)
     python train.py --init_from=resume --out_dir=out    # continue the run saved in out/ckpt.pt
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
-
-Configuration: the DEFAULTS below, then each preset file given (config/NAME.py: plain Python
-assignments to the same keys), then --key=value overrides (--flag alone sets a bool key). An unknown
-key or a value of the wrong type stops the script before any work, naming the valid keys. On resume
-the checkpoint's config replaces the defaults and only the keys given again change.
+    torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: expert_parallel.py
 
 Batches are a pure function of (seed, rank, step, micro-step), so a resumed run sees exactly the
 batches an uninterrupted one would. Under torchrun every rank draws its own batches, gradients are
@@ -25,339 +20,165 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
-import urllib.request
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data import UserError, batch_seed, get_batch, load_split, one_line, prepare_data, tokenizer_meta, write_atomic
 from deepseek import ModelArgs, Transformer
+from expert_parallel import all_to_all_volume, check_expert_parallel, gather, grad_norm, map_experts, shard_experts
 
 # ----------------------------------------------------------------------------- defaults
-# A GPU-sized run on Tiny Shakespeare with the GPT-2 BPE. Without a GPU (and without a preset),
-# CPU_SIZE below replaces the keys it names unless you set them yourself.
+# A GPU-sized run on Tiny Shakespeare with the GPT-2 BPE (without a GPU and a preset: CPU_PRESET first)
 DEFAULTS = dict(
-    # I/O
-    out_dir="out",
-    eval_interval=250,            # evaluate (and checkpoint) every this many steps, and at the end
-    eval_iters=100,               # batches per split in each evaluation
-    log_interval=10,
-    eval_only=False,
+    # I/O: evaluate (and checkpoint) every eval_interval steps and at the end, on eval_iters batches per split
+    out_dir="out", eval_interval=250, eval_iters=100, log_interval=10, eval_only=False,
     always_save_checkpoint=True,  # False: save only when val loss improves
     init_from="scratch",          # "scratch" | "resume" (from out_dir/ckpt.pt)
-    # data
-    dataset="",                   # cache name under data_dir ("" : "shakespeare", or the --text file's name)
-    text="",                      # your own text: a .txt file or a folder of .txt files ("": Tiny Shakespeare)
-    data_dir="data",              # downloads and tokenised caches (train.bin, val.bin, meta.json)
-    tokenizer="bpe",              # "bpe" (tiktoken) | "char"
-    encoding="r50k_base",         # tiktoken encoding when tokenizer="bpe" (r50k_base: GPT-2's)
-    batch_size=32,                # sequences per micro-batch, per process
-    block_size=256,               # context length (the model's max_seq_len)
-    gradient_accumulation_steps=1,  # micro-batches per optimizer step, per process
-    # model: every deepseek.ModelArgs field is a key too, with its default there (the nano model:
-    # 6 layers, dim 256, MLA, 16 routed experts top-4 in 4 groups, MTP depth 1), except:
+    # data: Tiny Shakespeare or your text (a .txt file or a folder of them), tokenised once into data_dir/NAME/TOKENIZER/
+    text="", dataset="", data_dir="data",  # NAME: dataset, else "shakespeare" or the text file's name
+    tokenizer="bpe", encoding="r50k_base",  # "bpe" (tiktoken's encoding; r50k_base is GPT-2's) | "char"
+    # per micro-batch and process: batch_size sequences of block_size tokens (the model's max_seq_len)
+    batch_size=32, block_size=256, gradient_accumulation_steps=1,
+    # model: each deepseek.ModelArgs field is a key, its default there (6 layers, dim 256, MLA, 16 experts top-4), except:
     dropout=0.2,
-    # MTP loss weight: mtp_lambda (a ModelArgs key, 0.3), then mtp_lambda_late from step mtp_lambda_step on
-    # (the report: 0.3, then 0.1)
-    mtp_lambda_late=0.1,
-    mtp_lambda_step=-1,           # -1: never switch
-    # AdamW, linear warmup then cosine decay to min_lr
-    learning_rate=1e-3,
-    max_iters=1500,
-    weight_decay=0.1,             # on matrices only (not norms; the balancing bias is a buffer)
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,                # 0: no clipping
-    decay_lr=True,
-    warmup_iters=100,
-    lr_decay_iters=1500,
-    min_lr=1e-4,
-    # system
+    # MTP loss weight: mtp_lambda (a ModelArgs key, 0.3), mtp_lambda_late from step mtp_lambda_step on (-1: never)
+    mtp_lambda_late=0.1, mtp_lambda_step=-1,
+    # AdamW (weight decay on matrices only), linear warmup then cosine decay to min_lr; grad_clip 0: none
+    learning_rate=1e-3, max_iters=1500, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    decay_lr=True, warmup_iters=100, lr_decay_iters=1500, min_lr=1e-4,
+    # system; compile: torch.compile the model; peak_flops: per-device peak FLOP/s for MFU (0: PEAK_BF16)
     device="auto",                # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    dtype="auto",                 # auto (bf16 on CUDA if supported, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
-    compile=False,                # torch.compile the model
-    seed=1337,
-    peak_flops=0.0,               # per-device peak FLOP/s for MFU; 0: known GPUs' bf16 peak, else MFU not shown
+    dtype="auto",                 # auto (CUDA: bf16 where native, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
+    compile=False, seed=1337, peak_flops=0.0, expert_parallel=False,   # expert_parallel: experts sharded over the ranks
 )
 MODEL_KEYS = [f.name for f in fields(ModelArgs) if f.name not in ("vocab_size", "max_seq_len")]
-for _f in fields(ModelArgs):
-    if _f.name in MODEL_KEYS and _f.name not in DEFAULTS:
-        DEFAULTS[_f.name] = _f.default
-
-# no GPU, no preset: a size that trains in about five minutes on 2 CPU cores
-CPU_SIZE = dict(batch_size=8, block_size=64, n_layers=2, dim=64, n_heads=4, inter_dim=192, moe_inter_dim=64,
-                n_routed_experts=8, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1, q_lora_rank=0,
-                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, dropout=0.0,
-                max_iters=600, lr_decay_iters=600, warmup_iters=30, eval_interval=100, eval_iters=20,
-                log_interval=20, learning_rate=2e-3, min_lr=2e-4)
-
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DEFAULTS.update({f.name: f.default for f in fields(ModelArgs) if f.name in MODEL_KEYS and f.name not in DEFAULTS})
+CPU_PRESET = "shakespeare_char_cpu"   # no GPU, no preset: the character-level model, readable in minutes
 CKPT_KEYS = ("model", "model_args", "meta", "optimizer", "iter_num", "config")
-
-
-class UserError(ValueError):
-    """A mistake in the command, config or files: reported as one line `error: ...`, exit code 2."""
 
 
 # ----------------------------------------------------------------------------- configuration
 
-def _check_type(key, value, default, shown):
-    want = type(default)
-    if want is float and type(value) is int:
-        value = float(value)
-    if type(value) is not want:
-        raise UserError(f"{key} must be {want.__name__}, not {shown!r}")
-    return value
-
-
-def _unknown(key, where):
-    near = difflib.get_close_matches(key, DEFAULTS, n=1)
-    hint = f" (did you mean {near[0]}?)" if near else ""
-    return UserError(f"unknown config key {key!r}{where}{hint}; valid keys: {', '.join(sorted(DEFAULTS))}")
-
-
 def parse_config(argv):
-    """DEFAULTS, then preset files (config/NAME.py, or just NAME), then --key=value, in argv order.
-    Returns (config dict, set of keys set explicitly, list of preset files)."""
-    cfg, explicit, presets = dict(DEFAULTS), set(), []
+    """DEFAULTS, then each preset file (config/NAME.py, or just NAME: plain Python assignments, which
+    see the values so far), then --key=value (--flag alone sets a bool), in argv order. An unknown key
+    or a wrong type is a UserError naming the valid keys. Returns (config, keys set, preset files)."""
+    cfg, explicit, presets, here = dict(DEFAULTS), set(), [], Path(__file__).parent
+
+    def put(key, value, shown, where=""):
+        if key not in DEFAULTS:
+            near = difflib.get_close_matches(key, DEFAULTS, n=1)
+            raise UserError(f"unknown config key {key!r}{where}{f' (did you mean {near[0]}?)' if near else ''}; "
+                            f"valid keys: {', '.join(sorted(DEFAULTS))}")
+        want = type(DEFAULTS[key])
+        cfg[key] = float(value) if want is float and type(value) is int else value
+        if type(cfg[key]) is not want:
+            raise UserError(f"{key} must be {want.__name__}, not {shown!r}")
+        explicit.add(key)
+
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
-            if key not in DEFAULTS:
-                raise _unknown(key, "")
-            if not eq:
-                if type(DEFAULTS[key]) is not bool:
-                    raise UserError(f"--{key} needs a value: --{key}=VALUE")
-                value = True
-            elif type(DEFAULTS[key]) is str:
-                value = raw
-            else:
-                try:
-                    value = ast.literal_eval(raw)
-                except (ValueError, SyntaxError):
-                    value = {"true": True, "false": False}.get(raw.lower(), raw)
-            cfg[key] = _check_type(key, value, DEFAULTS[key], raw)
-            explicit.add(key)
-        else:
-            here = Path(__file__).parent     # config/NAME.py, from any folder; or just NAME
-            path = next((p for p in (Path(arg), here / arg, here / "config" / f"{arg}.py") if p.is_file()), None)
-            if path is None:
-                raise UserError(f"config file {arg} not found (presets: {', '.join(_presets())})")
-            assigned = {}
-            try:   # assignments land in `assigned`; earlier values stay readable (max_iters etc.)
-                exec(path.read_text(), dict(cfg), assigned)
-            except Exception as e:
-                raise UserError(f"{path}: {_one_line(e)}") from None
-            for key, value in assigned.items():
-                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
-                    continue
-                if key not in DEFAULTS:
-                    raise _unknown(key, f" in {path}")
-                cfg[key] = _check_type(key, value, DEFAULTS[key], value)
-                explicit.add(key)
-            presets.append(str(path))
+            want = type(DEFAULTS.get(key))
+            if key in DEFAULTS and not eq and want is not bool:
+                raise UserError(f"--{key} needs a value: --{key}=VALUE")
+            try:   # a Python literal, else true/false in any case, else the text itself
+                value = True if not eq else raw if want is str else ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = {"true": True, "false": False}.get(raw.lower(), raw)
+            put(key, value, raw)
+            continue
+        path = next((p for p in (Path(arg), here / arg, here / "config" / f"{arg}.py") if p.is_file()), None)
+        if path is None:
+            names = ", ".join(sorted(p.stem for p in (here / "config").glob("*.py")))
+            raise UserError(f"config file {arg} not found (presets: {names})")
+        assigned = {}
+        try:
+            exec(path.read_text(), dict(cfg), assigned)
+        except Exception as e:
+            raise UserError(f"{path}: {one_line(e)}") from None
+        for key, value in assigned.items():
+            if not (key.startswith("_") or callable(value) or type(value).__name__ == "module"):
+                put(key, value, value, f" in {path}")
+        presets.append(str(path))
     return cfg, explicit, presets
 
 
-def _presets():
-    return sorted(p.stem for p in (Path(__file__).parent / "config").glob("*.py"))
-
-
 def check_config(c):
-    """Value checks that need no data: ranges, choices, and the model's own (ModelArgs) checks."""
+    """Value checks that need no data: ranges, choices, out_dir, and the model's own (ModelArgs) checks."""
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if getattr(c, key) < 1:
             raise UserError(f"{key} must be at least 1, not {getattr(c, key)}")
     if c.max_iters < 0:
         raise UserError(f"max_iters must be >= 0, not {c.max_iters}")
-    choices = dict(init_from=("scratch", "resume"), tokenizer=("bpe", "char"),
-                   dtype=("auto", "float32", "bfloat16", "float16"))
-    for key, allowed in choices.items():
+    for key, allowed in dict(init_from=("scratch", "resume"), tokenizer=("bpe", "char"),
+                             dtype=("auto", "float32", "bfloat16", "float16")).items():
         if getattr(c, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
-    model_args_from(vars(c), vocab_size=1)      # the model's own checks, before any work
+    if blocked := next((p for p in (Path(c.out_dir), *Path(c.out_dir).parents) if p.exists() and not p.is_dir()), None):
+        raise UserError(f"out_dir {c.out_dir}: {blocked} is a file, not a folder")
+    model_args_from(vars(c), vocab_size=1)
 
 
 def pick_device(spec):
-    """'auto' -> cuda, then mps, then cpu; anything else is checked against this machine."""
+    """'auto' -> cuda, then mps, then cpu; anything else is checked against this machine. A CUDA device
+    comes back as cuda:N and is made current: Triton launches, RNG states and capability queries use it."""
     if spec == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+        spec = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise UserError(f"device {spec!r}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= n:
-            raise UserError(f"device {spec!r} does not exist: this machine has {n} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {spec!r}: MPS is not available on this machine")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unsupported device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
-    return str(dev)
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and n == 0 or dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {spec!r}: {dev.type.upper()} is not available on this machine")
+    if dev.type != "cuda":
+        return str(dev)
+    if (dev.index or 0) >= n:
+        raise UserError(f"device {spec!r} does not exist: this machine has {n} CUDA device(s)")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
 
 
-# ----------------------------------------------------------------------------- data
-
-def _one_line(e):
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0] if s else ''}"
-
-
-def _tiktoken(encoding):
-    import tiktoken
-    try:
-        return tiktoken.get_encoding(encoding)
-    except ValueError as e:
-        raise UserError(f"unknown tiktoken encoding {encoding!r} ({_one_line(e)})") from None
-    except Exception as e:   # no network and no cached file
-        raise UserError(f"could not load tiktoken encoding {encoding!r} ({_one_line(e)}); set TIKTOKEN_CACHE_DIR "
-                        f"to a folder holding its cached file, or use --tokenizer=char") from None
-
-
-def tokenizer_from_meta(meta):
-    """(encode, decode) for a tokenizer meta dict: {"tokenizer": "bpe", "encoding": ...} or
-    {"tokenizer": "char", "chars": ...}. The char encoder raises ValueError naming unknown characters."""
-    kind = meta.get("tokenizer")
-    if kind == "bpe":
-        enc = _tiktoken(meta["encoding"])
-        return (lambda s: enc.encode(s, allowed_special="all")), enc.decode
-    if kind == "char":
-        chars = meta["chars"]
-        stoi = {ch: i for i, ch in enumerate(chars)}
-
-        def encode(s):
-            unknown = sorted(set(s) - stoi.keys())
-            if unknown:
-                raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
-            return [stoi[ch] for ch in s]
-        return encode, lambda ids: "".join(chars[i] for i in ids)
-    raise ValueError(f"unknown tokenizer {kind!r} in meta (expected 'bpe' or 'char')")
-
-
-def _source_files(text):
-    path = Path(text).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise UserError(f"no .txt files in folder {text}")
-        return files
-    if not path.is_file():
-        raise UserError(f"text file {text} not found")
-    return [path]
-
-
-def _download(url, dest):
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            data = r.read()
-    except Exception as e:
-        raise UserError(f"could not download Tiny Shakespeare ({_one_line(e)}); place the file by hand at {dest} "
-                        f"(it is {url}) or pass --text=PATH") from None
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
-
-
-def _read(path):
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
-
-
-def prepare_data(data_dir="data", dataset="", text="", tokenizer="bpe", encoding="r50k_base", log=print):
-    """Tokenise a text once into data_dir/NAME/TOKENIZER/{train,val}.bin (uint16, or uint32 for a large
-    vocabulary; 90/10 split) plus meta.json; later calls reuse them while the source files are unchanged.
-    The text is Tiny Shakespeare (downloaded into data_dir/shakespeare/input.txt on first use) unless
-    `text` names a .txt file or a folder of .txt files (read in sorted order, joined by an end-of-text
-    token or, for chars, a blank line). Returns (folder, meta)."""
-    if text:
-        files = _source_files(text)
-        name = dataset or Path(text).expanduser().resolve().stem
-    else:
-        name = dataset or "shakespeare"
-        files = [Path(data_dir) / name / "input.txt"]
-        if not files[0].exists():
-            files[0].parent.mkdir(parents=True, exist_ok=True)
-            log(f"downloading Tiny Shakespeare to {files[0]}")
-            _download(SHAKESPEARE_URL, files[0])
-    folder = Path(data_dir) / name / ("char" if tokenizer == "char" else encoding)
-    source = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    meta_path = folder / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("source") == source and (folder / "train.bin").exists() and (folder / "val.bin").exists():
-            return folder, meta
-    log(f"tokenising {len(files)} file(s) into {folder} ({tokenizer})")
-    texts = [_read(p) for p in files]
-    if tokenizer == "char":
-        sep = "\n\n" if len(texts) > 1 else ""
-        whole = sep.join(texts)
-        chars = "".join(sorted(set(whole)))
-        # code points -> ranks in the sorted vocabulary, without a Python loop over characters
-        codes = np.frombuffer(whole.encode("utf-32-le"), dtype=np.uint32)
-        ids = np.searchsorted(np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32), codes)
-        meta = dict(tokenizer="char", chars=chars, vocab_size=len(chars))
-    else:
-        enc = _tiktoken(encoding)
-        parts = []
-        for i, t in enumerate(texts):
-            parts.append(np.array(([enc.eot_token] if i else []) + enc.encode_ordinary(t), dtype=np.int64))
-        ids = np.concatenate(parts)
-        meta = dict(tokenizer="bpe", encoding=encoding, vocab_size=enc.n_vocab)
-    if len(ids) == 0:
-        raise UserError(f"no text in {text or files[0]}")
-    dtype = np.uint16 if meta["vocab_size"] <= 2 ** 16 else np.uint32
-    n = int(0.9 * len(ids))
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, part in (("train", ids[:n]), ("val", ids[n:])):
-        tmp = folder / f"{split}.bin.tmp"
-        part.astype(dtype).tofile(tmp)
-        os.replace(tmp, folder / f"{split}.bin")
-    meta.update(dtype=np.dtype(dtype).name, train_tokens=n, val_tokens=len(ids) - n, source=source)
-    tmp = folder / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)      # written last: a meta file means the .bin files are complete
-    return folder, meta
-
-
-def tokenizer_meta(meta):
-    """The part of a data meta that defines the tokenizer (what checkpoints store)."""
-    keys = ("tokenizer", "encoding", "vocab_size") if meta["tokenizer"] == "bpe" else ("tokenizer", "chars", "vocab_size")
-    return {k: meta[k] for k in keys}
-
-
-def load_split(folder, split, meta):
-    return np.memmap(Path(folder) / f"{split}.bin", dtype=meta["dtype"], mode="r")
-
-
-def batch_seed(*ints):
-    """A 63-bit generator seed mixed from a tuple of ints (seed, stream, rank, step, ...)."""
-    return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, np.uint64)[0]) >> 1
-
-
-def get_batch(data, batch_size, block_size, seed, device="cpu"):
-    """batch_size windows of block_size + 1 tokens at positions drawn from a generator seeded with
-    `seed` (so the same seed gives the same batch): inputs x and next-token targets y, int64 (B, T)."""
-    g = torch.Generator().manual_seed(seed)
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
-    xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
-    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
-    if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+def configure(argv, world=None, log=print):
+    """(config, checkpoint to resume or None, device); world: torchrun's world size, None without. On resume the
+    checkpoint's config is the base and only keys given again change; no GPU, no preset: CPU_PRESET first."""
+    cfg, explicit, presets = parse_config(argv)
+    ckpt = None
+    if cfg["init_from"] == "resume":
+        ckpt = read_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
+        saved = {k: v for k, v in ckpt["config"].items() if k in DEFAULTS and k != "expert_parallel"}   # chosen afresh
+        cfg = {**cfg, **saved, **{k: cfg[k] for k in explicit}, "init_from": "resume"}
+    device = pick_device(cfg["device"])
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:     # torchrun: one GPU per process
+        device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}")
+    cpu_default = device == "cpu" and not presets and ckpt is None
+    if cpu_default:
+        cfg = {**parse_config([CPU_PRESET, *argv])[0], "out_dir": cfg["out_dir"]}   # still "out" (sample.py's)
+    c = SimpleNamespace(**cfg)
+    check_config(c)
+    if c.dtype == "auto":   # bf16 where the GPU has it natively (emulated bf16 is slow), else fp16
+        native = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
+        c.dtype = ("bfloat16" if native else "float16") if device.startswith("cuda") else "float32"
+    if c.dtype == "float16" and not device.startswith("cuda"):
+        raise UserError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
+    check_expert_parallel(c, world)
+    if cpu_default:
+        log(f"no GPU and no preset: the character-level model of config/{CPU_PRESET}.py, {c.max_iters} steps "
+            f"(a few minutes on 2 CPU cores), into {c.out_dir}; a preset or --key=value sets any key")
+    return c, ckpt, device
 
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule
@@ -366,7 +187,7 @@ def model_args_from(cfg, vocab_size):
     """ModelArgs from a config dict: its model keys, the data's vocabulary, block_size as max_seq_len."""
     try:
         return ModelArgs(vocab_size=vocab_size, max_seq_len=cfg["block_size"], **{k: cfg[k] for k in MODEL_KEYS})
-    except (AssertionError, ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         raise UserError(f"bad model config: {e}") from None
 
 
@@ -395,284 +216,262 @@ def get_mtp_lambda(it, c):
     return c.mtp_lambda_late if 0 <= c.mtp_lambda_step <= it else c.mtp_lambda
 
 
-PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12}
+# Dense bf16 tensor-core peaks, FLOP/s: NVIDIA datasheets (data-centre cards: half the "with sparsity" figure),
+# architecture whitepapers (GeForce: with fp32 accumulation, as PyTorch's matmuls; GA102, Ada, Blackwell RTX).
+PEAK_BF16 = {"B200": 2250e12, "H200": 989e12, "H200 NVL": 835e12, "H100": 989e12, "H100 NVL": 835e12,
+             "H100 PCIe": 756e12, "A100": 312e12, "A40": 150e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12,
+             "L4": 121e12, "RTX 6000 Ada": 364e12, "RTX A6000": 155e12, "RTX 5090": 209.5e12,
+             "RTX 4090": 165.2e12, "RTX 3090": 71e12}
 
 
-def default_peak_flops(device):
-    if torch.device(device).type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
+def peak_flops(name):
+    """PEAK_BF16 for a CUDA device name ('NVIDIA H100 PCIe'): whole words, the longest entry first (L4 is
+    not L40S, H100 not H100 PCIe); 0.0 when unknown."""
+    return next((PEAK_BF16[k] for k in sorted(PEAK_BF16, key=len, reverse=True) if re.search(rf"\b{k}\b", name, re.I)), 0.0)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(ckpt, path):
-    """Write to path.tmp, then rename over path: a crash mid-save leaves the previous checkpoint intact."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomic (via path.tmp, synced to disk): a crash mid-save leaves the previous checkpoint intact; rank 0 writes."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_atomic(Path(path), lambda f: torch.save(ckpt, f))
 
 
-def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict at path, checked to be one of ours; UserError (a ValueError) with a one-line
-    message when it is missing, unreadable or foreign."""
+def read_checkpoint(path):
+    """The checkpoint dict at path, in CPU memory; a one-line UserError if it is missing, unreadable or foreign."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({_one_line(e)})") from None
-    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
+        raise UserError(f"{path} is not a readable checkpoint ({one_line(e)})") from None
+    if missing := [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]:
         raise UserError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
     return ckpt
 
 
-def _load_state(model, state, path):
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+def load_state(model, state, path):
     try:
-        model.load_state_dict(state)
+        model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the model ({_one_line(e)})") from None
+        raise UserError(f"{path}: weights do not fit the model ({one_line(e)})") from None
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model in eval mode on device, checkpoint dict) from a train.py checkpoint. Raises ValueError
-    with a one-line message for a missing, corrupt or foreign file. Tokenizer: tokenizer_from_meta(ckpt["meta"]).
-    FP8 is off: a checkpoint holds the fp32 master weights, and inference runs them as they are."""
-    ckpt = read_checkpoint(path, device)
+    """(model in eval mode on device, checkpoint): read into CPU memory, only the weights go to device; FP8 off
+    (the fp32 masters run as they are). One-line ValueError for a missing, corrupt or foreign file."""
+    ckpt = read_checkpoint(path)
     try:
-        args = ModelArgs(**{**ckpt["model_args"], "fp8": False})
-    except (TypeError, AssertionError) as e:
-        raise UserError(f"{path}: bad model_args ({_one_line(e)})") from None
-    model = Transformer(args)
-    _load_state(model, ckpt["model"], path)
+        model = Transformer(ModelArgs(**{**ckpt["model_args"], "fp8": False}))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad model_args ({one_line(e)})") from None
+    load_state(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
 
 
 # ----------------------------------------------------------------------------- training
 
-def main(argv=None):
-    cfg, explicit, presets = parse_config(sys.argv[1:] if argv is None else argv)
-    # on resume the checkpoint's config is the base; only keys given again change
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        ckpt = read_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
-        saved = {k: v for k, v in ckpt["config"].items() if k in DEFAULTS}
-        cfg = {**cfg, **saved, **{k: cfg[k] for k in explicit}, "init_from": "resume"}
-    c = SimpleNamespace(**cfg)
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ     # under torchrun: one process per device
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    device = pick_device(c.device)
-    device_type = torch.device(device).type
-    if device_type == "cpu" and not presets and ckpt is None:
-        auto = {k: v for k, v in CPU_SIZE.items() if k not in explicit}
-        if auto:
-            for k, v in auto.items():
-                setattr(c, k, v)
-            about = ", about 5 minutes on 2 CPU cores" if "max_iters" in auto else ""
-            log(f"no GPU: a small model for {c.max_iters} steps{about} ({', '.join(f'{k}={v}' for k, v in auto.items())}); "
-                f"a preset or --key=value sets any of these")
-    check_config(c)
-    if c.dtype == "auto":
-        c.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-    if c.dtype == "float16" and device_type != "cuda":
-        raise UserError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
-    if ddp:
-        if device_type == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-
-    # data: rank 0 tokenises, the others then find the cache
-    if master:
+def load_data(c, ckpt, rank, log):
+    """(train, val, meta), checked against the config and the checkpoint; rank 0 tokenises first."""
+    if rank == 0:
         folder, meta = prepare_data(c.data_dir, c.dataset, c.text, c.tokenizer, c.encoding, log)
-    if ddp:
+    if dist.is_initialized():
         dist.barrier()
-    if not master:
+    if rank != 0:
         folder, meta = prepare_data(c.data_dir, c.dataset, c.text, c.tokenizer, c.encoding, log)
     if ckpt is not None and tokenizer_meta(meta) != ckpt["meta"]:
         raise UserError(f"the data's tokenizer ({meta['tokenizer']}, {meta['vocab_size']} tokens) differs "
                         f"from the checkpoint's ({ckpt['meta']['tokenizer']}, {ckpt['meta']['vocab_size']} tokens)")
-    train_data, val_data = load_split(folder, "train", meta), load_split(folder, "val", meta)
-    for split, data in (("train", train_data), ("val", val_data)):
+    train, val = load_split(folder, "train", meta), load_split(folder, "val", meta)
+    for split, data in (("train", train), ("val", val)):
         if len(data) < c.block_size + 1:
             raise UserError(f"the {split} split of {folder} has {len(data)} tokens, fewer than block_size + 1 = "
                             f"{c.block_size + 1}: lower block_size or use more text")
-    if c.batch_size * c.block_size > len(train_data):
+    if c.batch_size * c.block_size > len(train):
         raise UserError(f"a batch (batch_size * block_size = {c.batch_size * c.block_size} tokens) is larger than the "
-                        f"train split ({len(train_data)} tokens): lower batch_size or block_size, or use more text")
+                        f"train split ({len(train)} tokens): lower batch_size or block_size, or use more text")
+    return train, val, meta
 
-    # model and optimizer
+
+def init_model(c, meta, ckpt, device, rank, world, log):
+    """(model, expert slices {name: parameter} or {}, optimizer, grad scaler, step, best val loss): fresh or from ckpt."""
     torch.manual_seed(c.seed)                              # the same initial weights on every rank
-    args = model_args_from(vars(c), meta["vocab_size"])
-    raw = Transformer(args).to(device)
-    optimizer = configure_optimizer(raw, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device_type)
+    device_type = torch.device(device).type
+    model = Transformer(model_args_from(vars(c), meta["vocab_size"])).to(device)
+    sharded = shard_experts(model, world) if c.expert_parallel else {}
+    optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c.dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         path = Path(c.out_dir) / "ckpt.pt"
-        _load_state(raw, ckpt["model"], path)
+        map_experts(optimizer, sharded, ckpt["model"], ckpt["optimizer"], lambda t: t.chunk(world)[rank].clone())
+        load_state(model, ckpt["model"], path)
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
-            raise UserError(f"{path}: optimizer state does not fit the model ({_one_line(e)})") from None
+            raise UserError(f"{path}: optimizer state does not fit the model ({one_line(e)})") from None
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         log(f"resuming from {path} at step {iter_num} (best val loss {best_val_loss:.4f})")
-    # dropout randomness: per rank; restored exactly for a single-process resume
-    torch.manual_seed(batch_seed(c.seed, 3, rank, iter_num))
-    if ckpt is not None and master and "rng" in ckpt:
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    torch.manual_seed(batch_seed(c.seed, 3, rank, iter_num))   # dropout: per rank, exact on a 1-process resume
+    if ckpt is not None and rank == 0 and "rng" in ckpt:
+        torch.set_rng_state(ckpt["rng"]["torch"])
         if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    del ckpt
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # CUDA fp32 matmuls: TF32
+    n, active, mtp = model.num_params(), model.num_params(active=True), model.num_params(mtp=True)
+    log(f"model: {n / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token (+{(mtp - n) / 1e6:.2f}M MTP); "
+        f"vocab {model.args.vocab_size} ({meta['tokenizer']})")
+    return model, sharded, optimizer, scaler, iter_num, best_val_loss
 
-    model = torch.compile(raw) if c.compile else raw     # the MoE layers stay eager (see deepseek.MoE)
+
+def wrap_ddp(model, device, args, sharded):
+    """DDP with per-rank buffers: each rank counts its own tokens per expert (update_expert_bias sums them); an
+    expert that gets no token in a micro-batch has no gradient, hence find_unused_parameters."""
+    DDP._set_params_and_buffers_to_ignore_for_model(    # expert slices: their gradients come by the all-to-all
+        model, [n for n, _ in model.named_parameters() if n.removeprefix("_orig_mod.") in sharded])
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+               find_unused_parameters=args.n_routed_experts > 0, **{sync: False})   # broadcast_buffers: torch < 2.13
+
+
+@torch.no_grad()
+def evaluate(model, splits, c, amp, device, rank, world):
+    """Mean main (and MTP) loss over the same eval_iters batches per split every time, shared out over
+    the ranks, so the numbers do not depend on the number of processes."""
+    model.eval()
+    out = {}
+    for s, (split, data) in enumerate(splits.items()):
+        sums = torch.zeros(2, device=device)
+        for k in range(rank, -(-c.eval_iters // world) * world, world):   # as many on every rank: EP exchanges
+            x, y = get_batch(data, c.batch_size, c.block_size, batch_seed(c.seed, 1 + s, k), device)
+            with amp:
+                _, losses = model(x, y)
+            sums += torch.stack([losses["main"], losses["mtp"]]).float() * (k < c.eval_iters)   # extras: 0
+        if world > 1:
+            dist.all_reduce(sums)
+        out[split], out[f"{split}_mtp"] = (sums / c.eval_iters).tolist()
+    model.train()
+    return out
+
+
+def checkpoint(model, sharded, optimizer, scaler, meta, c, iter_num, best_val_loss, world):
+    """Everything a resume needs; batches come from (seed, rank, step, micro-step): the step is the data position."""
+    cuda, state, opt_state = model.embed.weight.is_cuda, model.state_dict(), optimizer.state_dict()
+    map_experts(optimizer, sharded, state, opt_state, lambda t: gather(t, world))   # all experts: every rank calls this
+    return dict(model=state, model_args=asdict(model.args), meta=tokenizer_meta(meta),
+                optimizer=opt_state, scaler=scaler.state_dict(), iter_num=iter_num,
+                best_val_loss=best_val_loss, config=vars(c), data=dict(step=iter_num, seed=c.seed, world_size=world),
+                rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None))
+
+
+def ranks_identical(model, sharded):
+    """True when all ranks hold the same weights (expert slices aside) and balancing biases: per tensor, max == min."""
+    same = []
+    for t in [v.detach().float() for k, v in model.state_dict().items() if k not in sharded]:
+        hi = torch.stack([t, -t])                      # max over ranks of t and of -t: -min
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        same.append(torch.equal(hi[0], -hi[1]))
+    return all(same)
+
+
+def main(argv=None):
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ     # under torchrun: one process per device
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    c, ckpt, device = configure(sys.argv[1:] if argv is None else argv, world if ddp else None, log)
+    device_type = torch.device(device).type
     if ddp:
-        # buffers stay per rank: each counts its own tokens per expert (update_expert_bias sums them);
-        # an expert that gets no token in a micro-batch is skipped, hence find_unused_parameters
-        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                   else "broadcast_buffers")    # the name before torch 2.13
-        train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                          find_unused_parameters=args.n_routed_experts > 0, **{no_sync: False})
-    else:
-        train_model = model
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
-    amp = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-
-    tokens_per_step = c.batch_size * c.block_size * c.gradient_accumulation_steps * world
-    flops_per_token = raw.flops_per_token(c.block_size)
-    peak = c.peak_flops or default_peak_flops(device)
-    log(f"model: {raw.num_params() / 1e6:.2f}M parameters, {raw.num_params(active=True) / 1e6:.2f}M active per token "
-        f"(+{(raw.num_params(mtp=True) - raw.num_params()) / 1e6:.2f}M MTP); vocab {args.vocab_size} ({meta['tokenizer']})")
-    log(f"training on {device} ({c.dtype}{', compiled' if c.compile else ''}"
-        f"{f', {world} processes' if ddp else ''}): {tokens_per_step:,} tokens per step, {c.max_iters} steps; "
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    train_data, val_data, meta = load_data(c, ckpt, rank, log)
+    raw, sharded, optimizer, scaler, iter_num, best_val_loss = init_model(c, meta, ckpt, device, rank, world, log)
+    del ckpt
+    model = torch.compile(raw) if c.compile else raw     # the MoE layers stay eager (see deepseek.MoE)
+    train_model = wrap_ddp(model, device, raw.args, sharded) if ddp else model
+    amp = nullcontext() if c.dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, c.dtype))
+    accum = c.gradient_accumulation_steps
+    tokens_per_step = c.batch_size * c.block_size * accum * world
+    peak = c.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else 0.0)
+    log(f"training on {device} ({c.dtype}{', compiled' if c.compile else ''}{f', {world} processes' if ddp else ''}): "
+        f"{tokens_per_step:,} tokens per step, {c.max_iters} steps; "
         f"data {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
     out_dir = Path(c.out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-    log_file = out_dir / "log.jsonl"
 
     def record(**entry):
         if master:
-            with open(log_file, "a") as f:
+            with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
-
     record(kind="config", step=iter_num, config=vars(c), world_size=world)
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean main (and MTP) loss over the same eval_iters batches per split every time, shared out
-        over the ranks, so the numbers do not depend on the number of processes."""
-        model.eval()
-        out = {}
-        for s, (split, data) in enumerate((("train", train_data), ("val", val_data))):
-            sums = torch.zeros(2, device=device)
-            for k in range(rank, c.eval_iters, world):
-                x, y = get_batch(data, c.batch_size, c.block_size, batch_seed(c.seed, 1 + s, k), device)
-                with amp:
-                    _, parts = model(x, y)
-                sums += torch.stack([parts["main"], parts["mtp"]]).float()
-            if ddp:
-                dist.all_reduce(sums)
-            out[split], out[f"{split}_mtp"] = (sums / c.eval_iters).tolist()
-        model.train()
-        return out
-
-    # the loop: step iter_num trains on batches seeded by (seed, rank, iter_num, micro_step)
-    start_iter, t_start = iter_num, time.time()
-    t_last, steps_since, maxvio_sum = time.time(), 0, None
+    start_iter, t_start, t_last, maxvios = iter_num, time.time(), time.time(), []
     raw.train()
     while True:
-        just_resumed = iter_num == start_iter > 0 and not c.eval_only   # evaluated before it was saved
-        if (iter_num % c.eval_interval == 0 or iter_num == c.max_iters or c.eval_only) and not just_resumed:
-            losses = evaluate()
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
+        # evaluate (and save) every eval_interval steps and at the end; a resumed step was evaluated already
+        if (iter_num % c.eval_interval == 0 or iter_num == c.max_iters or c.eval_only) and \
+                not (iter_num == start_iter > 0 and not c.eval_only):
+            losses = evaluate(model, dict(train=train_data, val=val_data), c, amp, device, rank, world)
+            improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
             saved = ""
-            if master and iter_num > start_iter and (improved or c.always_save_checkpoint):
-                save_checkpoint(dict(
-                    model=raw.state_dict(), model_args=asdict(raw.args), meta=tokenizer_meta(meta),
-                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                    best_val_loss=best_val_loss, config=vars(c),
-                    rng=dict(torch=torch.get_rng_state(),
-                             cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None),
-                    # batches are drawn afresh from (seed, rank, step, micro_step): the step is the position
-                    data=dict(step=iter_num, seed=c.seed, world_size=world)), out_dir / "ckpt.pt")
+            if iter_num > start_iter and (improved or c.always_save_checkpoint):
+                save_checkpoint(checkpoint(raw, sharded, optimizer, scaler, meta, c, iter_num, best_val_loss, world),
+                                out_dir / "ckpt.pt")                         # every rank: the experts are gathered
                 saved = f" | saved {out_dir / 'ckpt.pt'}"
-            log(f"eval step {iter_num}: train {losses['train']:.4f} val {losses['val']:.4f} "
-                f"(mtp: train {losses['train_mtp']:.4f} val {losses['val_mtp']:.4f}) | best val {best_val_loss:.4f}{saved}")
+            log(f"eval step {iter_num}: train {losses['train']:.4f} val {losses['val']:.4f} (mtp: train "
+                f"{losses['train_mtp']:.4f} val {losses['val_mtp']:.4f}) | best val {best_val_loss:.4f}{saved}")
             record(kind="eval", step=iter_num, best_val=best_val_loss, time_s=time.time() - t_start, **losses)
             t_last = time.time()      # keep evaluation out of the tokens/s figure
         if iter_num >= c.max_iters or c.eval_only:
             break
 
+        # one optimizer step on the gradient of the mean loss over accum micro-batches
         lr = get_lr(iter_num, c)
         for group in optimizer.param_groups:
             group["lr"] = lr
         mtp_lambda = get_mtp_lambda(iter_num, c)
         parts = torch.zeros(4, device=device)       # total, main, mtp, balance: summed over micro-batches
-        for micro in range(c.gradient_accumulation_steps):
+        for micro in range(accum):
             x, y = get_batch(train_data, c.batch_size, c.block_size, batch_seed(c.seed, 0, rank, iter_num, micro), device)
-            last = micro == c.gradient_accumulation_steps - 1
-            with (train_model.no_sync() if ddp and not last else nullcontext()):
+            with train_model.no_sync() if ddp and micro < accum - 1 else nullcontext():   # all-reduce on the last
                 with amp:
                     _, losses = train_model(x, y, mtp_lambda=mtp_lambda)
-                scaler.scale(losses["total"] / c.gradient_accumulation_steps).backward()
+                scaler.scale(losses["total"] / accum).backward()
             parts += torch.stack([losses[k].detach() for k in ("total", "main", "mtp", "balance")]).float()
         if c.grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), c.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(raw.parameters(), c.grad_clip, grad_norm(raw, sharded))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        maxvio = raw.update_expert_bias()   # counts of all micro-batches, summed over ranks inside
-        maxvio_sum = maxvio if maxvio_sum is None else maxvio_sum + maxvio
+        maxvios.append(raw.update_expert_bias())   # counts of all micro-batches, summed over ranks inside
         iter_num += 1
-        steps_since += 1
 
         if iter_num % c.log_interval == 0 or iter_num == c.max_iters:
-            total, main_l, mtp_l, bal = (parts / c.gradient_accumulation_steps).tolist()   # host sync: logging only
-            mv = [round(v, 4) for v in (maxvio_sum / steps_since).tolist()]
-            dt = (time.time() - t_last) / steps_since
-            tok_s = tokens_per_step / dt
-            mfu = flops_per_token * tok_s / (peak * world) if peak else None
-            eta = dt * (c.max_iters - iter_num)
+            total, main_l, mtp_l, bal = (parts / accum).tolist()   # host sync: logging only
+            mv = [round(v, 4) for v in torch.stack(maxvios).mean(0).tolist()]
+            dt = (time.time() - t_last) / len(maxvios)
+            tok_s, eta = tokens_per_step / dt, dt * (c.max_iters - iter_num)
+            mfu = raw.flops_per_token(c.block_size) * tok_s / (peak * world) if peak else None
+            a2a, a2a_text = all_to_all_volume(raw, len(maxvios), device) if sharded else ({}, "")
             log(f"step {iter_num}/{c.max_iters} | loss {total:.4f} (main {main_l:.4f} mtp {mtp_l:.4f} bal {bal:.2e}) "
                 f"| lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {f'{100 * mfu:.2f}%' if mfu is not None else '-'} "
-                f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {_hms(eta)}")
-            record(kind="train", step=iter_num, loss=total, main=main_l, mtp=mtp_l, balance=bal, lr=lr,
-                   mtp_lambda=mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, eta_s=eta,
-                   time_s=time.time() - t_start)
-            t_last, steps_since, maxvio_sum = time.time(), 0, None
+                f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {_hms(eta)}{a2a_text}")
+            record(kind="train", step=iter_num, loss=total, main=main_l, mtp=mtp_l, balance=bal, lr=lr, eta_s=eta,
+                   mtp_lambda=mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, time_s=time.time() - t_start, **a2a)
+            t_last, maxvios = time.time(), []
 
     wall = time.time() - t_start
     log(f"done: best val loss {best_val_loss:.4f}, {_hms(wall)} wall")
     record(kind="done", step=iter_num, best_val=best_val_loss, wall_s=wall)
     if ddp:
-        # every rank must hold the same weights and balancing biases: compare them elementwise
-        flat = torch.cat([t.detach().float().flatten() for t in raw.state_dict().values()])
-        hi, lo = flat.clone(), flat.clone()
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        same = bool(torch.equal(hi, lo))
-        log("ddp check: weights and balancing biases " + (f"identical on all {world} ranks" if same else f"DIFFER between the {world} ranks"))
+        same = ranks_identical(raw, sharded)
+        log(f"ddp check: weights and balancing biases {'identical on all' if same else 'DIFFER between the'} {world} ranks")
         record(kind="ddp_check", identical=same, world_size=world)
-        # free the DDP reducer before its process group: torch 2.13 with gloo otherwise aborts at exit
-        # now and then ("terminate called without an active exception")
+        # free the DDP reducer before its process group (else torch 2.13 + gloo now and then aborts at exit)
         del train_model
         gc.collect()
         dist.barrier()
@@ -681,8 +480,7 @@ def main(argv=None):
 
 
 def _hms(s):
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    return f"{int(s) // 3600}h{int(s) // 60 % 60:02d}m" if s >= 3600 else f"{int(s) // 60}m{int(s) % 60:02d}s"
 
 
 def cli(argv=None):
