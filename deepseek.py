@@ -1,9 +1,10 @@
 """DeepSeek-V3 in one file, small enough to read beside the technical report (arXiv 2412.19437).
 
-Order follows the report: config, norm and RoPE, Multi-head Latent Attention (§2.1.1), the MoE
-gate and experts with auxiliary-loss-free balancing (§2.1.2), the block, Multi-Token Prediction
-(§2.2), the model, generation. Names follow DeepSeek's inference/model.py (wq_a, wkv_b, w1/w2/w3).
-Embedding and output head are untied, as in DeepSeek-V3.
+Order follows the report: config, the blocks' linear layer (FP8 when asked, §3.3: fp8.py), norm
+and RoPE, Multi-head Latent Attention (§2.1.1), the MoE gate and experts with auxiliary-loss-free
+balancing (§2.1.2; expert parallelism, §3.2, in MoE.routed_parallel), the block, Multi-Token
+Prediction (§2.2), the model, generation. Names follow DeepSeek's inference/model.py (wq_a, wkv_b,
+w1/w2/w3). Embedding and output head are untied, as in DeepSeek-V3.
 """
 import json
 import math
