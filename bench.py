@@ -581,7 +581,7 @@ def main(argv=None):
     parser.add_argument("--timing_iters", type=int, default=None, help="ablation: steps of each row's timing run (50, quick 10)")
     parser.add_argument("--step_repeats", type=int, default=None, help="step: timed steps per model (40, quick 5)")
     parser.add_argument("--gpu", action="store_true", help="run the gpu part alone (the same as --parts gpu)")
-    parser.add_argument("--gpu_minutes", type=float, default=5.0, help="gpu: training time budget in minutes")
+    parser.add_argument("--gpu_minutes", type=float, default=4.0, help="gpu: training time budget in minutes")
     parser.add_argument("--out", default="out-bench", help="ablation, fp8: runs, logs and plots go here")
     parser.add_argument("--data_dir", default="data", help="ablation, fp8: data cache (as train.py)")
     parser.add_argument("--text", default="", help="ablation, fp8: the text to train on (default: Tiny Shakespeare)")
