@@ -468,7 +468,9 @@ class MoE(nn.Module):
         counts, _, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, n + 1)
         xs = Permute.of(x.unsqueeze(1).expand(-1, K, -1).reshape(-1, D), perm, inv)   # K copies of each row
         ys = self.experts(xs[:copies], counts[:n])                              # expert 0's copies first
-        ys = Permute.of(F.pad(ys, (0, 0, 0, N * K - copies)), inv, perm)        # (row, slot) order, 0 if skipped
+        if copies < N * K:                                                      # slots for other ranks: 0
+            ys = F.pad(ys, (0, 0, 0, N * K - copies))
+        ys = Permute.of(ys, inv, perm)                                          # back in (row, slot) order
         return torch.bmm(weights.type_as(ys).unsqueeze(1), ys.view(N, K, D)).squeeze(1), counts[:n]
 
     def routed_parallel(self, x, ids, weights):
