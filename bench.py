@@ -184,6 +184,37 @@ def bench_step(args):
     for (name, _, _), (m, _), t in zip(rows, models, times):
         print(f"| {name} | {m.num_params(active=True) / 1e6:.3f}M | {1000 * statistics.median(t):.1f} | "
               f"{statistics.median(t) / base:.2f}x |")
+    ffn_floor(cfg, x.numel(), args.step_repeats)
+
+
+def ffn_floor(cfg, N, repeats):
+    """The GEMMs alone: one MoE layer's shared + routed experts (grouped GEMM over evenly loaded,
+    pre-sorted copies: no gate, no dispatch) beside the dense FFN of the same active width, forward and
+    backward on N tokens. What routing cannot get below on this machine."""
+    import train
+    a = train.model_args_from(cfg, 65)
+    K, E = a.n_activated_experts, a.n_routed_experts
+    dense, shared = ds.MLP(a.dim, a.inter_dim), ds.MLP(a.dim, a.n_shared_experts * a.moe_inter_dim)
+    experts = ds.Experts(E, a.dim, a.moe_inter_dim)
+    for p in [*dense.parameters(), *shared.parameters(), *experts.parameters()]:
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(N, a.dim, requires_grad=True)
+    xs = x.detach().repeat(K, 1).requires_grad_()
+    counts = torch.full((E,), N * K // E)
+    rows = [("dense FFN", lambda: dense(x).square().sum().backward()),
+            ("shared + routed experts", lambda: (shared(x).square().sum() + experts(xs, counts).square().sum()).backward())]
+    times = [[] for _ in rows]
+    for r in range(repeats + 3):
+        for i, (_, f) in enumerate(rows):
+            t0 = now()
+            f()
+            if r >= 3:
+                times[i].append(now() - t0)
+    print(f"\nThe FFN GEMMs alone, forward + backward on {N} tokens ({K} of {E} experts each, evenly loaded)")
+    print("| FFN | ms | vs dense |")
+    print("|---|---:|---:|")
+    for (name, _), t in zip(rows, times):
+        print(f"| {name} | {1000 * statistics.median(t):.2f} | {statistics.median(t) / statistics.median(times[0]):.2f}x |")
 
 
 # ----------------------------------------------------------------------------- decode

@@ -188,7 +188,7 @@ class Attention(nn.Module):
             buf[:, start_pos:end] = t
         return [self.cache[name][:, :end] for name in new]
 
-    def attend(self, q, k, v, start_pos):
+    def attend(self, q, k, v, start_pos, mask):
         """Per-head attention. q, k (B, S, H, Dqk), v (B, S, H, Dv). Training (start_pos None):
         causal SDPA over the chunk. Decoding: cache k, v and attend over all positions so far."""
         if start_pos is None:
@@ -197,15 +197,21 @@ class Attention(nn.Module):
             return o.transpose(1, 2)
         k, v = self.fill_cache(start_pos, k=k, v=v)
         scores = torch.einsum("bshd,bthd->bsht", q, k) * self.softmax_scale
-        return torch.einsum("bsht,bthd->bshd", causal_softmax(scores, start_pos), v)
+        return torch.einsum("bsht,bthd->bshd", masked_softmax(scores, mask), v)
 
 
-def causal_softmax(scores, start_pos):
-    """Softmax over cached keys t for queries at positions start_pos + s: key t is seen if t <= start_pos + s."""
-    S, T = scores.size(1), scores.size(-1)
-    s = scores.float()
-    if S > 1:                                           # one new query sees every cached key: no mask
-        s = s + torch.full((S, T), float("-inf"), device=s.device).triu_(start_pos + 1)[:, None]
+def causal_mask(start_pos, S, device=None):
+    """Additive mask (S, 1, start_pos + S) for decoding a chunk of S queries at positions start_pos..:
+    key t is seen by query s if t <= start_pos + s. None for one query (it sees every cached key) and
+    in training (SDPA is causal). Built once per forward and shared by the layers, as in DeepSeek's code."""
+    if start_pos is None or S == 1:
+        return None
+    return torch.full((S, start_pos + S), float("-inf"), device=device).triu_(start_pos + 1).unsqueeze(1)
+
+
+def masked_softmax(scores, mask):
+    """Softmax over the keys, in fp32. scores (B, S, H, T); mask from causal_mask or None."""
+    s = scores.float() if mask is None else scores.float() + mask
     return s.softmax(dim=-1).type_as(scores)
 
 
@@ -226,9 +232,10 @@ class MLA(Attention):
         self.kv_norm = RMSNorm(args.kv_lora_rank)
         self.wkv_b = Linear(args.kv_lora_rank, H * (self.nope + self.v_dim), args.fp8)     # eqs. 2, 5
 
-    def forward(self, x, cos, sin, start_pos=None, attn_impl="absorb"):
+    def forward(self, x, cos, sin, start_pos=None, mask=None, attn_impl="absorb"):
         """start_pos None: training over a whole sequence. An int: cached decoding of a chunk starting
-        there, with the latent cache (attn_impl "absorb") or per-head K/V rebuilt from it ("naive")."""
+        there (mask: causal_mask), with the latent cache (attn_impl "absorb") or per-head K/V rebuilt
+        from it ("naive")."""
         B, S, _ = x.shape
         q = self.wq(x) if self.args.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_pe = q.view(B, S, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
@@ -239,7 +246,7 @@ class MLA(Attention):
         if start_pos is None or attn_impl == "naive":
             k_nope, v = self.wkv_b(kv).view(B, S, self.n_heads, -1).split([self.nope, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)   # eq. 4
-            o = self.attend(torch.cat([q_nope, q_pe], dim=-1), k, v, start_pos)      # eqs. 9-10
+            o = self.attend(torch.cat([q_nope, q_pe], dim=-1), k, v, start_pos, mask)  # eqs. 9-10
         else:
             # absorb: q_nope . (W_UK c) == (q_nope W_UK) . c, and W_UV moves past the softmax,
             # so attention runs over the cached latents themselves
@@ -248,7 +255,7 @@ class MLA(Attention):
             kv, k_pe = self.fill_cache(start_pos, kv=kv, pe=k_pe.squeeze(2))
             scores = (torch.einsum("bshc,btc->bsht", q_nope, kv) +
                       torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
-            o = torch.einsum("bsht,btc->bshc", causal_softmax(scores, start_pos), kv)
+            o = torch.einsum("bsht,btc->bshc", masked_softmax(scores, mask), kv)
             o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, self.nope:])
         return self.wo(o.flatten(2))                                                  # eq. 11
 
@@ -264,11 +271,11 @@ class MHA(Attention):
         self.wk = Linear(args.dim, H * (self.nope + self.rope), args.fp8)
         self.wv = Linear(args.dim, H * self.v_dim, args.fp8)
 
-    def forward(self, x, cos, sin, start_pos=None, attn_impl=None):      # one cache layout: attn_impl unused
+    def forward(self, x, cos, sin, start_pos=None, mask=None, attn_impl=None):   # one cache layout: attn_impl unused
         B, S, _ = x.shape
         q, k = (w(x).view(B, S, self.n_heads, -1) for w in (self.wq, self.wk))
         q, k = (torch.cat([t[..., :self.nope], apply_rope(t[..., self.nope:], cos, sin)], dim=-1) for t in (q, k))
-        o = self.attend(q, k, self.wv(x).view(B, S, self.n_heads, -1), start_pos)
+        o = self.attend(q, k, self.wv(x).view(B, S, self.n_heads, -1), start_pos, mask)
         return self.wo(o.flatten(2))
 
 
@@ -355,22 +362,25 @@ def dispatch(ids, n_experts):
     return counts, F.pad(counts.cumsum(0), (1, 0)), perm, torch.argsort(perm)
 
 
-class Permute(torch.autograd.Function):
-    """x[perm] for a permutation perm (inv its inverse). Same value as plain indexing, but the
-    backward is the gather g[inv] instead of indexing's accumulating scatter, several times faster."""
+class Gather(torch.autograd.Function):
+    """x[rows] when each row of x is taken `copies` times: back[i * copies + c] says where copy c of
+    row i landed. The backward is then a gather too (g[back], summed over the copies) instead of
+    indexing's accumulating scatter; both ways run index_select, several times faster on CPU."""
 
     @staticmethod
-    def of(x, perm, inv):
-        return Permute.apply(x, perm, inv) if x.requires_grad else x[perm]
+    def of(x, rows, back, copies=1):
+        return Gather.apply(x, rows, back, copies) if x.requires_grad else x.index_select(0, rows)
 
     @staticmethod
-    def forward(ctx, x, perm, inv):
-        ctx.save_for_backward(inv)
-        return x[perm]
+    def forward(ctx, x, rows, back, copies):
+        ctx.save_for_backward(back)
+        ctx.copies = copies
+        return x.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, g):
-        return g[ctx.saved_tensors[0]], None, None
+        g = g.index_select(0, ctx.saved_tensors[0])
+        return g.unflatten(0, (-1, ctx.copies)).sum(1) if ctx.copies > 1 else g, None, None, None
 
 
 def sequence_balance_loss(scores, ids, alpha):
@@ -466,12 +476,12 @@ class MoE(nn.Module):
         sorts last and is skipped, so only the first `copies` pairs run. -> (y, copies per expert (n,))"""
         (N, D), K, n = x.shape, ids.size(1), self.experts.w1.size(0)
         counts, _, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, n + 1)
-        xs = Permute.of(x.unsqueeze(1).expand(-1, K, -1).reshape(-1, D), perm, inv)   # K copies of each row
+        xs = Gather.of(x, perm // K, inv, K)                                     # K copies of each row
         ys = self.experts(xs[:copies], counts[:n])                              # expert 0's copies first
         if copies < N * K:                                                      # slots for other ranks: 0
             ys = F.pad(ys, (0, 0, 0, N * K - copies))
-        ys = Permute.of(ys, inv, perm)                                          # back in (row, slot) order
-        return torch.bmm(weights.type_as(ys).unsqueeze(1), ys.view(N, K, D)).squeeze(1), counts[:n]
+        ys = Gather.of(ys, inv, perm).view(N, K, D)                             # back in (row, slot) order
+        return (weights.type_as(ys).unsqueeze(-1) * ys).sum(1), counts[:n]
 
     def routed_parallel(self, x, ids, weights):
         """routed() under expert parallelism (§3.2.2), sending each token once to each rank that holds
@@ -530,9 +540,9 @@ class Block(nn.Module):
         self.ffn = MLP(args.dim, args.inter_dim, args.fp8) if dense else MoE(args)
         self.drop = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, start_pos=None, attn_impl="absorb"):
+    def forward(self, x, cos, sin, start_pos=None, mask=None, attn_impl="absorb"):
         """-> (output, balance loss of this layer's MoE or 0)."""
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos, attn_impl))
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos, mask, attn_impl))
         y = self.ffn(self.ffn_norm(x))
         y, balance = y if isinstance(self.ffn, MoE) else (y, 0.0)
         return x + self.drop(y), balance
@@ -552,9 +562,9 @@ class MTP(nn.Module):
         self.block = Block(layer_id, args)
         self.norm = RMSNorm(args.dim)                                    # before the shared head
 
-    def forward(self, h, emb, cos, sin, start_pos=None, attn_impl="absorb"):
+    def forward(self, h, emb, cos, sin, start_pos=None, mask=None, attn_impl="absorb"):
         h = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1))   # eq. 21
-        return self.block(h, cos, sin, start_pos, attn_impl)                     # eq. 22
+        return self.block(h, cos, sin, start_pos, mask, attn_impl)               # eq. 22
 
 
 # ----------------------------------------------------------------------------- model
@@ -575,9 +585,10 @@ class Transformer(nn.Module):
             if p.dim() >= 2:                            # every matrix; norms start at 1, the bias at 0
                 nn.init.normal_(p, std=0.02)
 
-    def rope(self, start_pos, S):
+    def positions(self, start_pos, S):
+        """What the layers need to know of a chunk's positions: RoPE's cos, sin and the causal mask."""
         p = start_pos or 0
-        return self.rope_cos[p:p + S], self.rope_sin[p:p + S]
+        return self.rope_cos[p:p + S], self.rope_sin[p:p + S], start_pos, causal_mask(start_pos, S, self.rope_cos.device)
 
     def trunk(self, idx, start_pos=None, attn_impl="absorb"):
         """Final hidden states h (B, S, dim) before the last norm, and the layers' summed balance loss.
@@ -586,9 +597,9 @@ class Transformer(nn.Module):
         S = idx.size(1)
         if (start_pos or 0) + S > self.args.max_seq_len:
             raise ValueError(f"positions up to {(start_pos or 0) + S} exceed max_seq_len={self.args.max_seq_len}")
-        h, balance = self.embed(idx), 0.0
+        h, balance, pos = self.embed(idx), 0.0, self.positions(start_pos, S)
         for layer in self.layers:
-            h, b = layer(h, *self.rope(start_pos, S), start_pos, attn_impl)
+            h, b = layer(h, *pos, attn_impl=attn_impl)
             balance = balance + b
         return h, balance
 
@@ -609,7 +620,7 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.mtp, 1):
             # depth k at position i: h^{k-1}_i and Emb(t_{i+k}) -> t_{i+k+1}; targets[:, i] is t_{i+1}
             S = h.size(1) - 1
-            h, b = module(h[:, :-1], self.embed(targets[:, k - 1:-1]), *self.rope(None, S))
+            h, b = module(h[:, :-1], self.embed(targets[:, k - 1:-1]), *self.positions(None, S))
             mtp.append(F.cross_entropy(self.logits(h, module.norm).flatten(0, 1).float(), targets[:, k:].flatten(),
                                        ignore_index=-1))
             balance = balance + b
@@ -676,7 +687,7 @@ class Transformer(nn.Module):
         ctx = self.window(idx)
         h, pos = self.trunk(ctx, 0, attn_impl)[0], ctx.size(1)
         for _ in range(max_new_tokens):
-            nxt = torch.multinomial(probs(self.logits(h[:, -1]), temperature, top_k), 1)
+            nxt = sample(self.logits(h[:, -1]), temperature, top_k)
             idx = torch.cat([idx, nxt], dim=1)
             if pos == self.args.max_seq_len:               # the window is full: slide
                 ctx = self.window(idx, slide=True)
@@ -700,16 +711,19 @@ class Transformer(nn.Module):
         stats = dict(forwards=0, drafted=0, accepted=0)
 
         def main(chunk, pos):
-            """The main model over chunk at pos: hidden states, next-token distributions."""
+            """The main model over chunk at pos: hidden states, next-token logits."""
             stats["forwards"] += 1
             h = self.trunk(chunk, pos, attn_impl)[0]
-            return h, probs(self.logits(h[0]), temperature, top_k)
+            return h, self.logits(h[0])
 
         def draft(h, nxt, pos):
             """MTP over positions pos.. from their main hidden states h and the tokens after them (nxt):
-            a draft for the token after nxt's last, and its distribution q."""
-            hm = mtp(h, self.embed(nxt), *self.rope(pos, nxt.size(1)), pos, attn_impl)[0]
-            q = probs(self.logits(hm[:, -1], mtp.norm), temperature, top_k)
+            a draft for the token after nxt's last, and its distribution q (None when greedy)."""
+            hm = mtp(h, self.embed(nxt), *self.positions(pos, nxt.size(1)), attn_impl=attn_impl)[0]
+            logits = self.logits(hm[:, -1], mtp.norm)
+            if temperature == 0:
+                return sample(logits, 0), None
+            q = probs(logits, temperature, top_k)
             return torch.multinomial(q, 1), q
 
         def restart(tokens, slide):
@@ -724,14 +738,18 @@ class Transformer(nn.Module):
         y, pos, d, q = restart(idx, slide=False)
         while out.size(1) - idx.size(1) < max_new_tokens:
             if d is None or pos + 1 == window:    # no draft, or room for y alone: a plain step
-                h, p = main(y, pos)
-                new = torch.multinomial(p, 1)
+                h, logits = main(y, pos)
+                new = sample(logits, temperature, top_k)
             else:                                  # verify d, and draw the token after it if kept
-                h, p = main(torch.cat([y, d], dim=1), pos)
-                ok, tok = verify_draft(p[:1], q, d[0])
+                h, logits = main(torch.cat([y, d], dim=1), pos)
+                if q is None:                      # greedy: d is kept iff it is the main model's argmax
+                    tok = sample(logits[:1], 0)[0]
+                    ok = tok == d[0]
+                else:
+                    ok, tok = verify_draft(probs(logits[:1], temperature, top_k), q, d[0])
                 stats["drafted"] += 1
                 stats["accepted"] += int(ok)
-                new = torch.cat([d, torch.multinomial(p[1:], 1)], dim=1) if ok else tok.view(1, 1)
+                new = torch.cat([d, sample(logits[1:], temperature, top_k)], dim=1) if ok else tok.view(1, 1)
             out, pos = torch.cat([out, new], dim=1), pos + new.size(1)
             if pos == window:                      # the window is full: slide as generate does
                 y, pos, d, q = restart(out, slide=True)
@@ -752,13 +770,16 @@ def verify_draft(p, q, d):
     return accepted, token
 
 
-def probs(logits, temperature=1.0, top_k=None):
-    """Next-token distribution: temperature 0 is greedy (one-hot on the argmax), else softmax of
-    logits / temperature restricted to the top_k tokens."""
-    logits = logits.float()
+def sample(logits, temperature=1.0, top_k=None):
+    """One token per row of logits (N, V) -> (N, 1): the argmax at temperature 0 (greedy), else drawn from probs()."""
     if temperature == 0:
-        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
-    logits = logits / temperature
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(probs(logits, temperature, top_k), 1)
+
+
+def probs(logits, temperature=1.0, top_k=None):
+    """Next-token distribution for temperature > 0: softmax of logits / temperature restricted to the top_k tokens."""
+    logits = logits.float() / temperature
     if top_k is not None:
         v = logits.topk(min(top_k, logits.size(-1)), dim=-1)[0][..., -1:]
         logits = logits.masked_fill(logits < v, float("-inf"))

@@ -220,8 +220,8 @@ def test_cached_decoding_matches_full_forward(attn, impl, groups):
     idx = torch.randint(0, 61, (2, 20))
     with torch.no_grad():
         full = m(idx)[0]
-        parts = [m(idx[:, :7], start_pos=0, attn_impl=impl)[0]]
-        parts += [m(idx[:, t:t + 1], start_pos=t, attn_impl=impl)[0] for t in range(7, 20)]
+        parts = [m(idx[:, :7], start_pos=0, attn_impl=impl)[0], m(idx[:, 7:10], start_pos=7, attn_impl=impl)[0]]
+        parts += [m(idx[:, t:t + 1], start_pos=t, attn_impl=impl)[0] for t in range(10, 20)]    # chunk, then tokens
     assert (full - torch.cat(parts, 1)).abs().max() < 1e-4
 
 
@@ -385,17 +385,26 @@ def test_moe_forward_has_no_host_sync(monkeypatch):
 
 
 def test_moe_matches_per_token_loop():
-    m = model()
-    moe = m.layers[1].ffn
+    """The MoE layer equals eq. 12 written out token by token, forward and backward (the gradients
+    of the input, the experts, the shared expert and the router through the gate values)."""
+    moe = model().layers[1].ffn
     x = torch.randn(2, 9, 32)
-    y, _ = moe(x)
-    xf = x.view(-1, 32)
-    _, w, ids = moe.gate(xf)
-    ref = moe.shared_experts(xf)
-    for t in range(xf.size(0)):
-        for j in range(ids.size(1)):
-            ref[t] = ref[t] + w[t, j] * expert_ref(moe.experts, ids[t, j], xf[t])
-    torch.testing.assert_close(y.view(-1, 32), ref, atol=1e-6, rtol=1e-5)
+    grads = []
+    for direct in (False, True):
+        xg = x.clone().requires_grad_()
+        if direct:
+            xf = xg.view(-1, 32)
+            _, w, ids = moe.gate(xf)
+            y = moe.shared_experts(xf)
+            y = torch.stack([y[t] + sum(w[t, j] * expert_ref(moe.experts, ids[t, j], xf[t]) for j in range(ids.size(1)))
+                             for t in range(xf.size(0))])
+        else:
+            y = moe(xg)[0].view(-1, 32)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append([y.detach(), xg.grad] + [p.grad.clone() for p in moe.parameters()])
+        moe.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_dense_ablation_has_no_moe():
@@ -426,10 +435,10 @@ def test_balance_loss_in_training_loss():
     for layer in m.layers:
         if isinstance(layer.ffn, ds.MoE):
             x = layer.attn_norm(h)
-            x = h + layer.attn(x, *m.rope(None, 16))
+            x = h + layer.attn(x, *m.positions(None, 16))
             scores, _, ids = layer.ffn.gate(layer.ffn_norm(x).view(-1, 32))
             direct = direct + ds.sequence_balance_loss(scores.view(2, 16, -1), ids.view(2, 16, -1), 0.01)
-        h = layer(h, *m.rope(None, 16))[0]
+        h = layer(h, *m.positions(None, 16))[0]
     torch.testing.assert_close(losses["balance"], direct)
     assert losses["balance"].requires_grad
     m.eval()
@@ -586,10 +595,15 @@ def test_generate_absorb_equals_naive():
 
 
 def test_probs_top_k_and_greedy():
-    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
-    assert torch.equal(ds.probs(logits, 0), torch.tensor([[0., 1., 0., 0.]]))
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [4.0, 3.0, 2.0, 5.0]])
+    assert torch.equal(ds.sample(logits, 0), torch.tensor([[1], [3]]))
     p = ds.probs(logits, 1.0, top_k=2)
-    assert p[0, 0] == 0 and p[0, 3] == 0 and p.sum().item() == pytest.approx(1.0)
+    assert p[0, 0] == 0 and p[0, 3] == 0 and p[1, 1] == 0 and p[1, 2] == 0
+    torch.testing.assert_close(p.sum(-1), torch.ones(2))
+    torch.testing.assert_close(p[0, 1] / p[0, 2], torch.tensor(math.e))
+    torch.manual_seed(0)
+    draws = ds.sample(logits, 0.5, top_k=2)
+    assert draws.shape == (2, 1) and draws[0, 0] in (1, 2) and draws[1, 0] in (0, 3)
 
 
 @pytest.fixture(scope="session")
@@ -1361,6 +1375,18 @@ def test_weight_decay_on_matrices_only():
     biases = [g.bias for g in model.gates()]
     assert all(b is not p for b in biases for group in opt.param_groups for p in group["params"])
     assert opt.defaults["betas"] == (0.9, 0.95)
+    assert opt.defaults["fused"]                           # one fused kernel over all tensors, CPU too
+    ref = torch.optim.AdamW([{**g, "params": [p.detach().clone().requires_grad_() for p in g["params"]]}
+                             for g in opt.param_groups], lr=1e-3, betas=(0.9, 0.95), foreach=False)
+    pairs = [(a, b) for g, h in zip(opt.param_groups, ref.param_groups) for a, b in zip(g["params"], h["params"])]
+    for _ in range(3):                                     # the same updates as the plain implementation
+        for a, b in pairs:
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_lr_and_mtp_schedule():
