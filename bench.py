@@ -219,14 +219,16 @@ def ffn_floor(cfg, N, repeats):
 
 # ----------------------------------------------------------------------------- decode
 
-def timed(fn, repeats):
-    """(best seconds over repeats, last result); each clock read waits for queued CUDA work."""
-    best = float("inf")
+def timed(fns, repeats):
+    """Best seconds of each function over `repeats` rounds, the functions interleaved in each round so
+    that a slow spell of the machine hits them all; (times, last results). Clock reads wait for CUDA."""
+    best, outs = [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeats):
-        t0 = now()
-        out = fn()
-        best = min(best, now() - t0)
-    return best, out
+        for i, fn in enumerate(fns):
+            t0 = now()
+            outs[i] = fn()
+            best[i] = min(best[i], now() - t0)
+    return best, outs
 
 
 @torch.no_grad()
@@ -242,18 +244,15 @@ def decode_row(name, model, idx, n, repeats):
     """Greedy tokens/s of each decoding mode on the same prompt; all modes must agree token for token."""
     model.eval()
     ctx = f"{idx.size(1)}+{n}"
-    t_re, ref = timed(lambda: recompute(model, idx, n), repeats)
-    speeds, outs = {}, {}
-    for impl in ("naive", "absorb"):
-        t, outs[impl] = timed(lambda: model.generate(idx, n, temperature=0, attn_impl=impl), repeats)
-        speeds[impl] = n / t
-    t_sp, (outs["spec"], st) = timed(lambda: model.generate_speculative(idx, n, temperature=0), repeats)
+    (t_re, t_na, t_ab, t_sp), (ref, naive, absorb, (spec, st)) = timed(
+        [lambda: recompute(model, idx, n), lambda: model.generate(idx, n, temperature=0, attn_impl="naive"),
+         lambda: model.generate(idx, n, temperature=0), lambda: model.generate_speculative(idx, n, temperature=0)], repeats)
     if idx.size(1) + n <= model.args.max_seq_len:        # no sliding: all four must be identical
-        assert all(torch.equal(ref, o) for o in outs.values()), f"{name}: decoding modes disagree"
+        assert all(torch.equal(ref, o) for o in (naive, absorb, spec)), f"{name}: decoding modes disagree"
     torch.manual_seed(0)
     _, sampled = model.generate_speculative(idx, n, temperature=1.0)
-    print(f"| {name} | {ctx} | {n / t_re:.0f} | {speeds['naive']:.0f} | {speeds['absorb']:.0f} | {n / t_sp:.0f} | "
-          f"{speeds['absorb'] * t_re / n:.1f}x | {t_re / t_sp:.1f}x | {n / t_sp / speeds['absorb']:.2f}x | "
+    print(f"| {name} | {ctx} | {n / t_re:.0f} | {n / t_na:.0f} | {n / t_ab:.0f} | {n / t_sp:.0f} | "
+          f"{t_re / t_ab:.1f}x | {t_re / t_sp:.1f}x | {t_ab / t_sp:.2f}x | "
           f"{st['accepted'] / max(st['drafted'], 1):.0%} / {sampled['accepted'] / max(sampled['drafted'], 1):.0%} | "
           f"{n / st['forwards']:.2f} |")
 
@@ -271,7 +270,7 @@ def bench_decode(args):
     from data import tokenizer_from_meta
     from train import load_checkpoint
     torch.manual_seed(0)
-    print(f"decode: CPU, {torch.get_num_threads()} threads, greedy, best of {args.timing_repeats}")
+    print(f"decode: CPU, {torch.get_num_threads()} threads, greedy, best of {args.timing_repeats} interleaved rounds")
     decode_header()
     for out_dir in filter(None, args.ckpts.split(",")):
         path = Path(out_dir) / "ckpt.pt"
@@ -606,7 +605,7 @@ def main(argv=None):
     parser.add_argument("--ckpts", default="out-shakespeare-char-cpu", help="decode: checkpoint folders")
     parser.add_argument("--long_tokens", type=int, default=None, help="decode: tokens after the 512-token prompt (64, quick 16)")
     parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
-    parser.add_argument("--timing_repeats", type=int, default=None, help="decode: timing repeats, best kept (3, quick 1)")
+    parser.add_argument("--timing_repeats", type=int, default=None, help="decode: interleaved timing rounds, best kept (5, quick 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke version of each part (< 3 minutes on 2 cores)")
     parser.add_argument("--iters", type=int, default=None, help="ablation, fp8: iterations per run (default 2000, quick 200; fp8 quick 50)")
     parser.add_argument("--timing_iters", type=int, default=None, help="ablation: steps of each row's timing run (50, quick 10)")
@@ -623,7 +622,7 @@ def main(argv=None):
         parser.error(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
     args.iters = args.iters or (200 if args.quick else 2000)
     args.long_tokens = args.long_tokens or (16 if args.quick else 64)
-    args.timing_repeats = args.timing_repeats or (1 if args.quick else 3)
+    args.timing_repeats = args.timing_repeats or (1 if args.quick else 5)
     args.timing_iters = args.timing_iters or (10 if args.quick else 50)
     args.step_repeats = args.step_repeats or (5 if args.quick else 40)
     return {part: PARTS[part](args) for part in parts}

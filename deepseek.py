@@ -586,9 +586,11 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=0.02)
 
     def positions(self, start_pos, S):
-        """What the layers need to know of a chunk's positions: RoPE's cos, sin and the causal mask."""
+        """A layer's position arguments for a chunk of S tokens at start_pos (None: training from 0):
+        RoPE's cos and sin, start_pos itself, and the causal mask of a chunk decoded from the cache."""
         p = start_pos or 0
-        return self.rope_cos[p:p + S], self.rope_sin[p:p + S], start_pos, causal_mask(start_pos, S, self.rope_cos.device)
+        mask = causal_mask(start_pos, S, self.rope_cos.device)
+        return self.rope_cos[p:p + S], self.rope_sin[p:p + S], start_pos, mask
 
     def trunk(self, idx, start_pos=None, attn_impl="absorb"):
         """Final hidden states h (B, S, dim) before the last norm, and the layers' summed balance loss.

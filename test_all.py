@@ -1751,8 +1751,8 @@ def test_printed_times_wait_for_cuda(char_ckpt, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a))
     rc, out, _ = run_sample(capsys, f"--out_dir={char_ckpt}", "--num_samples=2", "--max_new_tokens=2")
     assert rc == 0 and "tokens/s" in out and len(syncs) == 4                # before and after each sample
-    bench.timed(lambda: None, 3)
-    assert len(syncs) == 4 + 6
+    times, outs = bench.timed([lambda: 1, lambda: 2], 3)
+    assert len(syncs) == 4 + 12 and outs == [1, 2] and len(times) == 2 and min(times) >= 0
 
 
 def test_sample_bad_checkpoint(tmp_path, capsys):
