@@ -257,6 +257,43 @@ def decode_row(name, model, idx, n, repeats):
           f"{n / st['forwards']:.2f} |")
 
 
+@torch.no_grad()
+def step_profile(name, model, repeats, calls=20):
+    """Where a speculative step's time goes, against one plain decoding step (the main model over one
+    token): the main model over the two tokens [y, d], and the MTP draft (its block, the head, the
+    argmax) over one or two positions, at the middle of the window; interleaved rounds, best kept.
+    Also the operator calls of one main-model step: at small sizes the time goes per call."""
+    from torch.profiler import profile
+    if not model.mtp:
+        return
+    model.eval()
+    S, mtp = model.args.max_seq_len // 2, model.mtp[0]
+    t = torch.randint(0, model.args.vocab_size, (1, S + 3))
+    model.trunk(t[:, :S], 0)
+    h = model.trunk(t[:, S:S + 2], S)[0]
+
+    def draft(n):
+        hm = mtp(h[:, :n], model.embed(t[:, S + 1:S + 1 + n]), *model.positions(S, n))[0]
+        return model.logits(hm[:, -1], mtp.norm).argmax(-1)
+    def main(n):
+        return model.logits(model.trunk(t[:, S:S + n], S)[0][0]).argmax(-1)
+    parts = [("main model, 1 token (a plain step)", lambda: main(1)),
+             ("main model, 2 tokens (verify [y, d])", lambda: main(2)),
+             ("MTP draft, 1 position (after a rejection)", lambda: draft(1)),
+             ("MTP draft, 2 positions (after an acceptance)", lambda: draft(2))]
+    times, _ = timed([lambda f=f: [f() for _ in range(calls)] for _, f in parts], repeats)
+    with profile() as prof:
+        parts[0][1]()
+    ops = sum(e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+              for e in prof.events())
+    print(f"\n{name}: a speculative step against a plain one ({ops} operator calls in a plain step)")
+    print("| part | ms | vs a plain step |")
+    print("|---|---:|---:|")
+    for (label, _), t_ in zip(parts, times):
+        print(f"| {label} | {1000 * t_ / calls:.2f} | {t_ / times[0]:.2f}x |")
+    print()
+
+
 def decode_header():
     print("| model | prompt+new tokens | recompute tok/s | naive cache | absorb cache | speculative | "
           "absorb / recompute | speculative / recompute | speculative / absorb | acceptance greedy / T=1 | "
@@ -281,6 +318,7 @@ def bench_decode(args):
         encode, _ = tokenizer_from_meta(ckpt["meta"])
         idx = torch.tensor([encode("ROMEO:\n")])
         decode_row(out_dir, model, idx, model.args.max_seq_len - idx.size(1), args.timing_repeats)
+        step_profile(out_dir, model, args.timing_repeats)
     # long context: the default model shape (random weights: speed does not depend on training)
     long = ds.Transformer(ds.ModelArgs(max_seq_len=1024))
     idx = torch.randint(0, long.args.vocab_size, (1, 512))

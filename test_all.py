@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1824,4 +1825,6 @@ def test_bench_decode_smoke(char_ckpt, capsys):
     bench.main(["--parts=decode", f"--ckpts={char_ckpt}", "--long_tokens=2", "--timing_repeats=1"])
     out = capsys.readouterr().out
     assert f"| {char_ckpt} | 7+17 |" in out              # the modes agreed token for token (asserted inside)
+    assert re.search(r"\((\d+) operator calls in a plain step\)", out) and "x |\n| main model, 2 tokens (verify [y, d]) |" in out
+    assert "| MTP draft, 2 positions (after an acceptance) |" in out
     assert "| DeepSeek-V3 671B: MLA absorb | 576 |" in out and "| DeepSeek-V3 671B: MHA | 40,960 |" in out
