@@ -142,6 +142,20 @@ def bench_kernels(args):
 
 # ----------------------------------------------------------------------------- training step
 
+def rounds(fns, repeats, warmup=0):
+    """Run the functions interleaved, `warmup` untimed rounds then `repeats` timed ones, so that a slow
+    spell of the machine hits them all: (seconds of each function per round, last results). Each clock
+    read waits for queued CUDA work."""
+    times, outs = [[] for _ in fns], [None] * len(fns)
+    for r in range(warmup + repeats):
+        for i, fn in enumerate(fns):
+            t0 = now()
+            outs[i] = fn()
+            if r >= warmup:
+                times[i].append(now() - t0)
+    return times, outs
+
+
 def bench_step(args):
     """Milliseconds per training step (forward, backward, AdamW, bias update) of the CPU preset's MoE
     model beside the dense model with the same activated FFN width (inter_dim = shared + k routed), timed
@@ -169,13 +183,8 @@ def bench_step(args):
         opt.zero_grad(set_to_none=True)
         m.update_expert_bias()
     orig = ds.Experts.forward
-    times = [[] for _ in rows]
-    for r in range(args.step_repeats + 3):              # 3 warm-up rounds, then rows alternate
-        for i, ((m, opt), (_, _, use_loop)) in enumerate(zip(models, rows)):
-            t0 = now()
-            step(m, opt, use_loop)
-            if r >= 3:
-                times[i].append(now() - t0)
+    times, _ = rounds([lambda m=m, opt=opt, u=u: step(m, opt, u) for (m, opt), (_, _, u) in zip(models, rows)],
+                      args.step_repeats, warmup=3)
     print(f"step: CPU preset (batch {cfg['batch_size']} x {cfg['block_size']}), {torch.get_num_threads()} threads, "
           f"median of {args.step_repeats} interleaved steps")
     print("| model | active params | ms/step | vs dense |")
@@ -203,13 +212,7 @@ def ffn_floor(cfg, N, repeats):
     counts = torch.full((E,), N * K // E)
     rows = [("dense FFN", lambda: dense(x).square().sum().backward()),
             ("shared + routed experts", lambda: (shared(x).square().sum() + experts(xs, counts).square().sum()).backward())]
-    times = [[] for _ in rows]
-    for r in range(repeats + 3):
-        for i, (_, f) in enumerate(rows):
-            t0 = now()
-            f()
-            if r >= 3:
-                times[i].append(now() - t0)
+    times, _ = rounds([f for _, f in rows], repeats, warmup=3)
     print(f"\nThe FFN GEMMs alone, forward + backward on {N} tokens ({K} of {E} experts each, evenly loaded)")
     print("| FFN | ms | vs dense |")
     print("|---|---:|---:|")
@@ -220,15 +223,9 @@ def ffn_floor(cfg, N, repeats):
 # ----------------------------------------------------------------------------- decode
 
 def timed(fns, repeats):
-    """Best seconds of each function over `repeats` rounds, the functions interleaved in each round so
-    that a slow spell of the machine hits them all; (times, last results). Clock reads wait for CUDA."""
-    best, outs = [float("inf")] * len(fns), [None] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = now()
-            outs[i] = fn()
-            best[i] = min(best[i], now() - t0)
-    return best, outs
+    """Best seconds of each function over `repeats` interleaved rounds; (times, last results)."""
+    times, outs = rounds(fns, repeats)
+    return [min(t) for t in times], outs
 
 
 @torch.no_grad()
@@ -275,6 +272,7 @@ def step_profile(name, model, repeats, calls=20):
     def draft(n):
         hm = mtp(h[:, :n], model.embed(t[:, S + 1:S + 1 + n]), *model.positions(S, n))[0]
         return model.logits(hm[:, -1], mtp.norm).argmax(-1)
+
     def main(n):
         return model.logits(model.trunk(t[:, S:S + n], S)[0][0]).argmax(-1)
     parts = [("main model, 1 token (a plain step)", lambda: main(1)),
