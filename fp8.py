@@ -1,4 +1,5 @@
-"""FP8 training GEMMs as in DeepSeek-V3 (report §3.3), in plain PyTorch.
+"""FP8 training GEMMs as in DeepSeek-V3 (report §3.3), in plain PyTorch: convert(model) makes a built
+deepseek.Transformer train its blocks' linear layers and routed experts in FP8.
 
 Every tensor entering a GEMM is E4M3 (max 448) with fine-grained scales (§3.3.2): activations and
 output gradients in 1x128 tiles along the GEMM's inner dimension, weights in 128x128 blocks, each
@@ -9,10 +10,13 @@ fp32 ("promotion to FP32 every N_C = 128 elements"). The activation saved for th
 """
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+import deepseek
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-C = 128                 # tile width along the inner dimension, and N_C
+TILE = 128              # tile width along the inner dimension, and N_C (the promotion interval)
 SCALED_MM = None        # None: torch._scaled_mm where it runs; True / False: force one path (tests)
 RUNS = {}               # device -> whether torch._scaled_mm runs there
 
@@ -23,8 +27,8 @@ def quantize(x, rows=1):
     take what is left; an all-zero tile gets scale 1 (no 0/0)."""
     M, K = x.shape
     x = x.float().contiguous()                      # q row-major, as _scaled_mm wants A
-    padded = F.pad(x, (0, -K % C, 0, -M % rows))
-    amax = padded.view(padded.size(0) // rows, rows, padded.size(1) // C, C).abs().amax(dim=(1, 3))
+    padded = F.pad(x, (0, -K % TILE, 0, -M % rows))
+    amax = padded.view(padded.size(0) // rows, rows, padded.size(1) // TILE, TILE).abs().amax(dim=(1, 3))
     s = torch.where(amax > 0, amax / FP8_MAX, 1.0)
     # round to nearest by the cast; it does not saturate everywhere, so clamp the rounding overshoot
     q = (x / expand(s, rows, M, K)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -33,7 +37,7 @@ def quantize(x, rows=1):
 
 def expand(s, rows, M, K):
     """Tile scales (ceil(M/rows), ceil(K/128)) -> one per element (M, K)."""
-    return s.repeat_interleave(rows, 0)[:M].repeat_interleave(C, 1)[:, :K]
+    return s.repeat_interleave(rows, 0)[:M].repeat_interleave(TILE, 1)[:, :K]
 
 
 def dequantize(q, s, rows=1):
@@ -72,32 +76,62 @@ def gemm(a, b, b_rows=1):
     out = qa.new_zeros(qa.size(0), qb.size(0), dtype=torch.float32)
     with torch.autocast(qa.device.type, enabled=False):          # fp32 stays fp32 under autocast
         for c in range(sa.size(0)):
-            k = slice(c * C, (c + 1) * C)
+            k = slice(c * TILE, (c + 1) * TILE)
             out += chunk_mm(qa[:, k], qb[:, k], sa[c, :, None], sb[c, None])
     return out
 
 
-class Linear(torch.autograd.Function):
+class LinearFunction(torch.autograd.Function):
     """y = x W^T with all three GEMMs in FP8 (Fig. 6 of the report). x (..., in), W (out, in) the fp32
     master weight; y and dx in x's dtype, dW in fp32."""
 
     @staticmethod
     def forward(ctx, x, w):
         ctx.shape, ctx.dtype = x.shape, x.dtype
-        qx, qw = quantize(x.reshape(-1, x.size(-1))), quantize(w, C)
+        qx, qw = quantize(x.reshape(-1, x.size(-1))), quantize(w, TILE)
         ctx.save_for_backward(*qx, *qw)                                # the activation is kept in FP8
-        return gemm(qx, qw, C).to(x.dtype).view(*x.shape[:-1], w.size(0))   # Fprop: inner dimension = in
+        return gemm(qx, qw, TILE).to(x.dtype).view(*x.shape[:-1], w.size(0))   # Fprop: inner dimension = in
 
     @staticmethod
     def backward(ctx, dy):
         qx, sx, qw, sw = ctx.saved_tensors
         dy = dy.contiguous().view(-1, dy.size(-1))       # an expanded (zero-stride) gradient becomes real
         # Dgrad dx = dy W: inner dimension = out; W^T's 128x128 blocks are W's, transposed
-        dx = gemm(quantize(dy), (qw.t().contiguous(), sw.t()), C)
+        dx = gemm(quantize(dy), (qw.t().contiguous(), sw.t()), TILE)
         # Wgrad dW = dy^T x: inner dimension = tokens, so dy and x go in 128x1 tiles (1x128 of the transposes)
         dw = gemm(quantize(dy.t()), quantize(dequantize(qx, sx).t()))
         return dx.to(ctx.dtype).view(ctx.shape), dw
 
 
 def linear(x, w):
-    return Linear.apply(x, w)
+    return LinearFunction.apply(x, w)
+
+
+class Linear(nn.Linear):
+    """An nn.Linear (no bias) whose three GEMMs run in FP8; the weight stays the fp32 master."""
+
+    def forward(self, x):
+        return linear(x, self.weight)
+
+
+class Experts(deepseek.Experts):
+    """Routed experts whose projections run in FP8: one expert at a time (one host sync for the slice sizes)."""
+
+    def expert(self, e, x):
+        return linear(F.silu(linear(x, self.w1[e])) * linear(x, self.w3[e]), self.w2[e])
+
+    def forward(self, x, counts):
+        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts.tolist()))])
+
+
+def convert(model):
+    """Train a deepseek.Transformer in FP8 (§3.3): every nn.Linear and Experts inside its blocks (the main
+    layers and the MTP modules' blocks) becomes its FP8 version, the same module with the same weights. The
+    embedding, output head, gates, norms and attention core stay in higher precision (§3.3.1), and so does
+    MTP's eh_proj (our choice: half its input is a token embedding; the report's list does not name it).
+    A checkpoint holds the fp32 masters under the same names and loads into a plain model. Returns model."""
+    for block in [*model.layers, *(m.block for m in model.mtp)]:
+        for m in block.modules():
+            if type(m) in (nn.Linear, deepseek.Experts):
+                m.__class__ = Linear if type(m) is nn.Linear else Experts
+    return model

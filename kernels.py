@@ -1,17 +1,19 @@
-"""Triton kernels for DeepSeek-V3's MoE routing, used on a CUDA GPU. Each one computes exactly what
-a plain PyTorch function of deepseek.py defines (and what runs everywhere else):
+"""The fast paths of DeepSeek-V3's MoE layer. Each computes exactly what a plain PyTorch function of
+deepseek.py defines (and what runs wherever it does not):
 
-    route_triton(logits, bias, ...) -> ids (T, k)                     deepseek.Gate.route, eqs. 14-16
-    dispatch_triton(ids, n_experts) -> counts, offsets, perm, inv     deepseek.dispatch
+    route_triton(logits, bias, ...) -> ids (T, k)             deepseek.Gate.route, eqs. 14-16 (Triton, CUDA)
+    dispatch_triton(ids, n_experts) -> counts, perm, inv      deepseek.dispatch (Triton, CUDA)
+    grouped_experts(x, counts, w1, w2, w3)                    deepseek.Experts' loop (torch._grouped_mm)
 
-Same ids and permutations, bit for bit (up to fp32 near-ties in the gate). Without a GPU they run
-under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them, and
-compile_launches compiles them for any CUDA target (no GPU needed either).
+Same ids and permutations, bit for bit (up to fp32 near-ties in the gate). Without a GPU the Triton
+kernels run under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check
+them, and compile_launches compiles them for any CUDA target (no GPU needed either).
 """
 import functools
 import sys
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -44,6 +46,31 @@ def _runs_on(device):
 def enabled(t):
     """Whether the kernels run for tensor t: on a CUDA GPU that can run them (one warning line if not)."""
     return t.is_cuda and _runs_on(t.device)
+
+
+# ----------------------------------------------------------------------------- grouped expert GEMM
+
+def grouped_mm(x, w):
+    """Whether the experts run as grouped GEMMs for input x and weights w (E, out, in): where torch has
+    _grouped_mm, in 16-bit or fp32 (the autocast dtype if on), rows a multiple of 16 bytes."""
+    dtype = compute_dtype(x)
+    return (hasattr(torch, "_grouped_mm") and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and all(d * dtype.itemsize % 16 == 0 for d in w.shape[1:]))
+
+
+def compute_dtype(x):
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def grouped_experts(x, counts, w1, w2, w3):
+    """deepseek.Experts.forward with one torch._grouped_mm per projection over all experts: x (N, dim) sorted
+    by expert, counts (E,) rows each. No host sync: the group ends stay on the device. In the autocast
+    dtype when autocast is on, as F.linear would run."""
+    dtype, ends = compute_dtype(x), counts.cumsum(0).int()
+    mm = lambda a, w: torch._grouped_mm(a, w.to(dtype).transpose(-2, -1), offs=ends)   # noqa: E731
+    x = x.to(dtype)
+    return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -167,7 +194,7 @@ def route_triton(logits, bias, topk, n_groups=1, topk_groups=1, score_func="sigm
 
 
 def dispatch_triton(ids, n_experts, BLOCK=128):
-    """Same outputs as deepseek.dispatch (int64), bit-identical, deterministic (no atomics):
+    """Same outputs as deepseek.dispatch (counts, perm, inv; int64), bit-identical, deterministic (no atomics):
     1) per-block counts bc[e, b]; 2) exclusive prefix sum over bc in (expert, block) order =
     where each block starts writing each expert; 3) each pair goes to its start + rank in block.
     Ids outside [0, E) count as the nearest expert: no input makes it write outside its buffers."""
@@ -180,12 +207,11 @@ def dispatch_triton(ids, n_experts, BLOCK=128):
     bc = bc.flatten()
     start = bc.cumsum(0) - bc                    # int64, exclusive prefix sum in (expert, block) order
     counts = bc.view(E, NB).sum(1)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     perm = torch.empty(N, dtype=torch.int64, device=flat.device)
     inv = torch.empty(N, dtype=torch.int64, device=flat.device)
     if NB > 0:
         _launch(_scatter_kernel, (NB,), flat, start, perm, inv, N, NB, E=E, BLOCK=BLOCK)
-    return counts, offsets, perm, inv
+    return counts, perm, inv
 
 
 def compile_launches(cc, fn, *args):

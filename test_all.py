@@ -1,5 +1,7 @@
-"""The test suite: `python -m pytest -q`. Grouped as deepseek.py reads: config, norm and RoPE, MLA,
-gate, experts and MoE, balancing, MTP, model, generation; then FP8, kernels, training, sampling."""
+"""The test suite: `python -m pytest -q` (conftest.py sets the environment up and holds the shared
+fixtures). Grouped as deepseek.py reads: config, norm and RoPE, MLA, gate, experts and MoE, balancing,
+MTP, model, generation; then the systems features (FP8, kernels, expert parallelism), training,
+sampling, the benchmarks."""
 import copy
 import importlib.util
 import json
@@ -10,59 +12,20 @@ import shutil
 import subprocess
 import sys
 import types
-from pathlib import Path
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import pytest
+import torch
 import torch.nn.functional as F
 
+import bench
 import data
 import deepseek as ds
+import expert_parallel
 import fp8
 import kernels
-import expert_parallel
 import sample
 import train
-
-# tiny models gain nothing from more threads, and on a busy machine OpenMP threads waiting for
-# each other can slow a step down a hundredfold
-torch.set_num_threads(1)
-
-
-# the test model, small enough for a step in a few milliseconds, with every part switched on: MLA with a
-# low-rank query, 2 MoE layers of a shared and 8 routed experts with group-limited routing, MTP (depth 1)
-TINY_MODEL = dict(vocab_size=61, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=4,
-                  n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
-                  q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=32)
-
-
-def tiny(**kw):
-    return ds.ModelArgs(**{**TINY_MODEL, **kw})
-
-
-def model(seed=0, **kw):
-    torch.manual_seed(seed)
-    m = ds.Transformer(tiny(**kw))
-    for g in m.gates():                         # a trained-looking bias, so selection depends on it
-        g.bias.normal_(0, 0.05)
-    return m
-
-
-def fit(m, batch, steps, lr=3e-3):
-    """Plain AdamW on the total loss with a bias update after every step, as train.py does for one
-    process; batch(step) -> (x, y). Returns the last step's losses."""
-    opt = torch.optim.AdamW(m.parameters(), lr=lr)
-    for step in range(steps):
-        _, losses = m(*batch(step))
-        opt.zero_grad()
-        losses["total"].backward()
-        opt.step()
-        m.update_expert_bias()
-    return losses
+from conftest import D, E, HAS_BPE, REPO, TINY, TINY_MODEL, V, fit, model, preset, run, tiny
 
 
 # ----------------------------------------------------------------------------- config
@@ -186,8 +149,9 @@ def test_mla_rope_key_is_shared_by_all_heads():
     """The naive cache holds per-head keys: their RoPE part (eq. 3's k^R) must be the same for every
     head and position-dependent; their no-RoPE part differs per head."""
     m = model().eval()
+    m.set_attn_impl("naive")
     with torch.no_grad():
-        m(torch.randint(0, 61, (1, 6)), start_pos=0, attn_impl="naive")
+        m(torch.randint(0, V, (1, 6)), start_pos=0)
     k = m.layers[0].attn.cache["k"][0, :6]                       # (S, H, nope + rope)
     nope, rope = k.split([m.args.qk_nope_head_dim, m.args.qk_rope_head_dim], -1)
     assert torch.equal(rope, rope[:, :1].expand_as(rope)) and not torch.allclose(nope[:, 0], nope[:, 1])
@@ -218,25 +182,28 @@ def test_mla_matches_explicit_attention():
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
 def test_cached_decoding_matches_full_forward(attn, impl, groups):
     m = model(attn=attn, n_expert_groups=groups[0], n_limited_groups=groups[1]).eval()
-    idx = torch.randint(0, 61, (2, 20))
+    m.set_attn_impl(impl)
+    idx = torch.randint(0, V, (2, 20))
     with torch.no_grad():
         full = m(idx)[0]
-        parts = [m(idx[:, :7], start_pos=0, attn_impl=impl)[0], m(idx[:, 7:10], start_pos=7, attn_impl=impl)[0]]
-        parts += [m(idx[:, t:t + 1], start_pos=t, attn_impl=impl)[0] for t in range(10, 20)]    # chunk, then tokens
+        parts = [m(idx[:, :7], start_pos=0)[0], m(idx[:, 7:10], start_pos=7)[0]]
+        parts += [m(idx[:, t:t + 1], start_pos=t)[0] for t in range(10, 20)]    # chunk, then tokens
     assert (full - torch.cat(parts, 1)).abs().max() < 1e-4
 
 
 def test_absorb_cache_holds_only_latent_and_rope_key():
     for attn, impl, names in [("mla", "absorb", {"kv", "pe"}), ("mla", "naive", {"k", "v"}), ("mha", "absorb", {"k", "v"})]:
         m = model(attn=attn).eval()
+        m.set_attn_impl(impl)
         with torch.no_grad():
-            m(torch.randint(0, 61, (1, 5)), start_pos=0, attn_impl=impl)
+            m(torch.randint(0, V, (1, 5)), start_pos=0)
         cache = m.layers[0].attn.cache
         assert set(cache) == names
         per_token = sum(t[0, 0].numel() for t in cache.values())
         assert per_token == ds.cache_numbers_per_token(m.args, impl)
-    assert ds.cache_numbers_per_token(tiny()) == 16 + 8
-    assert ds.cache_numbers_per_token(tiny(attn="mha")) == 4 * (8 + 8 + 8)
+    a = tiny()
+    assert ds.cache_numbers_per_token(a) == a.kv_lora_rank + a.qk_rope_head_dim
+    assert ds.cache_numbers_per_token(tiny(attn="mha")) == a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
 
 
 # ----------------------------------------------------------------------------- gate
@@ -346,19 +313,23 @@ def expert_ref(experts, e, x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_experts_grouped_gemm_equals_loop(dtype):
-    """One grouped GEMM per projection equals the per-expert loop and the written-out SwiGLU,
-    forward and backward, with empty experts (1 and 4) and an expert holding every other copy."""
+def test_experts_grouped_gemm_equals_loop(dtype, monkeypatch):
+    """One grouped GEMM per projection (kernels.grouped_experts) equals the per-expert loop and the
+    written-out SwiGLU, forward and backward, with empty experts (1 and 4) and an expert holding every other copy."""
     torch.manual_seed(0)
     experts = ds.Experts(6, 16, 32)
     for w in experts.parameters():
         torch.nn.init.normal_(w, std=0.2)
     counts = torch.tensor([3, 0, 9, 2, 0, 1])
     x = torch.randn(int(counts.sum()), 16)
+    assert kernels.grouped_mm(x, experts.w2)          # the default here
     outs, grads = [], []
     for grouped in (True, False):
-        xg = x.to(dtype).requires_grad_()
-        y = experts(xg, counts, grouped=grouped)
+        monkeypatch.setattr(kernels, "grouped_mm", lambda x, w: grouped)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):   # as in training
+            y = experts(xg, counts)
+        assert y.dtype == dtype
         (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         outs.append(y.float())
         grads.append([xg.grad.float()] + [w.grad.clone() for w in experts.parameters()])
@@ -374,33 +345,34 @@ def test_experts_grouped_gemm_equals_loop(dtype):
 def test_moe_forward_has_no_host_sync(monkeypatch):
     """On the grouped-GEMM path nothing in a MoE training forward reads a device value on the host."""
     moe = model().layers[1].ffn.train()
-    x = torch.randn(2, 9, 32)
+    x = torch.randn(2, 9, D)
 
     def sync(*_):
         raise AssertionError("host sync")
     for name in ("item", "tolist", "__bool__", "__int__", "__index__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, sync)
     moe(x)
+    monkeypatch.setattr(kernels, "grouped_mm", lambda x, w: False)
     with pytest.raises(AssertionError, match="host sync"):                 # the loop path does sync
-        moe.experts(x.view(-1, 32), torch.tensor([18, 0, 0, 0, 0, 0, 0, 0]), grouped=False)
+        moe(x)
 
 
 def test_moe_matches_per_token_loop():
     """The MoE layer equals eq. 12 written out token by token, forward and backward (the gradients
     of the input, the experts, the shared expert and the router through the gate values)."""
     moe = model().layers[1].ffn
-    x = torch.randn(2, 9, 32)
+    x = torch.randn(2, 9, D)
     grads = []
     for direct in (False, True):
         xg = x.clone().requires_grad_()
         if direct:
-            xf = xg.view(-1, 32)
+            xf = xg.view(-1, D)
             _, w, ids = moe.gate(xf)
             y = moe.shared_experts(xf)
             y = torch.stack([y[t] + sum(w[t, j] * expert_ref(moe.experts, ids[t, j], xf[t]) for j in range(ids.size(1)))
                              for t in range(xf.size(0))])
         else:
-            y = moe(xg)[0].view(-1, 32)
+            y = moe(xg)[0].view(-1, D)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         grads.append([y.detach(), xg.grad] + [p.grad.clone() for p in moe.parameters()])
         moe.zero_grad()
@@ -430,16 +402,16 @@ def test_sequence_balance_loss():
 def test_balance_loss_in_training_loss():
     """The training loss carries the balance loss of every MoE layer (summed), with its gradient."""
     m = model(n_mtp=0, seq_aux_alpha=0.01).train()
-    idx = torch.randint(0, 61, (2, 16))
+    idx = torch.randint(0, V, (2, 16))
     _, losses = m(idx, idx)
     h, direct = m.embed(idx), 0.0
     for layer in m.layers:
         if isinstance(layer.ffn, ds.MoE):
             x = layer.attn_norm(h)
-            x = h + layer.attn(x, *m.positions(None, 16))
-            scores, _, ids = layer.ffn.gate(layer.ffn_norm(x).view(-1, 32))
+            x = h + layer.attn(x, **m.positions(None, 16))
+            scores, _, ids = layer.ffn.gate(layer.ffn_norm(x).view(-1, D))
             direct = direct + ds.sequence_balance_loss(scores.view(2, 16, -1), ids.view(2, 16, -1), 0.01)
-        h = layer(h, *m.positions(None, 16))[0]
+        h = layer(h, **m.positions(None, 16))[0]
     torch.testing.assert_close(losses["balance"], direct)
     assert losses["balance"].requires_grad
     m.eval()
@@ -456,7 +428,7 @@ def imbalanced_stream(gamma, steps=60):
     vio = []
     for _ in range(steps):
         with torch.no_grad():
-            m(torch.randint(0, 61, (4, 32), generator=gen))
+            m(torch.randint(0, V, (4, 32), generator=gen))
         vio.append(m.update_expert_bias())
     return torch.stack(vio)
 
@@ -478,7 +450,7 @@ def test_bias_update_rule_and_counting():
     vio = m.update_expert_bias()
     assert g.bias.tolist() == [-0.5, 0.5, 0, 0, 0, 0, 0, 0]
     assert vio[0].item() == pytest.approx(1.0) and (g.load == 0).all()
-    idx = torch.randint(0, 61, (2, 8))
+    idx = torch.randint(0, V, (2, 8))
     m.eval()
     with torch.no_grad():
         m(idx)
@@ -495,7 +467,7 @@ def test_bias_is_buffer_without_gradient():
     names = {n for n, _ in m.named_parameters()}
     assert not any(n.endswith("gate.bias") for n in names)
     assert "layers.1.ffn.gate.bias" in m.state_dict() and "layers.1.ffn.gate.load" not in m.state_dict()
-    idx = torch.randint(0, 61, (2, 12))
+    idx = torch.randint(0, V, (2, 12))
     m.train()(idx, idx)[1]["total"].backward()
     assert all(g.bias.grad is None and not g.bias.requires_grad and g.bias.dtype == torch.float32 for g in m.gates())
 
@@ -505,17 +477,17 @@ def test_bias_is_buffer_without_gradient():
 def test_mtp_targets_follow_eq_21_to_24():
     """Depth k at position i sees h^{k-1}_i and Emb(t_{i+k}) and is scored on t_{i+k+1}."""
     m = model(n_mtp=2).eval()
-    seq = torch.randint(0, 61, (2, 17))                       # t_0 .. t_16
+    seq = torch.randint(0, V, (2, 17))                       # t_0 .. t_16
     idx, targets = seq[:, :-1], seq[:, 1:]
     mtp = m(idx, targets)[1]["mtp"]
     T = idx.size(1)
     cos, sin = ds.precompute_rope(m.args)
-    h = m.trunk(idx)[0]
+    h = m.hidden(idx)[0]
     losses = []
     for k, mod in enumerate(m.mtp, 1):
         n = T - k
         emb = m.embed(seq[:, k:k + n])                        # t_{i+k} for i = 0 .. n-1
-        h = mod(h[:, :n], emb, cos[:n], sin[:n])[0]
+        h = mod(h[:, :n], emb, cos=cos[:n], sin=sin[:n])[0]
         logits = m.head(mod.norm(h))
         losses.append(F.cross_entropy(logits.flatten(0, 1), seq[:, k + 1:k + 1 + n].flatten()))   # t_{i+k+1}
     torch.testing.assert_close(mtp, torch.stack(losses).mean())
@@ -531,7 +503,7 @@ def test_mtp_shares_embedding_and_head():
 
 def test_loss_parts():
     m = model(mtp_lambda=0.3).train()
-    idx = torch.randint(0, 61, (2, 16))
+    idx = torch.randint(0, V, (2, 16))
     p = m(idx, idx)[1]
     torch.testing.assert_close(p["total"], p["main"] + 0.3 * p["mtp"] + p["balance"])
     torch.manual_seed(0)
@@ -544,7 +516,7 @@ def test_loss_parts():
 
 def test_gradients_reach_every_learning_parameter():
     m = model(n_mtp=1).train()
-    idx = torch.randint(0, 61, (4, 16))
+    idx = torch.randint(0, V, (4, 16))
     m(idx, idx)[1]["total"].backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -557,7 +529,7 @@ def test_gradients_reach_every_learning_parameter():
 def test_overfits_one_batch():
     torch.manual_seed(0)
     m = ds.Transformer(tiny(n_layers=2, max_seq_len=16)).train()
-    idx = torch.randint(0, 61, (2, 16))
+    idx = torch.randint(0, V, (2, 16))
     losses = fit(m, lambda step: (idx[:, :-1], idx[:, 1:]), 200)
     assert losses["main"] < 0.05 and losses["mtp"] < 0.5
 
@@ -581,7 +553,7 @@ def test_context_overflow_is_an_error():
 
 def test_generate_greedy_matches_recompute():
     m = model().double().eval()
-    idx = torch.randint(0, 61, (2, 5))
+    idx = torch.randint(0, V, (2, 5))
     out = m.generate(idx, 12, temperature=0)
     ref = idx
     for _ in range(12):
@@ -591,8 +563,10 @@ def test_generate_greedy_matches_recompute():
 
 def test_generate_absorb_equals_naive():
     m = model().double().eval()
-    idx = torch.randint(0, 61, (1, 4))
-    assert torch.equal(m.generate(idx, 40, 0, attn_impl="absorb"), m.generate(idx, 40, 0, attn_impl="naive"))   # slides past 32
+    idx = torch.randint(0, V, (1, 4))
+    absorb = m.generate(idx, 40, 0)
+    m.set_attn_impl("naive")
+    assert torch.equal(absorb, m.generate(idx, 40, 0))   # slides past max_seq_len
 
 
 def test_probs_top_k_and_greedy():
@@ -607,29 +581,13 @@ def test_probs_top_k_and_greedy():
     assert draws.shape == (2, 1) and draws[0, 0] in (1, 2) and draws[1, 0] in (0, 3)
 
 
-@pytest.fixture(scope="session")
-def pattern_model():
-    """A tiny model trained on a repeating pattern, so its MTP drafts are often right (trained once)."""
-    torch.manual_seed(0)
-    m = ds.Transformer(tiny(n_layers=2, vocab_size=16, max_seq_len=24)).train()
-    pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7])
-
-    def batch(step):             # 8 windows of the pattern at random offsets, 10% of tokens replaced by noise
-        starts = torch.randint(0, len(pattern), (8,))
-        seq = torch.stack([pattern.roll(-int(s)).repeat(2)[:17] for s in starts])
-        seq = torch.where(torch.rand(seq.shape) < 0.1, torch.randint(0, 16, seq.shape), seq)
-        return seq[:, :-1], seq[:, 1:]
-    fit(m, batch, 60)
-    return m.double().eval()
-
-
 def test_speculative_greedy_equals_plain_greedy(pattern_model):
     m = pattern_model
     drafted = accepted = 0
     for prompt, n in [([3, 1, 4], 30), ([7, 7, 7, 0], 9), ([5], 50), ([2, 6, 5, 3, 5, 8], 1), ([11, 0, 13], 20)]:
         idx = torch.tensor([prompt])
         plain = m.generate(idx, n, temperature=0)
-        spec, stats = m.generate_speculative(idx, n, temperature=0)
+        spec, stats = sample.generate_speculative(m, idx, n, temperature=0)
         assert torch.equal(plain, spec), prompt
         drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
     assert 0 < accepted < drafted                                   # both acceptances and rejections happened
@@ -642,7 +600,7 @@ def test_verify_draft_is_lossless():
     for q in [torch.tensor([0.05, 0.05, 0.3, 0.3, 0.3]), p.clone(), torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])]:
         N = 200_000
         d = torch.multinomial(q, N, replacement=True)
-        ok, tok = ds.verify_draft(p.expand(N, -1), q.expand(N, -1), d)
+        ok, tok = sample.verify_draft(p.expand(N, -1), q.expand(N, -1), d)
         freq = torch.bincount(tok, minlength=5).float() / N
         assert (freq - p).abs().max() < 0.005
         expected_accept = torch.minimum(p, q).sum()                 # P(accept) = sum_x min(p, q)
@@ -661,7 +619,7 @@ def test_speculative_sampling_matches_main_distribution(pattern_model):
     # the second new token: main's distribution after appending each possible first token
     draws = 3000
     torch.manual_seed(1)
-    pairs = torch.stack([m.generate_speculative(idx, 2, temperature=1.0)[0][0, -2:] for _ in range(draws)])
+    pairs = torch.stack([sample.generate_speculative(m, idx, 2, temperature=1.0)[0][0, -2:] for _ in range(draws)])
     joint = torch.zeros(16, 16)
     for a in range(16):
         with torch.no_grad():
@@ -793,12 +751,14 @@ def test_fp8_empty_input_gives_zero_gradient():
 
 @pytest.mark.parametrize("attn", ["mla", "mha"])
 def test_fp8_model_forward_backward(attn, monkeypatch):
-    """fp8=True: exactly the blocks' projections (attention, dense FFN, shared and routed experts) run
+    """fp8.convert: exactly the blocks' projections (attention, dense FFN, shared and routed experts) run
     through fp8.linear, not the embedding, head, gate or MTP's eh_proj; both GEMM paths give the same
-    loss and gradients, and these stay close to fp32's (E4M3 errs by ~2^-4 per operand)."""
-    ref, m8 = model(attn=attn).train(), model(attn=attn, fp8=True).train()
+    loss and gradients, and these stay close to fp32's (E4M3 errs by ~2^-4 per operand). The converted
+    model keeps the plain one's state dict names."""
+    ref, m8 = model(attn=attn).train(), fp8.convert(model(attn=attn)).train()
+    assert m8.state_dict().keys() == ref.state_dict().keys()
     m8.load_state_dict(ref.state_dict())
-    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
     ref(idx, idx)[1]["total"].backward()
     seen, run = set(), fp8.linear
     monkeypatch.setattr(fp8, "linear", lambda x, w: seen.add(w.untyped_storage().data_ptr()) or run(x, w))
@@ -840,9 +800,9 @@ def check_route(logits, bias, k, G=1, KG=1, f="sigmoid"):
 def check_dispatch(ids, E):
     out = kernels.dispatch_triton(ids, E)
     ref = ds.dispatch(ids, E)
-    for a, b in zip(out, ref):
+    for a, b in zip(out, ref, strict=True):
         assert a.dtype == torch.int64 and torch.equal(a, b)
-    counts, offsets, perm, inv = out
+    counts, perm, inv = out
     assert torch.equal(perm, torch.argsort(ids.flatten().long(), stable=True))
     assert torch.equal(perm[inv], torch.arange(perm.numel(), device=perm.device))
     return out
@@ -1057,7 +1017,7 @@ def test_moe_layer_same_through_triton(monkeypatch):
     """A whole MoE layer, forward and backward, through the kernels equals the reference path."""
     m = model()
     moe = m.layers[1].ffn.train()
-    x = torch.randn(2, 13, 32)
+    x = torch.randn(2, 13, D)
     results = []
     for triton in (False, True):
         monkeypatch.setattr(kernels, "enabled", lambda t: triton)
@@ -1072,53 +1032,6 @@ def test_moe_layer_same_through_triton(monkeypatch):
 
 # ----------------------------------------------------------------------------- training
 
-REPO = Path(__file__).parent
-SHARED = REPO.parent / "shared"
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
-HAS_BPE = (SHARED / "tiktoken_cache").is_dir()
-if HAS_BPE:
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
-
-# the training preset: the test model (tiny) with one MoE layer, on characters, for a few steps
-TINY = dict({k: v for k, v in TINY_MODEL.items() if k not in ("vocab_size", "max_seq_len")}, n_layers=2,
-            batch_size=4, block_size=32, dropout=0.0, tokenizer="char", learning_rate=3e-3, min_lr=3e-4,
-            warmup_iters=5, lr_decay_iters=60, max_iters=8, eval_interval=4, eval_iters=2, log_interval=1)
-
-
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory):
-    """Tiny Shakespeare when the shared copy is there, else a synthetic text with some structure."""
-    if SHAKESPEARE.is_file():
-        return SHAKESPEARE
-    g = torch.Generator().manual_seed(0)
-    words = ["the", "king", "and", "queen", "of", "my", "lord", "shall", "be", "thou", "art", "to", "love", "not"]
-    lines = []
-    for _ in range(8000):
-        n = int(torch.randint(3, 9, (), generator=g))
-        lines.append(" ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=g)).capitalize() + ".")
-    path = tmp_path_factory.mktemp("text") / "synthetic.txt"
-    path.write_text("\n".join(lines))
-    return path
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-def preset(tmp_path, **kw):
-    path = tmp_path / "tiny.py"
-    path.write_text("".join(f"{k} = {v!r}\n" for k, v in {**TINY, **kw}.items()))
-    return path
-
-
-def run(tmp_path, text_file, data_dir, *args, out="out", **kw):
-    """train.main in this process on a tiny preset; returns the log.jsonl entries."""
-    train.main([str(preset(tmp_path, **kw)), f"--text={text_file}", f"--data_dir={data_dir}",
-                f"--out_dir={tmp_path / out}", "--device=cpu", *args])
-    return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
-
-
 def torchrun(tmp_path, text_file, data_dir, out, *args, **kw):
     """train.py under torchrun, 2 processes, on the tiny preset (gloo on CPU); returns the log.jsonl entries."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -1132,13 +1045,6 @@ def torchrun(tmp_path, text_file, data_dir, out, *args, **kw):
 
 def entries(log, kind):
     return [e for e in log if e["kind"] == kind]
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, text_file, data_dir):
-    """The shared training run (40 steps, evaluated at 0, 20, 40): its folder and log entries."""
-    root = tmp_path_factory.mktemp("trained")
-    return root / "out", run(root, text_file, data_dir, max_iters=40, eval_interval=20)
 
 
 # ----------------------------------------------------------------------------- training: configuration
@@ -1419,14 +1325,13 @@ def test_loss_falls(trained):
 
 
 def test_fp8_training_loss_falls_and_samples_without_fp8(tmp_path, text_file, data_dir, capsys):
-    """--fp8=True trains (the loss falls as in fp32); its checkpoint holds fp32 masters, loads with FP8 off
-    and samples."""
+    """--fp8=True trains (the loss falls as in fp32); its checkpoint holds fp32 masters, loads into a plain
+    model and samples."""
     log = run(tmp_path, text_file, data_dir, "--fp8=True", max_iters=40, eval_interval=20)
     evals = entries(log, "eval")
     assert evals[-1]["val"] < evals[0]["val"] - 0.8 and evals[-1]["train"] < evals[0]["train"] - 0.8
     model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
-    assert ckpt["model_args"]["fp8"] and not model.args.fp8
-    assert not any(getattr(m, "fp8", False) for m in model.modules())
+    assert ckpt["config"]["fp8"] and not any(isinstance(m, (fp8.Linear, fp8.Experts)) for m in model.modules())
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
     assert sample.cli(["--device=cpu", f"--out_dir={tmp_path / 'out'}", "--num_samples=1", "--max_new_tokens=20"]) == 0
     assert "20 tokens in" in capsys.readouterr().out
@@ -1441,9 +1346,10 @@ def test_bias_update_once_per_step_with_all_micro_batches(tmp_path, text_file, d
         return original(self)
     monkeypatch.setattr(ds.Transformer, "update_expert_bias", spy)
     run(tmp_path, text_file, data_dir, "--gradient_accumulation_steps=3", max_iters=5, eval_interval=5)
-    # once per optimizer step, with the tokens of all 3 micro-batches (4 x 32 each; the MTP block sees
-    # 31 positions per sequence), each token routed to 2 experts
-    assert counted == [[3 * 4 * 32 * 2, 3 * 4 * 31 * 2]] * 5
+    # once per optimizer step, with the tokens of all 3 micro-batches (the MTP block sees T - 1 positions
+    # per sequence), each token routed to k experts
+    B, T, k = TINY["batch_size"], TINY["block_size"], TINY["n_activated_experts"]
+    assert counted == [[3 * B * T * k, 3 * B * (T - 1) * k]] * 5
 
 
 def test_accumulated_gradient_is_that_of_the_mean_loss(tmp_path, text_file, data_dir, monkeypatch):
@@ -1535,7 +1441,7 @@ def ep_worker(rank, world, store, kw):
     sharded = expert_parallel.shard_experts(ep, world)
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(ep, list(sharded))
     ddp = torch.nn.parallel.DistributedDataParallel(ep, forward_sync_buffers=False)
-    idx, tgt = torch.randint(0, 61, (2, 2 * world, 16), generator=torch.Generator().manual_seed(1))
+    idx, tgt = torch.randint(0, V, (2, 2 * world, 16), generator=torch.Generator().manual_seed(1))
     _, want = ref(idx, tgt)                        # the global batch: the mean of the ranks' losses
     want["total"].backward()
     _, got = ddp(idx[2 * rank:2 * rank + 2], tgt[2 * rank:2 * rank + 2])
@@ -1568,16 +1474,23 @@ def ep_worker(rank, world, store, kw):
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), ep.parameters()))
     for a, b in zip(opt.state.values(), opts[1].state.values()):
         assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq"))
-    # balancing: each rank counts its experts' tokens from all ranks; summed, the loads are the global ones
+    # balancing: each rank counts its experts' tokens from all ranks; summed (as train.py does), the loads
+    # are the global ones
+    for g in ep.gates():
+        torch.distributed.all_reduce(g.load)
     assert torch.equal(ref.update_expert_bias(), ep.update_expert_bias())
     assert all(torch.equal(a.bias, b.bias) for a, b in zip(ref.gates(), ep.gates()))
+    # parameter counts and FLOPs are the whole model's, whatever slice of the experts a rank holds
+    assert [ep.num_params(active=a, mtp=a) for a in (False, True)] == [ref.num_params(active=a, mtp=a) for a in (False, True)]
+    assert ep.flops_per_token(16) == ref.flops_per_token(16)
     # one expert group per rank: a token reaches at most n_limited_groups ranks, one of them maybe its own;
     # a send carries the token (dim fp32), its K gate values (fp32) and K expert ids (int32), and dim fp32 back
-    K, traffic = ep.args.n_activated_experts, [m.traffic for m in ep.modules() if isinstance(m, ds.MoE)]
-    for tokens, sends, copies, nbytes in traffic:
-        assert sends <= min(copies, tokens * ep.args.n_limited_groups) and copies <= K * tokens, traffic
-        assert nbytes == sends * (2 * 32 + 2 * K) * 4
-    assert sum(t[1] for t in traffic) > 0
+    K, moes = ep.args.n_activated_experts, [m for m in ep.modules() if isinstance(m, expert_parallel.ParallelMoE)]
+    assert len(moes) == len(ep.gates())
+    for m in moes:
+        assert m.sends <= min(m.copies, m.tokens * ep.args.n_limited_groups) and m.copies <= K * m.tokens
+        assert m.bytes == m.sends * (2 * D + 2 * K) * 4
+    assert sum(m.sends for m in moes) > 0
     del ddp
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -1769,9 +1682,6 @@ def test_sample_bad_checkpoint(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- bench
-
-import bench  # noqa: E402
-
 
 @pytest.mark.slow
 def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):

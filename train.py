@@ -8,8 +8,8 @@
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
     torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: expert_parallel.py
 
-Batches are a pure function of (seed, rank, step, micro-step), so a resumed run sees exactly the
-batches an uninterrupted one would. Under torchrun every rank draws its own batches, gradients are
+Batches and dropout masks are a pure function of (seed, rank, step, micro-step), so a resumed run sees
+exactly the batches and masks an uninterrupted one would. Under torchrun every rank draws its own batches, gradients are
 averaged by DistributedDataParallel, and the experts' token counts are summed over all micro-batches
 and ranks before each bias update, so every rank applies the same update.
 """
@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import UserError, batch_seed, get_batch, load_split, one_line, prepare_data, tokenizer_meta, write_atomic
+import fp8
 from deepseek import ModelArgs, Transformer
 from expert_parallel import all_to_all_volume, check_expert_parallel, gather, grad_norm, map_experts, shard_experts
 
@@ -58,7 +60,9 @@ DEFAULTS = dict(
     # system; compile: torch.compile the model; peak_flops: per-device peak FLOP/s for MFU (0: PEAK_BF16)
     device="auto",                # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (CUDA: bf16 where native, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
-    compile=False, seed=1337, peak_flops=0.0, expert_parallel=False,   # expert_parallel: experts sharded over the ranks
+    compile=False, seed=1337, peak_flops=0.0,
+    fp8=False,                    # the blocks' linear layers and experts train in FP8 (report §3.3, fp8.py)
+    expert_parallel=False,        # the routed experts sharded over the ranks (report §3.2, expert_parallel.py)
 )
 MODEL_KEYS = [f.name for f in fields(ModelArgs) if f.name not in ("vocab_size", "max_seq_len")]
 DEFAULTS.update({f.name: f.default for f in fields(ModelArgs) if f.name in MODEL_KEYS and f.name not in DEFAULTS})
@@ -245,7 +249,9 @@ def read_checkpoint(path):
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():      # a foreign file's unpickler warnings: the error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({one_line(e)})") from None
     if missing := [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]:
@@ -261,11 +267,11 @@ def load_state(model, state, path):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model in eval mode on device, checkpoint): read into CPU memory, only the weights go to device; FP8 off
-    (the fp32 masters run as they are). One-line ValueError for a missing, corrupt or foreign file."""
+    """(model in eval mode on device, checkpoint): read into CPU memory, only the weights go to device (an FP8
+    run's fp32 masters run as they are). One-line ValueError for a missing, corrupt or foreign file."""
     ckpt = read_checkpoint(path)
     try:
-        model = Transformer(ModelArgs(**{**ckpt["model_args"], "fp8": False}))
+        model = Transformer(ModelArgs(**ckpt["model_args"]))
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: bad model_args ({one_line(e)})") from None
     load_state(model, ckpt["model"], path)
@@ -301,6 +307,8 @@ def init_model(c, meta, ckpt, device, rank, world, log):
     torch.manual_seed(c.seed)                              # the same initial weights on every rank
     device_type = torch.device(device).type
     model = Transformer(model_args_from(vars(c), meta["vocab_size"])).to(device)
+    if c.fp8:
+        fp8.convert(model)
     sharded = shard_experts(model, world) if c.expert_parallel else {}
     optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c.dtype == "float16")
@@ -317,11 +325,6 @@ def init_model(c, meta, ckpt, device, rank, world, log):
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         log(f"resuming from {path} at step {iter_num} (best val loss {best_val_loss:.4f})")
-    torch.manual_seed(batch_seed(c.seed, 3, rank, iter_num))   # dropout: per rank, exact on a 1-process resume
-    if ckpt is not None and rank == 0 and "rng" in ckpt:
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # CUDA fp32 matmuls: TF32
     n, active, mtp = model.num_params(), model.num_params(active=True), model.num_params(mtp=True)
     log(f"model: {n / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token (+{(mtp - n) / 1e6:.2f}M MTP); "
@@ -360,13 +363,12 @@ def evaluate(model, splits, c, amp, device, rank, world):
 
 
 def checkpoint(model, sharded, optimizer, scaler, meta, c, iter_num, best_val_loss, world):
-    """Everything a resume needs; batches come from (seed, rank, step, micro-step): the step is the data position."""
-    cuda, state, opt_state = model.embed.weight.is_cuda, model.state_dict(), optimizer.state_dict()
+    """Everything a resume needs; batches and dropout masks come from (seed, rank, step): the step is the data position."""
+    state, opt_state = model.state_dict(), optimizer.state_dict()
     map_experts(optimizer, sharded, state, opt_state, lambda t: gather(t, world))   # all experts: every rank calls this
     return dict(model=state, model_args=asdict(model.args), meta=tokenizer_meta(meta),
                 optimizer=opt_state, scaler=scaler.state_dict(), iter_num=iter_num,
-                best_val_loss=best_val_loss, config=vars(c), data=dict(step=iter_num, seed=c.seed, world_size=world),
-                rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None))
+                best_val_loss=best_val_loss, config=vars(c), data=dict(step=iter_num, seed=c.seed, world_size=world))
 
 
 def ranks_identical(model, sharded):
@@ -434,6 +436,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         mtp_lambda = get_mtp_lambda(iter_num, c)
+        torch.manual_seed(batch_seed(c.seed, 3, rank, iter_num))   # dropout masks: a function of (seed, rank, step)
         parts = torch.zeros(4, device=device)       # total, main, mtp, balance: summed over micro-batches
         for micro in range(accum):
             x, y = get_batch(train_data, c.batch_size, c.block_size, batch_seed(c.seed, 0, rank, iter_num, micro), device)
@@ -448,7 +451,9 @@ def main(argv=None):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        maxvios.append(raw.update_expert_bias())   # counts of all micro-batches, summed over ranks inside
+        for g in raw.gates() if ddp else []:            # the counts of all micro-batches and ranks
+            dist.all_reduce(g.load)
+        maxvios.append(raw.update_expert_bias())
         iter_num += 1
 
         if iter_num % c.log_interval == 0 or iter_num == c.max_iters:
