@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 TINY_MODEL = dict(vocab_size=61, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=4,
                   n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
                   q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=32)
-V, D, E = TINY_MODEL["vocab_size"], TINY_MODEL["dim"], TINY_MODEL["n_routed_experts"]
+V, D = TINY_MODEL["vocab_size"], TINY_MODEL["dim"]
 
 # the training preset: the test model with one MoE layer, on characters, for a few steps
 TINY = dict({k: v for k, v in TINY_MODEL.items() if k not in ("vocab_size", "max_seq_len")}, n_layers=2,

@@ -3,14 +3,12 @@
 In the report's order: the config; RMSNorm and RoPE with YaRN (§4.3); Multi-head Latent Attention
 (§2.1.1) and a standard multi-head baseline; DeepSeekMoE (§2.1.2): the gate, the dispatch of tokens to
 experts, the experts, the auxiliary-loss-free bias and the sequence-wise balance loss; the block;
-Multi-Token Prediction (§2.2); the model with its losses and the bias update; generation and MTP
-speculative decoding (§5.4.3). Weight names follow DeepSeek's inference/model.py (wq_a, wkv_b, w1/w2/w3)
-except for the routed experts, stacked per layer (experts.w1 is (E, moe_inter_dim, dim)): an official
-checkpoint's per-expert tensors (experts.{i}.w1.weight) must be stacked to load. Embedding and output
-head are untied, as in DeepSeek-V3.
-
-Systems features plug into a built model from their own files: fp8.py (FP8 GEMMs, §3.3),
-expert_parallel.py (§3.2), kernels.py (Triton routing kernels and the grouped expert GEMM).
+Multi-Token Prediction (§2.2); the model with its losses and the bias update; generation. Weight names
+follow DeepSeek's inference/model.py (wq_a, wkv_b, w1/w2/w3) except for the routed experts, stacked per
+layer (experts.w1 is (E, moe_inter_dim, dim)): an official checkpoint's per-expert tensors
+(experts.{i}.w1.weight) must be stacked to load. Embedding and output head are untied, as in DeepSeek-V3.
+Systems features plug into a built model from their own files: fp8.py (FP8 GEMMs, §3.3), expert_parallel.py
+(§3.2), kernels.py (Triton routing, grouped expert GEMM); MTP speculative decoding is in sample.py.
 """
 import json
 import math
@@ -67,14 +65,13 @@ class ModelArgs:
         def need(ok, msg):
             if not ok:
                 raise ValueError(f"ModelArgs: {msg}")
-        for k in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank",
-                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"):
-            need(getattr(self, k) >= 1, f"{k} must be at least 1, not {getattr(self, k)}")
+        for k in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
+                  "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len", "rope_theta", "rope_factor",
+                  "route_scale", "mscale"):
+            need(getattr(self, k) > 0, f"{k} must be > 0, not {getattr(self, k)}")
         for k in ("n_dense_layers", "n_routed_experts", "n_shared_experts", "q_lora_rank", "n_mtp", "mtp_lambda",
                   "bias_update_speed", "seq_aux_alpha"):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, not {getattr(self, k)}")
-        for k in ("rope_theta", "rope_factor", "route_scale", "mscale"):
-            need(getattr(self, k) > 0, f"{k} must be > 0, not {getattr(self, k)}")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even (RoPE rotates pairs), not {self.qk_rope_head_dim}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), not {self.dropout}")
         need(self.attn in ("mla", "mha"), f"attn must be 'mla' or 'mha', not {self.attn!r}")
@@ -88,8 +85,7 @@ class ModelArgs:
 
     # keys of the official ModelArgs that only matter to DeepSeek's serving code
     _ignored = ("max_batch_size", "dtype", "scale_fmt")
-    # the official code's defaults for keys an official file may leave out; its model has no MTP module, and
-    # its softmax (V2) gate no balancing bias
+    # the official code's defaults for keys a file may leave out; no MTP module, and a softmax (V2) gate has no bias
     _official = dict(n_expert_groups=1, n_limited_groups=1, score_func="softmax", route_scale=1.0,
                      q_lora_rank=0, max_seq_len=16384, original_seq_len=4096, rope_theta=10000.0,
                      rope_factor=40, beta_fast=32, beta_slow=1, mscale=1.0, n_mtp=0)
@@ -158,9 +154,8 @@ class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.args = args
-        self.n_heads, self.dropout = args.n_heads, args.dropout
+        self.n_heads, self.dropout, self.v_head_dim = args.n_heads, args.dropout, args.v_head_dim
         self.qk_nope_head_dim, self.qk_rope_head_dim = args.qk_nope_head_dim, args.qk_rope_head_dim
-        self.v_head_dim = args.v_head_dim
         self.softmax_scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
         if args.max_seq_len > args.original_seq_len:
             mscale = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
@@ -169,9 +164,8 @@ class Attention(nn.Module):
         self.cache = {}
 
     def fill_cache(self, start_pos, **new):
-        """Write this chunk's entries at positions start_pos.. and return each cache up to the chunk's end.
-        A chunk at start_pos == 0 starts a new sequence (fresh zeroed buffers). Later entries
-        are simply overwritten, which is all a rollback needs."""
+        """Write this chunk's entries at positions start_pos.. and return each cache up to the chunk's end. start_pos 0
+        starts a new sequence (fresh buffers); later entries are simply overwritten, all a rollback needs."""
         end = start_pos + next(iter(new.values())).size(1)
         for name, t in new.items():
             buf = self.cache.get(name)
@@ -193,9 +187,8 @@ class Attention(nn.Module):
 
 
 def causal_mask(start_pos, S, device=None):
-    """Additive mask (S, 1, start_pos + S) for decoding a chunk of S queries at positions start_pos..:
-    key t is seen by query s if t <= start_pos + s. None for one query (it sees every cached key) and
-    in training (SDPA is causal). Built once per forward and shared by the layers, as in DeepSeek's code."""
+    """Additive mask (S, 1, start_pos + S) for decoding S queries at positions start_pos..: query s sees key t if
+    t <= start_pos + s. None for one query and in training (SDPA is causal). Shared by the layers, as DeepSeek's."""
     if start_pos is None or S == 1:
         return None
     return torch.full((S, start_pos + S), float("-inf"), device=device).triu_(start_pos + 1).unsqueeze(1)
@@ -377,8 +370,7 @@ class Experts(nn.Module):
 def sequence_balance_loss(scores, ids, alpha):
     """Complementary sequence-wise balance loss (eqs. 17-20), averaged over the batch.
     scores (B, T, E) affinities s; ids (B, T, K) chosen experts. Equals alpha when perfectly balanced."""
-    B, T, K = ids.shape
-    E = scores.size(-1)
+    (B, T, K), E = ids.shape, scores.size(-1)
     counts = torch.zeros(B, E, device=ids.device).scatter_add_(1, ids.flatten(1).long(),
                                                                torch.ones(B, T * K, device=ids.device))
     f = counts * E / (K * T)                                         # eq. 18 (no gradient: counts)
@@ -473,8 +465,7 @@ class Transformer(nn.Module):
         cos, sin = precompute_rope(args)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # every matrix from N(0, 0.02) as nanoGPT (the report's 0.006 is for its 7168 width); norms start at
-        # 1, the bias at 0
+        # every matrix from N(0, 0.02) as nanoGPT (the report's 0.006 is for its 7168 width); norms at 1, biases 0
         for p in self.parameters():
             if p.dim() >= 2:
                 nn.init.normal_(p, std=0.02)
@@ -487,9 +478,8 @@ class Transformer(nn.Module):
                     mask=causal_mask(start_pos, S, self.rope_cos.device))
 
     def hidden(self, idx, start_pos=None):
-        """Final hidden states h (B, S, dim) before the last norm, and the layers' summed balance loss.
-        start_pos None: a whole sequence from position 0 without cache; an int: cached decoding of a
-        chunk starting there."""
+        """Final hidden states h (B, S, dim) before the last norm, and the layers' summed balance loss. start_pos
+        None: a whole sequence from position 0 without cache; an int: cached decoding of a chunk starting there."""
         S = idx.size(1)
         if (start_pos or 0) + S > self.args.max_seq_len:
             raise ValueError(f"positions up to {(start_pos or 0) + S} exceed max_seq_len={self.args.max_seq_len}")
@@ -503,10 +493,9 @@ class Transformer(nn.Module):
         return self.head((norm or self.norm)(h))
 
     def forward(self, idx, targets=None, start_pos=None, mtp_lambda=None):
-        """nanoGPT-style: (logits for every position, losses). losses is None without targets, else a
-        dict of tensors: main cross-entropy, mean MTP loss, balance loss, and their weighted sum
-        total = main + mtp_lambda * mtp + balance (eq. 25; mtp_lambda defaults to args.mtp_lambda).
-        With start_pos, runs the cached inference path (no targets)."""
+        """nanoGPT-style: (logits for every position, losses). losses is None without targets, else a dict of
+        tensors: main cross-entropy, mean MTP loss, balance loss, and total = main + mtp_lambda * mtp + balance
+        (eq. 25; mtp_lambda defaults to args.mtp_lambda). With start_pos, the cached inference path (no targets)."""
         h, balance = self.hidden(idx, start_pos)
         logits = self.logits(h)
         if targets is None:
@@ -531,10 +520,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self):
-        """Aux-loss-free balancing (§2.1.2), once per optimizer step: b_i += gamma * sign(mean load - load_i)
-        per MoE layer, from the tokens its gate counted since the last call (train.py sums the counts over
-        the ranks first); then clear the counts. Returns each layer's MaxVio = max load / mean load - 1
-        (a tensor: no host sync)."""
+        """Aux-loss-free balancing (§2.1.2), once per optimizer step: b_i += gamma * sign(mean load - load_i) per MoE
+        layer, from the tokens its gate counted since the last call; then clear the counts. Returns each layer's
+        MaxVio = max load / mean load - 1 (a tensor: no host sync)."""
         gates = self.gates()
         if not gates:
             return torch.zeros(0)
@@ -548,9 +536,8 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------- parameters
 
     def num_params(self, active=False, mtp=False):
-        """Parameter count of the main model (plus MTP modules if mtp), the routed experts counted from the
-        config (all of them, or n_activated_experts per MoE layer if active), whatever this process holds.
-        Buffers (the gate biases) are not counted."""
+        """Parameters of the main model (plus MTP modules if mtp), the routed experts counted from the config (all,
+        or n_activated_experts per MoE layer if active) whatever this process holds; buffers (biases) not counted."""
         a = self.args
         modules = [self.embed, self.layers, self.norm, self.head] + ([self.mtp] if mtp else [])
         experts = [e for m in modules for e in m.modules() if isinstance(e, Experts)]
@@ -560,9 +547,8 @@ class Transformer(nn.Module):
         return n + len(experts) * per_layer * 3 * a.dim * a.moe_inter_dim
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward), nanoGPT/PaLM style: 6 per activated weight
-        (the embedding lookup is free; each MTP depth runs the head again) plus 6 per attention
-        score and value product over a seq_len context, in every layer and MTP block."""
+        """Training FLOPs per token (forward + backward), nanoGPT/PaLM style: 6 per activated weight (the embedding
+        lookup is free; each MTP depth runs the head again) plus 6 per attention score and value product."""
         a = self.args
         n = self.num_params(active=True, mtp=True) - self.embed.weight.numel() + a.n_mtp * self.head.weight.numel()
         attn = (a.n_layers + a.n_mtp) * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * seq_len

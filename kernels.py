@@ -63,6 +63,7 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+@torch.compiler.disable   # its meta function accepts bf16 only: eager, where every dtype runs
 def grouped_experts(x, counts, w1, w2, w3):
     """deepseek.Experts.forward with one torch._grouped_mm per projection over all experts: x (N, dim) sorted
     by expert, counts (E,) rows each. No host sync: the group ends stay on the device. In the autocast

@@ -8,10 +8,9 @@
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
     torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: expert_parallel.py
 
-Batches and dropout masks are a pure function of (seed, rank, step, micro-step), so a resumed run sees
-exactly the batches and masks an uninterrupted one would. Under torchrun every rank draws its own batches, gradients are
-averaged by DistributedDataParallel, and the experts' token counts are summed over all micro-batches
-and ranks before each bias update, so every rank applies the same update.
+Batches and dropout masks are a pure function of (seed, rank, step), so a resumed run repeats an uninterrupted
+one. Under torchrun every rank draws its own batches, DistributedDataParallel averages the gradients, and the
+experts' token counts are summed over micro-batches and ranks before each bias update: every rank applies the same.
 """
 import ast
 import difflib
@@ -119,11 +118,10 @@ def parse_config(argv):
 
 def check_config(c):
     """Value checks that need no data: ranges, choices, out_dir, and the model's own (ModelArgs) checks."""
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(c, key) < 1:
-            raise UserError(f"{key} must be at least 1, not {getattr(c, key)}")
-    if c.max_iters < 0:
-        raise UserError(f"max_iters must be >= 0, not {c.max_iters}")
+    for key, least in dict(batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_interval=1, eval_iters=1,
+                           log_interval=1, max_iters=0).items():
+        if getattr(c, key) < least:
+            raise UserError(f"{key} must be at least {least}, not {getattr(c, key)}")
     for key, allowed in dict(init_from=("scratch", "resume"), tokenizer=("bpe", "char"),
                              dtype=("auto", "float32", "bfloat16", "float16")).items():
         if getattr(c, key) not in allowed:
@@ -268,7 +266,7 @@ def load_state(model, state, path):
 
 def load_checkpoint(path, device="cpu"):
     """(model in eval mode on device, checkpoint): read into CPU memory, only the weights go to device (an FP8
-    run's fp32 masters run as they are). One-line ValueError for a missing, corrupt or foreign file."""
+    run's fp32 masters run as they are). One-line UserError for a missing, corrupt or foreign file."""
     ckpt = read_checkpoint(path)
     try:
         model = Transformer(ModelArgs(**ckpt["model_args"]))
@@ -332,14 +330,14 @@ def init_model(c, meta, ckpt, device, rank, world, log):
     return model, sharded, optimizer, scaler, iter_num, best_val_loss
 
 
-def wrap_ddp(model, device, args, sharded):
-    """DDP with per-rank buffers: each rank counts its own tokens per expert (update_expert_bias sums them); an
-    expert that gets no token in a micro-batch has no gradient, hence find_unused_parameters."""
+def wrap_ddp(model, device, sharded):
+    """DDP with per-rank buffers: each rank counts its own tokens per expert (summed before the bias update). Every
+    parameter gets a gradient every step (an expert with no token still gets zeros: the weights are stacked)."""
     DDP._set_params_and_buffers_to_ignore_for_model(    # expert slices: their gradients come by the all-to-all
         model, [n for n, _ in model.named_parameters() if n.removeprefix("_orig_mod.") in sharded])
     sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     return DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
-               find_unused_parameters=args.n_routed_experts > 0, **{sync: False})   # broadcast_buffers: torch < 2.13
+               **{sync: False})   # broadcast_buffers: torch < 2.13
 
 
 @torch.no_grad()
@@ -363,7 +361,7 @@ def evaluate(model, splits, c, amp, device, rank, world):
 
 
 def checkpoint(model, sharded, optimizer, scaler, meta, c, iter_num, best_val_loss, world):
-    """Everything a resume needs; batches and dropout masks come from (seed, rank, step): the step is the data position."""
+    """Everything a resume needs (batches and dropout masks come from (seed, rank, step): no RNG state)."""
     state, opt_state = model.state_dict(), optimizer.state_dict()
     map_experts(optimizer, sharded, state, opt_state, lambda t: gather(t, world))   # all experts: every rank calls this
     return dict(model=state, model_args=asdict(model.args), meta=tokenizer_meta(meta),
@@ -384,8 +382,7 @@ def ranks_identical(model, sharded):
 def main(argv=None):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ     # under torchrun: one process per device
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    log = print if rank == 0 else (lambda *a, **k: None)
     c, ckpt, device = configure(sys.argv[1:] if argv is None else argv, world if ddp else None, log)
     device_type = torch.device(device).type
     if ddp:
@@ -394,7 +391,7 @@ def main(argv=None):
     raw, sharded, optimizer, scaler, iter_num, best_val_loss = init_model(c, meta, ckpt, device, rank, world, log)
     del ckpt
     model = torch.compile(raw) if c.compile else raw     # the MoE layers stay eager (see deepseek.MoE)
-    train_model = wrap_ddp(model, device, raw.args, sharded) if ddp else model
+    train_model = wrap_ddp(model, device, sharded) if ddp else model
     amp = nullcontext() if c.dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, c.dtype))
     accum = c.gradient_accumulation_steps
     tokens_per_step = c.batch_size * c.block_size * accum * world
@@ -403,15 +400,16 @@ def main(argv=None):
         f"{tokens_per_step:,} tokens per step, {c.max_iters} steps; "
         f"data {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
     out_dir = Path(c.out_dir)
-    if master:
+    if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def record(**entry):
-        if master:
+        if rank == 0:
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
     record(kind="config", step=iter_num, config=vars(c), world_size=world)
     start_iter, t_start, t_last, maxvios = iter_num, time.time(), time.time(), []
+    hms = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))     # noqa: E731
     raw.train()
     while True:
         # evaluate (and save) every eval_interval steps and at the end; a resumed step was evaluated already
@@ -465,13 +463,13 @@ def main(argv=None):
             a2a, a2a_text = all_to_all_volume(raw, len(maxvios), device) if sharded else ({}, "")
             log(f"step {iter_num}/{c.max_iters} | loss {total:.4f} (main {main_l:.4f} mtp {mtp_l:.4f} bal {bal:.2e}) "
                 f"| lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {f'{100 * mfu:.2f}%' if mfu is not None else '-'} "
-                f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {_hms(eta)}{a2a_text}")
+                f"| maxvio {' '.join(f'{v:.2f}' for v in mv) or '-'} | eta {hms(eta)}{a2a_text}")
             record(kind="train", step=iter_num, loss=total, main=main_l, mtp=mtp_l, balance=bal, lr=lr, eta_s=eta,
                    mtp_lambda=mtp_lambda, tokens_per_s=tok_s, mfu=mfu, maxvio=mv, time_s=time.time() - t_start, **a2a)
             t_last, maxvios = time.time(), []
 
     wall = time.time() - t_start
-    log(f"done: best val loss {best_val_loss:.4f}, {_hms(wall)} wall")
+    log(f"done: best val loss {best_val_loss:.4f}, {hms(wall)} wall")
     record(kind="done", step=iter_num, best_val=best_val_loss, wall_s=wall)
     if ddp:
         same = ranks_identical(raw, sharded)
@@ -483,10 +481,6 @@ def main(argv=None):
         dist.barrier()
         dist.destroy_process_group()
     return best_val_loss
-
-
-def _hms(s):
-    return f"{int(s) // 3600}h{int(s) // 60 % 60:02d}m" if s >= 3600 else f"{int(s) // 60}m{int(s) % 60:02d}s"
 
 
 def cli(argv=None):
