@@ -410,7 +410,10 @@ class MoE(nn.Module):
         -> (y, pairs per expert)"""
         (N, D), K = x.shape, ids.size(1)
         counts, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, self.args.n_routed_experts)
-        ys = self.experts(x[perm // K], counts)[inv].view(N, K, D)          # back in (row, slot) order
+        pairs = x.repeat_interleave(K, 0)                                  # one copy of a row per slot
+        xs = pairs.new_empty(pairs.shape).index_copy(0, inv, pairs)        # pair i to its place inv[i]
+        ys = self.experts(xs, counts)
+        ys = ys.new_empty(ys.shape).index_copy(0, perm, ys).view(N, K, D)  # back in (row, slot) order
         return (weights.type_as(ys).unsqueeze(-1) * ys).sum(1), counts
 
 
