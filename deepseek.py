@@ -410,9 +410,8 @@ class MoE(nn.Module):
         -> (y, pairs per expert)"""
         (N, D), K = x.shape, ids.size(1)
         counts, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, self.args.n_routed_experts)
-        pairs = x.repeat_interleave(K, 0)                                  # one copy of a row per slot
-        xs = pairs.new_empty(pairs.shape).index_copy(0, inv, pairs)        # pair i to its place inv[i]
-        ys = self.experts(xs, counts)
+        xs = x.repeat_interleave(K, 0)                                     # one copy of a row per slot
+        ys = self.experts(xs.new_empty(xs.shape).index_copy(0, inv, xs), counts)   # pair i at its place inv[i]
         ys = ys.new_empty(ys.shape).index_copy(0, perm, ys).view(N, K, D)  # back in (row, slot) order
         return (weights.type_as(ys).unsqueeze(-1) * ys).sum(1), counts
 
@@ -566,8 +565,7 @@ class Transformer(nn.Module):
                 m.attn_impl = attn_impl
 
     def window(self, tokens, slide=False):
-        """The tokens that decoding keeps in its cache: the last max_seq_len, or when the window is full
-        (slide) its last half, so the other half is decoded from the cache before the next slide."""
+        """The tokens decoding keeps in its cache: the last max_seq_len, or their last half when sliding."""
         return tokens[:, -(self.args.max_seq_len // 2 if slide else self.args.max_seq_len):]
 
     @torch.no_grad()
