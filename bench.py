@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -98,40 +97,46 @@ def gpu_speed(args, name, extra=()):
 def bench_step(args):
     """Milliseconds per training step (forward, backward, AdamW, bias update) of the CPU preset's MoE
     model beside the dense model with the same activated FFN width (inter_dim = shared + k routed), timed
-    interleaved in one process on the same batch; the routed experts by grouped GEMM and by a loop."""
+    interleaved in one process on the same batch: the routed experts by each of kernels.expert_gemm's
+    paths, and the preset eager and under torch.compile."""
     import kernels
     import train
     cfg, _, _ = train.parse_config(["shakespeare_char_cpu"])
-    rows = [("dense, same active FFN width", dict(n_routed_experts=0, n_mtp=0), False),
-            ("MoE, grouped GEMM", dict(n_mtp=0), False),
-            ("MoE, per-expert loop", dict(n_mtp=0), True),
-            ("MoE + MTP (the preset)", dict(), False)]
+    rows = [("dense, same active FFN width", dict(n_routed_experts=0, n_mtp=0), None, False),
+            ("MoE, grouped GEMM", dict(n_mtp=0), "grouped_mm", False),
+            ("MoE, padded batched GEMM", dict(n_mtp=0), "padded", False),
+            ("MoE, per-expert loop", dict(n_mtp=0), "loop", False),
+            ("MoE + MTP (the preset)", dict(), None, False),
+            ("MoE + MTP, torch.compile", dict(), None, True)]
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 65, (2, cfg["batch_size"], cfg["block_size"]), generator=g)
     models = []
-    for name, over, _ in rows:
+    for name, over, _, compiled in rows:
         torch.manual_seed(0)
         m = ds.Transformer(train.model_args_from({**cfg, **over}, 65)).train()
-        models.append((m, train.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.99), "cpu")))
+        models.append((m, torch.compile(m) if compiled else m, train.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.99), "cpu")))
 
-    def step(m, opt, loop):
-        with mock.patch.object(kernels, "grouped_mm", lambda *a: False) if loop else contextlib.nullcontext():
-            m(x, y)[1]["total"].backward()
+    def step(m, run, opt, path):
+        kernels.EXPERT_GEMM = path
+        try:
+            run(x, y)[1]["total"].backward()
+        finally:
+            kernels.EXPERT_GEMM = None
         opt.step()
         opt.zero_grad(set_to_none=True)
         m.update_expert_bias()
-    times, _ = rounds([lambda m=m, opt=opt, loop=loop: step(m, opt, loop) for (m, opt), (_, _, loop) in zip(models, rows)],
-                      args.step_repeats, warmup=3)
+    times, _ = rounds([lambda m=m, run=run, opt=opt, path=path: step(m, run, opt, path)
+                       for (m, run, opt), (_, _, path, _) in zip(models, rows)], args.step_repeats, warmup=3)
     print(f"step: CPU preset (batch {cfg['batch_size']} x {cfg['block_size']}), {torch.get_num_threads()} threads, "
           f"median of {args.step_repeats} interleaved steps")
     print("| model | active params | ms/step | vs dense |")
     print("|---|---:|---:|---:|")
     base = statistics.median(times[0])
-    for (name, _, _), (m, _), t in zip(rows, models, times):
+    for (name, *_), (m, _, _), t in zip(rows, models, times):
         print(f"| {name} | {m.num_params(active=True) / 1e6:.3f}M | {1000 * statistics.median(t):.1f} | "
               f"{statistics.median(t) / base:.2f}x |")
     ffn_floor(cfg, x.numel(), args.step_repeats)
-    return {name: statistics.median(t) for (name, _, _), t in zip(rows, times)}
+    return {name: statistics.median(t) for (name, *_), t in zip(rows, times)}
 
 
 def ffn_floor(cfg, N, repeats):

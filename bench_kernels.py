@@ -15,8 +15,8 @@ import torch
 import deepseek as ds
 from bench import V3_CONFIG, preset_args
 
-CCS = (70, 75, 80, 86, 89, 90)                        # V100, T4, A100, RTX 30xx, RTX 40xx / L4, H100
-MAX_WARPS = {70: 64, 75: 32, 80: 64, 86: 48, 89: 48, 90: 64}  # resident warps per SM; 64K registers each
+CCS = (70, 75, 80, 86, 89, 90, 100, 120)    # V100, T4, A100, RTX 30xx, RTX 40xx / L4, H100, B200, RTX 50xx
+MAX_WARPS = {70: 64, 75: 32, 80: 64, 86: 48, 89: 48, 90: 64, 100: 64, 120: 48}  # resident warps per SM; 64K registers each
 
 
 def gate_shapes():
@@ -38,22 +38,27 @@ def compile_rows(ccs):
     from Triton's own `ptxas -v`, warps, the PTX target and the cubin size."""
     import kernels
     rows = []
+    meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+    calls = []                                                # (shape, function, its arguments)
     for name, a in gate_shapes():
         E, k = a.n_routed_experts, a.n_activated_experts
-        meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
-        calls = [(kernels.route_triton, meta(4096, E), meta(E), k, a.n_expert_groups, a.n_limited_groups, a.score_func),
-                 (kernels.dispatch_triton, meta(4096, k, dtype=torch.int32), E)]
-        for cc in ccs:
-            for fn, *call_args in calls:
-                log = io.StringIO()
-                with contextlib.redirect_stdout(log):             # Triton prints the ptxas log
-                    done = kernels.compile_launches(cc, fn, *call_args)
-                for kname, ck in done:
-                    m = re.search(rf"function '{kname}'.*?(\d+) bytes spill stores, (\d+) bytes spill loads"
-                                  r".*?Used (\d+) registers", log.getvalue(), re.S)
-                    rows.append(dict(kernel=kname, shape=name, cc=cc, regs=int(m[3]), spills=int(m[1]) + int(m[2]),
-                                     warps=ck.metadata.num_warps, target=re.search(r"\.target (\w+)", ck.asm["ptx"])[1],
-                                     cubin=len(ck.asm["cubin"])))
+        calls += [(name, kernels.route_triton, meta(4096, E), meta(E), k, a.n_expert_groups, a.n_limited_groups,
+                   a.score_func), (name, kernels.dispatch_triton, meta(4096, k, dtype=torch.int32), E)]
+    # a rank of expert_parallel.py dispatches over its experts + 1 (the last bucket: other ranks'), 257 at most for V3
+    v3 = gate_shapes()[0][1]
+    calls.append(("V3, E + 1", kernels.dispatch_triton, meta(4096, v3.n_activated_experts, dtype=torch.int32),
+                  v3.n_routed_experts + 1))
+    for cc in ccs:
+        for name, fn, *call_args in calls:
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):             # Triton prints the ptxas log
+                done = kernels.compile_launches(cc, fn, *call_args)
+            for kname, ck in done:
+                m = re.search(rf"function '{kname}'.*?(\d+) bytes spill stores, (\d+) bytes spill loads"
+                              r".*?Used (\d+) registers", log.getvalue(), re.S)
+                rows.append(dict(kernel=kname, shape=name, cc=cc, regs=int(m[3]), spills=int(m[1]) + int(m[2]),
+                                 warps=ck.metadata.num_warps, target=re.search(r"\.target (\w+)", ck.asm["ptx"])[1],
+                                 cubin=len(ck.asm["cubin"])))
     return rows
 
 

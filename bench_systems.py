@@ -40,7 +40,7 @@ def bench_fp8(args):
     model, _ = train.load_checkpoint(b["out"] / "ckpt.pt")
     per_token_fp8, per_token_fp32 = fp8_saved_bytes(model.args)
     print(f"\nfp8: char-level Tiny Shakespeare (config/shakespeare_char_cpu.py), {iters} steps, seed 1337, "
-          f"{torch.get_num_threads()} CPU threads; GEMM path: {gemm_path('cpu')}")
+          f"{torch.get_num_threads()} CPU threads; {fp8.describe('cpu')}")
     print("| run | best val loss | vs fp32 | ms/step | step time vs fp32 | linear-layer activations kept, bytes/token |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| fp32 | {a['best']:.4f} | | {1000 * a['step_s']:.0f} | 1.00x | {per_token_fp32:,.0f} |")
@@ -50,19 +50,23 @@ def bench_fp8(args):
     return a, b
 
 
-def gemm_path(device):
-    return "torch._scaled_mm" if fp8.scaled_mm_runs(torch.device(device)) else "emulated (dequantize + fp32 matmul)"
-
-
 def fp8_gpu_speed(args):
-    """Tokens/s of config/shakespeare_char.py on this GPU in bf16 autocast, and with fp8=True: 60 steps each."""
+    """Tokens/s of config/shakespeare_char.py on this GPU in bf16 autocast and with fp8=True, eager and compiled
+    (where the two combine: fp8.check_compile), 60 steps each; labelled with the GEMM path FP8 took."""
     if not torch.cuda.is_available():
         print("fp8: no CUDA GPU here: FP8 vs bf16 tokens/s not measured")
         return
-    bf16, f8 = (gpu_speed(args, name, ["--dtype=bfloat16", *extra])["tokens_per_s"]
-                for name, extra in [("bf16", []), ("fp8", ["--fp8=True"])])
-    print(f"fp8: {torch.cuda.get_device_name()}, config/shakespeare_char.py, FP8 GEMM path {gemm_path('cuda')}: "
-          f"tokens/s bf16 {bf16:,.0f}, fp8 {f8:,.0f} ({f8 / bf16:.2f}x)")
+    import kernels
+    runs = [("bf16", []), ("bf16, compiled", ["--compile=True"]), ("fp8", ["--fp8=True"])]
+    if torch.cuda.get_device_capability() >= (8, 9):
+        runs.append(("fp8, compiled", ["--fp8=True", "--compile=True"]))
+    speed = {name: gpu_speed(args, name.replace(", ", "-"), ["--dtype=bfloat16", *extra])["tokens_per_s"]
+             for name, extra in runs}
+    print(f"fp8: {torch.cuda.get_device_name()}, config/shakespeare_char.py, 60 steps each; "
+          f"{kernels.describe('cuda', torch.bfloat16)}; {fp8.describe('cuda')}")
+    print("| run | tokens/s | vs bf16 |\n|---|---:|---:|")
+    for name, v in speed.items():
+        print(f"| {name} | {v:,.0f} | {v / speed['bf16']:.2f}x |")
 
 
 # ----------------------------------------------------------------------------- expert parallelism

@@ -343,9 +343,9 @@ def dispatch(ids, n_experts):
     """Group the (token, slot) pairs by expert with a stable sort. ids (T, k) -> counts (E,), perm (T*k,),
     inv (T*k,), int64: pair perm[j] (a flat index t*k + slot) is the j-th in expert order, expert 0's
     first, and inv[perm] == arange (inv[i] is where pair i landed)."""
-    flat = ids.flatten().long()
+    flat, counts = ids.flatten().long(), ids.new_zeros(n_experts, dtype=torch.long)   # counts: a bincount of fixed size
     perm = torch.argsort(flat, stable=True)
-    return torch.bincount(flat, minlength=n_experts), perm, torch.argsort(perm)
+    return counts.index_add_(0, flat, torch.ones_like(flat)), perm, torch.argsort(perm)
 
 
 class Experts(nn.Module):
@@ -362,8 +362,8 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         """x (N, dim) token copies sorted by expert, counts (n,) copies per expert -> each through its expert."""
-        if kernels.grouped_mm(x, self.w2):     # the same, one grouped GEMM per projection (kernels.py)
-            return kernels.grouped_experts(x, counts, self.w1, self.w2, self.w3)
+        if fast := kernels.experts_impl(x, self.w2):   # the same as one GEMM per projection (kernels.py)
+            return fast(x, counts, self.w1, self.w2, self.w3)
         return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts.tolist()))])
 
 

@@ -36,6 +36,7 @@ class ParallelMoE(MoE):
         over all ranks' tokens, 0 elsewhere)"""
         g, (T, D), K = self.group, x.shape, ids.size(1)
         W, r, n = dist.get_world_size(g), dist.get_rank(g), self.experts.w1.size(0)
+        x = x.to(kernels.compute_dtype(x))           # under autocast the tokens travel in its dtype (bf16: half the bytes)
         on = ids.unsqueeze(-1) // n == torch.arange(W, device=x.device)          # (T, K, W): slot k's expert is on rank j
         to = on.any(dim=1)                                                        # (T, W): token t goes to rank j
         # split sizes both ways, tokens and the expert copies they carry per rank: the layer's one host sync

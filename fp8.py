@@ -7,18 +7,22 @@ tile's scale from its own max-abs (online quantization). A GEMM is a sum over 12
 inner dimension: each chunk is one FP8 x FP8 product with fp32 output, times its tile scales, added in
 fp32 ("promotion to FP32 every N_C = 128 elements"). The activation saved for the backward stays FP8
 (§3.3.3); the weight gradient re-quantizes it in 128x1 tiles since its inner dimension is the tokens.
+On a GPU with FP8 tensor cores a GEMM is one block-scaled call or a loop of per-chunk calls, whichever
+runs there; elsewhere (a CPU, older GPUs) it is emulated with the same numbers (gemm, describe).
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import ScalingType
 
 import deepseek
+from data import UserError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 TILE = 128              # tile width along the inner dimension, and N_C (the promotion interval)
-SCALED_MM = None        # None: torch._scaled_mm where it runs; True / False: force one path (tests)
-RUNS = {}               # device -> whether torch._scaled_mm runs there
 
 
 def quantize(x, rows=1):
@@ -44,41 +48,121 @@ def dequantize(q, s, rows=1):
     return q.float() * expand(s, rows, *q.shape)
 
 
-@torch.compiler.assume_constant_result     # torch.compile: a constant, not traced
-def scaled_mm_runs(device):
-    """Whether torch._scaled_mm with per-row scales and fp32 output runs here (CPU; CUDA cc >= 8.9
-    with a recent cuBLAS). Elsewhere the chunks are dequantized and multiplied in fp32: the same numbers."""
-    if device not in RUNS:
-        try:
-            a, one = torch.zeros(16, 16, device=device).to(FP8), torch.ones(16, 1, device=device)
-            torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t(), out_dtype=torch.float32)
-            RUNS[device] = True
-        except (RuntimeError, ValueError):
-            RUNS[device] = False
-    return RUNS[device]
-
-
-def chunk_mm(qa, qb, sa, sb):
-    """One chunk: (M, k) x (N, k)^T E4M3 product in fp32, times row scales sa (M, 1) and column scales sb (1, N)."""
-    use = SCALED_MM if SCALED_MM is not None else \
-        scaled_mm_runs(qa.device) and qa.size(1) % 16 == 0 and qb.size(0) % 16 == 0   # cuBLAS shape rule
-    if use:
-        return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
-    return (qa.float() * sa) @ (qb.float() * sb.t()).t()
-
+# ----------------------------------------------------------------------------- the GEMM, and which op runs it
 
 def gemm(a, b, b_rows=1):
-    """A B^T (M, N) in fp32 from quantized a = (q, s) (M, K) in 1x128 tiles and b (N, K) in b_rows x 128
-    tiles. Within a chunk of 128 along K, A's tile scale is one per row and B's one per column."""
+    """A B^T (M, N) in fp32 from quantized a = (q, s) (M, K) in 1x128 tiles and b (N, K) in b_rows x 128 tiles, by
+    the first of the ops that run on this device (gemm_ops) that takes the shape, else emulated: the product of
+    the dequantized operands in one fp32 matmul, exactly what the FP8 GEMM computes up to the order of the sum."""
     (qa, sa), (qb, sb) = a, b
+    ops = dict(gemm_ops(qa.device))
+    with torch.autocast(qa.device.type, enabled=False):          # fp32 stays fp32 under autocast
+        if "blockwise" in ops and qb.size(0) % TILE == 0:
+            return blockwise_mm(qa, sa, qb, sb, b_rows, ops["blockwise"]).float()
+        if "rowwise" in ops and qb.size(0) % 16 == 0:
+            return chunked_mm(qa, sa, qb, sb, b_rows, ops["rowwise"])
+        with full_fp32(qa.device):
+            return dequantize(qa, sa) @ dequantize(qb, sb, b_rows).t()
+
+
+def blockwise_mm(qa, sa, qb, sb, b_rows, dtype):
+    """One F.scaled_mm with DeepSeek's recipe: A's scales per 1x128 tile, B's per 1x128 tile (b_rows=1: Wgrad) or
+    per 128x128 block, laid out as PyTorch wants them (outer-dimension-major; block rows padded to a multiple of 4)."""
+    qa, qb = pad_k(qa), pad_k(qb)
+    sa = sa.t().contiguous().t()                                              # (M, K/128), strides (1, M)
+    if b_rows == 1:
+        recipe, sb = ScalingType.BlockWise1x128, sb.t().contiguous().t()      # (N, K/128), strides (1, N)
+    else:
+        recipe, sb = ScalingType.BlockWise128x128, F.pad(sb, (0, -sb.size(1) % 4)).t()   # (K/128 up to 4k, N/128)
+    return F.scaled_mm(qa, qb.t(), sa, ScalingType.BlockWise1x128, sb, recipe, output_dtype=dtype)
+
+
+def chunked_mm(qa, sa, qb, sb, b_rows, dtype):
+    """Σ over the 128-wide chunks of the inner dimension of one torch._scaled_mm each, with A's tile scale per row
+    and B's per column, added in fp32 ("promotion to FP32 every N_C = 128 elements")."""
+    qa, qb = pad_k(qa), pad_k(qb)
     sa = sa.t().contiguous()                                                      # (chunks, M)
     sb = sb.repeat_interleave(b_rows, 0)[:qb.size(0)].t().contiguous()           # (chunks, N)
     out = qa.new_zeros(qa.size(0), qb.size(0), dtype=torch.float32)
-    with torch.autocast(qa.device.type, enabled=False):          # fp32 stays fp32 under autocast
-        for c in range(sa.size(0)):
-            k = slice(c * TILE, (c + 1) * TILE)
-            out += chunk_mm(qa[:, k], qb[:, k], sa[c, :, None], sb[c, None])
+    for c in range(sa.size(0)):
+        k = slice(c * TILE, (c + 1) * TILE)
+        out += torch._scaled_mm(qa[:, k], qb[:, k].t(), scale_a=sa[c, :, None], scale_b=sb[c, None], out_dtype=dtype)
     return out
+
+
+def pad_k(q):
+    """q (M, K) with zero columns up to a multiple of 128: every 128-wide chunk then starts 16-byte aligned, with a
+    row stride that is too (cuBLAS wants both; a token count such as 756 is not), and block-wise GEMMs get whole tiles."""
+    K = q.size(1)
+    if K % TILE == 0:
+        return q
+    out = q.new_zeros(q.size(0), K + -K % TILE)
+    out[:, :K] = q
+    return out
+
+
+@contextlib.contextmanager
+def full_fp32(device):
+    """fp32 matmuls in full fp32 on a GPU, whatever train.py chose for the rest (TF32 keeps 10 mantissa bits)."""
+    if device.type != "cuda":
+        yield
+        return
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def candidates(device_type, capability):
+    """The FP8 GEMMs worth trying on a device, fastest first, as (op, output dtype), where FP8 tensor cores exist
+    (CUDA compute capability 8.9 on). "blockwise": one torch.nn.functional.scaled_mm per GEMM with the 1x128 /
+    128x128 scales (PyTorch runs it on 9.x with cuBLAS 12.9+); "rowwise": torch._scaled_mm per 128-wide chunk
+    (fp32 output on 9.x with cuBLAS 12.9+, bf16 output from 8.9). Elsewhere, a CPU included, none: emulated."""
+    if device_type != "cuda" or tuple(capability) < (8, 9):
+        return ()
+    return tuple((op, dtype) for op in ("blockwise", "rowwise") for dtype in (torch.float32, torch.bfloat16))
+
+
+OPS = None      # None: the candidates that run on the device (gemm_ops); a tuple of (op, dtype) forces them (tests)
+FOUND = {}      # device -> what gemm_ops found there
+
+
+@torch.compiler.assume_constant_result     # torch.compile: a constant, not traced
+def gemm_ops(device):
+    """For each op of candidates(device), the first output dtype with which it runs here (tried once, on 128 x 128)."""
+    if OPS is not None:
+        return OPS
+    if device not in FOUND:
+        cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+        x = torch.ones(TILE, TILE, device=device)
+        found = {}
+        for op, dtype in candidates(device.type, cc):
+            try:
+                if op not in found:
+                    (blockwise_mm if op == "blockwise" else chunked_mm)(*quantize(x), *quantize(x, TILE), TILE, dtype)
+                    found[op] = dtype
+            except (RuntimeError, ValueError, NotImplementedError):   # not on this device, cuBLAS or torch
+                pass
+        FOUND[device] = tuple(found.items())
+    return FOUND[device]
+
+
+def describe(device):
+    """How the FP8 GEMMs run on device, in words (train.py logs it; bench.py labels its FP8 figures with it)."""
+    names = dict(blockwise="tensor-core FP8, one F.scaled_mm per GEMM (1x128 / 128x128 scales)",
+                 rowwise="tensor-core FP8, torch._scaled_mm per 128-wide chunk summed in fp32")
+    ops = [f"{names[op]}, {str(dtype).removeprefix('torch.')} out" for op, dtype in gemm_ops(torch.device(device))]
+    return "FP8 GEMMs: " + "".join(f"{o}; other shapes: " for o in ops) + \
+        "emulated (dequantized operands, one fp32 matmul, TF32 off)"
+
+
+def check_compile(c, device):
+    """compile=True with fp8=True on CUDA below compute capability 8.9 is a one-line UserError: Inductor fuses the
+    cast to E4M3 into a Triton kernel, and Triton stores E4M3 only from 8.9 (it fails at the first step)."""
+    if c.compile and c.fp8 and device.startswith("cuda") and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError("compile=True with fp8=True needs compute capability 8.9 or newer (Triton cannot store E4M3 "
+                        "below it): drop one of the two")
 
 
 class LinearFunction(torch.autograd.Function):

@@ -3,7 +3,7 @@ deepseek.py defines (and what runs wherever it does not):
 
     route_triton(logits, bias, ...) -> ids (T, k)             deepseek.Gate.route, eqs. 14-16 (Triton, CUDA)
     dispatch_triton(ids, n_experts) -> counts, perm, inv      deepseek.dispatch (Triton, CUDA)
-    grouped_experts(x, counts, w1, w2, w3)                    deepseek.Experts' loop (torch._grouped_mm)
+    grouped_experts / padded_experts(x, counts, w1, w2, w3)  deepseek.Experts' loop (torch._grouped_mm / bmm)
 
 Same ids and permutations, bit for bit (up to fp32 near-ties in the gate). Without a GPU the Triton
 kernels run under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check
@@ -48,14 +48,53 @@ def enabled(t):
     return t.is_cuda and _runs_on(t.device)
 
 
-# ----------------------------------------------------------------------------- grouped expert GEMM
+# ----------------------------------------------------------------------------- the routed experts' GEMMs
 
-def grouped_mm(x, w):
-    """Whether the experts run as grouped GEMMs for input x and weights w (E, out, in): where torch has
-    _grouped_mm, in 16-bit or fp32 (the autocast dtype if on), rows a multiple of 16 bytes."""
+EXPERT_GEMM = None   # None: expert_gemm decides per device; "grouped_mm", "padded" or "loop" forces one (tests, bench)
+
+
+def expert_gemm(device_type, capability, dtype, version):
+    """How deepseek.Experts multiplies on a device (compute capability, compute dtype, torch version (major, minor)):
+      "grouped_mm": one torch._grouped_mm per projection, no host sync: on CUDA where it is one fused kernel
+                    (bf16 on compute capability 9.x from torch 2.8, 10.x from 2.9), and on a CPU from torch 2.9
+                    in 32 and 16 bits (bench.py --parts step: it beats both others there);
+      "padded":     three batched matmuls over the experts' rows padded to the fullest expert, one host sync (its
+                    size): elsewhere on CUDA, where _grouped_mm is a loop that reads its offsets on the host in
+                    every call (9 host syncs per MoE layer and step) or raises (torch 2.8);
+      "loop":       Experts' own loop, one matmul per expert and one host sync (MPS, and torch without either op)."""
+    if device_type == "cpu":
+        return "grouped_mm" if version >= (2, 9) and dtype in (torch.float32, torch.bfloat16, torch.float16) else "loop"
+    fused = dtype == torch.bfloat16 and (capability[0] == 9 and version >= (2, 8) or capability[0] == 10 and version >= (2, 9))
+    return "grouped_mm" if device_type == "cuda" and fused else "padded" if device_type == "cuda" else "loop"
+
+
+@torch.compiler.assume_constant_result     # torch.compile: a constant, not traced
+def expert_gemm_here(device, dtype):
+    cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    return expert_gemm(device.type, cc, dtype, tuple(int(v) for v in torch.__version__.split(".")[:2]))
+
+
+def experts_impl(x, w):
+    """The function that runs deepseek.Experts.forward for input x and stacked weights w (E, out, in) here
+    (None: its own loop), in the autocast dtype when autocast is on, as F.linear would run."""
     dtype = compute_dtype(x)
-    return (hasattr(torch, "_grouped_mm") and dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and all(d * dtype.itemsize % 16 == 0 for d in w.shape[1:]))
+    path = EXPERT_GEMM or expert_gemm_here(x.device, dtype)
+    if path == "grouped_mm" and any(d * dtype.itemsize % 16 for d in w.shape[1:]):   # _grouped_mm: 16-byte rows
+        path = "padded"
+    if path == "grouped_mm" and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 10:
+        return functools.partial(grouped_experts, zero_empty=True)
+    return dict(grouped_mm=grouped_experts, padded=padded_experts).get(path)
+
+
+def describe(device, dtype):
+    """Which implementation the MoE layers run on device with this compute dtype, in words (train.py logs it)."""
+    device = torch.device(device)
+    routing = "Triton kernels" if enabled(torch.empty(0, device=device)) else "PyTorch"
+    path = EXPERT_GEMM or expert_gemm_here(device, dtype)
+    return f"MoE routing by {routing}; routed experts by " + dict(
+        grouped_mm=f"torch._grouped_mm{', one fused kernel a projection' if device.type == 'cuda' else ''}",
+        padded="batched GEMMs over padded rows (one host sync a layer)",
+        loop="a loop over experts (one host sync a layer)")[path]
 
 
 def compute_dtype(x):
@@ -63,15 +102,36 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-@torch.compiler.disable   # its meta function accepts bf16 only: eager, where every dtype runs
-def grouped_experts(x, counts, w1, w2, w3):
+def grouped_experts(x, counts, w1, w2, w3, zero_empty=False):
     """deepseek.Experts.forward with one torch._grouped_mm per projection over all experts: x (N, dim) sorted
-    by expert, counts (E,) rows each. No host sync: the group ends stay on the device. In the autocast
-    dtype when autocast is on, as F.linear would run."""
+    by expert, counts (E,) rows each; the group ends stay on the device. zero_empty: the weights of experts with
+    no rows get a zero gradient whatever _grouped_mm reports (on B200 it reports others: pytorch#172439)."""
     dtype, ends = compute_dtype(x), counts.cumsum(0).int()
-    mm = lambda a, w: torch._grouped_mm(a, w.to(dtype).transpose(-2, -1), offs=ends)   # noqa: E731
+    if zero_empty:
+        keep = (counts > 0).to(w1.dtype).view(-1, 1, 1)
+        w1, w2, w3 = w1 * keep, w2 * keep, w3 * keep
+    grouped_mm = torch._grouped_mm if dtype == torch.bfloat16 else grouped_mm_eager
+    mm = lambda a, w: grouped_mm(a, w.to(dtype).transpose(-2, -1), offs=ends)   # noqa: E731
     x = x.to(dtype)
     return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
+
+
+@torch.compiler.disable     # torch.compile: the meta function of _grouped_mm takes bf16 only
+def grouped_mm_eager(a, b, offs):
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def padded_experts(x, counts, w1, w2, w3):
+    """deepseek.Experts.forward as three batched matmuls: expert e's rows at e * C.., C the largest count (the
+    one host sync), zeros after them."""
+    (N, D), E, C = x.shape, counts.numel(), int(counts.max())
+    dtype, starts = compute_dtype(x), counts.cumsum(0) - counts
+    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=N)
+    slot = expert * C + torch.arange(N, device=x.device) - starts[expert]           # row i's place in (E * C)
+    x = x.to(dtype)
+    xp = x.new_zeros(E * C, D).index_copy(0, slot, x).view(E, C, D)
+    bmm = lambda a, w: a @ w.to(dtype).transpose(-2, -1)    # noqa: E731
+    return bmm(F.silu(bmm(xp, w1)) * bmm(xp, w3), w2).flatten(0, 1).index_select(0, slot)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -140,15 +200,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _count_kernel(ids_ptr, bc_ptr, N, NB, EP: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr):
-        """Program b counts how many of pairs [b*BLOCK, (b+1)*BLOCK) go to each expert: bc[e, b].
-        A compare-and-sum over a (BLOCK, EP) tile (tl.histogram takes no mask in older Triton)."""
+        """Program b counts how many of pairs [b*BLOCK, (b+1)*BLOCK) go to each expert: bc[e, b]. A
+        compare-and-sum over (BLOCK, EP) tiles, EP <= 256 experts at a time (tl.histogram takes no mask
+        in older Triton; a wider tile spills registers)."""
         b = tl.program_id(0)
         offs = b * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
         e = _load_ids(ids_ptr, offs, ok, E)
-        col = tl.arange(0, EP)
-        h = tl.sum(((e[:, None] == col[None, :]) & ok[:, None]).to(tl.int32), 0)
-        tl.store(bc_ptr + col * NB + b, h, mask=col < E)
+        for c in tl.static_range(0, E, EP):
+            col = c + tl.arange(0, EP)
+            h = tl.sum(((e[:, None] == col[None, :]) & ok[:, None]).to(tl.int32), 0)
+            tl.store(bc_ptr + col * NB + b, h, mask=col < E)
 
     @triton.jit
     def _scatter_kernel(ids_ptr, start_ptr, perm_ptr, inv_ptr, N, NB, E: tl.constexpr, BLOCK: tl.constexpr):
@@ -167,8 +229,9 @@ if HAS_TRITON:
 
 
 def _launch(kernel, grid, *args, **kw):
-    """Every launch goes through here, so that compile_launches compiles exactly what is launched."""
-    kernel[grid](*args, **kw)
+    """Every launch goes through here, so that compile_launches compiles exactly what is launched; wrap_triton
+    lets torch.compile see the launch (and the op around it, torch.library.triton_op) instead of a graph break."""
+    torch.library.wrap_triton(kernel)[grid](*args, **kw)
 
 
 def gate_config(n_experts, topk, n_groups, topk_groups, score_func):
@@ -180,7 +243,9 @@ def gate_config(n_experts, topk, n_groups, topk_groups, score_func):
                 BLOCK_T=max(1, GATE_TILE // (GP * SP)))
 
 
-def route_triton(logits, bias, topk, n_groups=1, topk_groups=1, score_func="sigmoid"):
+@torch.library.triton_op("deepseek::route", mutates_args=())
+def route_triton(logits: torch.Tensor, bias: torch.Tensor, topk: int, n_groups: int = 1, topk_groups: int = 1,
+                 score_func: str = "sigmoid") -> torch.Tensor:
     """The experts chosen by deepseek.Gate.route, one kernel launch: ids (T, topk) int32, in [0, E)
     and distinct whatever the logits (NaN, +-inf)."""
     T, E = logits.shape
@@ -194,7 +259,8 @@ def route_triton(logits, bias, topk, n_groups=1, topk_groups=1, score_func="sigm
     return ids
 
 
-def dispatch_triton(ids, n_experts, BLOCK=128):
+@torch.library.triton_op("deepseek::dispatch", mutates_args=())
+def dispatch_triton(ids: torch.Tensor, n_experts: int, BLOCK: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same outputs as deepseek.dispatch (counts, perm, inv; int64), bit-identical, deterministic (no atomics):
     1) per-block counts bc[e, b]; 2) exclusive prefix sum over bc in (expert, block) order =
     where each block starts writing each expert; 3) each pair goes to its start + rank in block.
@@ -204,7 +270,7 @@ def dispatch_triton(ids, n_experts, BLOCK=128):
     NB = triton.cdiv(N, BLOCK)
     bc = torch.zeros(E, NB, dtype=torch.int32, device=flat.device)
     if NB > 0:
-        _launch(_count_kernel, (NB,), flat, bc, N, NB, EP=triton.next_power_of_2(E), E=E, BLOCK=BLOCK)
+        _launch(_count_kernel, (NB,), flat, bc, N, NB, EP=min(triton.next_power_of_2(E), 256), E=E, BLOCK=BLOCK)
     bc = bc.flatten()
     start = bc.cumsum(0) - bc                    # int64, exclusive prefix sum in (expert, block) order
     counts = bc.view(E, NB).sum(1)

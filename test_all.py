@@ -3,6 +3,7 @@ fixtures). Grouped as deepseek.py reads: config, norm and RoPE, MLA, gate, exper
 MTP, model, generation; then the systems features (FP8, kernels, expert parallelism), training,
 sampling, the benchmarks."""
 import copy
+import functools
 import importlib.util
 import json
 import math
@@ -16,6 +17,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.functional import ScalingType
 
 import bench
 import data
@@ -298,25 +300,30 @@ def test_swiglu_is_silu_gate_times_up():
     assert e(torch.ones(1, 1)).item() == pytest.approx(2 / (1 + math.exp(-2)) * 3)
 
 
+grouped_experts = kernels.grouped_experts       # the function itself (tests patch the module's name)
+
+
 def expert_ref(experts, e, x):
     """Routed expert e as the SwiGLU written out with its own slice of the stacked weights."""
     return (F.silu(x @ experts.w1[e].T) * (x @ experts.w3[e].T)) @ experts.w2[e].T
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_experts_grouped_gemm_equals_loop(dtype, monkeypatch):
-    """One grouped GEMM per projection (kernels.grouped_experts) equals the per-expert loop and the
-    written-out SwiGLU, forward and backward, with empty experts (1 and 4) and an expert holding every other copy."""
+def test_experts_paths_equal_the_loop(dtype, monkeypatch):
+    """Each of kernels.expert_gemm's paths (one torch._grouped_mm per projection, batched GEMMs over padded rows,
+    and on B200 the grouped GEMM with empty experts' gradients zeroed) equals the per-expert loop and the written-out
+    SwiGLU, forward and backward, with empty experts (1 and 4) and an expert holding every other copy."""
     torch.manual_seed(0)
     experts = ds.Experts(6, 16, 32)
     for w in experts.parameters():
         torch.nn.init.normal_(w, std=0.2)
     counts = torch.tensor([3, 0, 9, 2, 0, 1])
     x = torch.randn(int(counts.sum()), 16)
-    assert kernels.grouped_mm(x, experts.w2)          # the default here
+    assert kernels.experts_impl(x, experts.w2) is kernels.grouped_experts       # the default on a CPU
     outs, grads = [], []
-    for grouped in (True, False):
-        monkeypatch.setattr(kernels, "grouped_mm", lambda x, w: grouped)
+    for path in ("loop", "grouped_mm", "padded", "grouped_mm, B200"):
+        monkeypatch.setattr(kernels, "EXPERT_GEMM", path.split(",")[0])
+        monkeypatch.setattr(kernels, "grouped_experts", functools.partial(grouped_experts, zero_empty="B200" in path))
         xg = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):   # as in training
             y = experts(xg, counts)
@@ -327,25 +334,81 @@ def test_experts_grouped_gemm_equals_loop(dtype, monkeypatch):
         experts.zero_grad()
     ref = torch.cat([expert_ref(experts, e, a) for e, a in enumerate(x.split(counts.tolist()))])
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(outs[0], outs[1], **tol)
-    torch.testing.assert_close(outs[0], ref.detach(), **tol)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, **tol)
+    for out, grad in zip(outs, grads):
+        torch.testing.assert_close(out, ref.detach(), **tol)
+        for a, b in zip(grad, grads[0]):
+            torch.testing.assert_close(a, b, **tol)
 
 
-def test_moe_forward_has_no_host_sync(monkeypatch):
-    """On the grouped-GEMM path nothing in a MoE training forward reads a device value on the host."""
+def test_grouped_gemm_guard_zeroes_empty_experts_gradients(monkeypatch):
+    """On B200 (compute capability 10.x) _grouped_mm reports non-zero weight gradients for experts with no rows
+    (pytorch#172439); the guard makes them zero whatever the op reports, and leaves the others as they are."""
+    torch.manual_seed(0)
+    experts, counts = ds.Experts(4, 16, 16), torch.tensor([5, 0, 3, 0])
+    for w in experts.parameters():
+        torch.nn.init.normal_(w, std=0.2)
+    x = torch.randn(8, 16)
+    real = torch._grouped_mm
+    # the op, with a gradient reaching every expert's weights (the value is unchanged)
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: real(a, b, offs=offs) + (b - b.detach()).sum())
+    grads = []
+    for zero_empty in (False, True):
+        grouped_experts(x, counts, *experts.parameters(), zero_empty=zero_empty).square().sum().backward()
+        grads.append([w.grad.clone() for w in experts.parameters()])
+        experts.zero_grad()
+    for plain, guarded in zip(*grads):
+        assert plain[1].abs().sum() > 0 and plain[3].abs().sum() > 0             # what the guard is for
+        assert guarded[1].abs().sum() == 0 and guarded[3].abs().sum() == 0
+        torch.testing.assert_close(guarded[[0, 2]], plain[[0, 2]])
+
+
+@pytest.mark.parametrize("device,cc,dtype,version,path", [
+    ("cpu", (0, 0), torch.float32, (2, 13), "grouped_mm"), ("cpu", (0, 0), torch.bfloat16, (2, 9), "grouped_mm"),
+    ("cpu", (0, 0), torch.float32, (2, 8), "loop"), ("cpu", (0, 0), torch.float64, (2, 13), "loop"),   # 2.8: none
+    ("cuda", (9, 0), torch.bfloat16, (2, 8), "grouped_mm"), ("cuda", (9, 0), torch.bfloat16, (2, 13), "grouped_mm"),
+    ("cuda", (10, 0), torch.bfloat16, (2, 9), "grouped_mm"), ("cuda", (10, 0), torch.bfloat16, (2, 8), "padded"),
+    ("cuda", (9, 0), torch.float16, (2, 13), "padded"), ("cuda", (9, 0), torch.float32, (2, 13), "padded"),
+    ("cuda", (8, 0), torch.bfloat16, (2, 13), "padded"), ("cuda", (8, 6), torch.bfloat16, (2, 13), "padded"),
+    ("cuda", (8, 9), torch.bfloat16, (2, 13), "padded"), ("cuda", (12, 0), torch.bfloat16, (2, 13), "padded"),
+    ("cuda", (7, 5), torch.float16, (2, 13), "padded"), ("mps", (0, 0), torch.float32, (2, 13), "loop")])
+def test_expert_gemm_decision(device, cc, dtype, version, path):
+    """The fused _grouped_mm only where it is one kernel (bf16 on 9.x from torch 2.8, 10.x from 2.9) or on a CPU
+    (where it is measured fastest); elsewhere on CUDA the padded batched GEMM (one host sync), else the loop."""
+    assert kernels.expert_gemm(device, cc, dtype, version) == path
+
+
+def test_moe_forward_host_syncs(monkeypatch):
+    """On the grouped-GEMM path nothing in a MoE training forward reads a device value on the host; the padded
+    and loop paths read one (their largest or all counts)."""
     moe = model().layers[1].ffn.train()
     x = torch.randn(2, 9, D)
-
-    def sync(*_):
-        raise AssertionError("host sync")
+    reads = []
     for name in ("item", "tolist", "__bool__", "__int__", "__index__", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, sync)
-    moe(x)
-    monkeypatch.setattr(kernels, "grouped_mm", lambda x, w: False)
-    with pytest.raises(AssertionError, match="host sync"):                 # the loop path does sync
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, real=real, name=name: reads.append(name) or real(t, *a))
+    for path, n in (("grouped_mm", 0), ("padded", 1), ("loop", 1)):
+        monkeypatch.setattr(kernels, "EXPERT_GEMM", path)
+        reads.clear()
         moe(x)
+        assert len(reads) == n, (path, reads)
+
+
+@pytest.mark.slow
+def test_moe_compiles_whole_and_equals_eager():
+    """With its counts on the device and one grouped GEMM per projection (bf16 autocast, as on a GPU), torch.compile
+    takes the whole MoE layer in one graph (fullgraph: a graph break would raise), and it computes what eager does."""
+    moe = model().layers[1].ffn.train()
+    x = torch.randn(2, 9, D)
+    results = []
+    for layer in (moe, torch.compile(moe, fullgraph=True)):
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, balance = layer(xg)
+        (y.float().square().sum() + balance).backward()
+        results.append([y.float(), xg.grad] + [p.grad.clone() for p in moe.parameters()])
+        moe.zero_grad()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
 def test_moe_matches_per_token_loop():
@@ -686,11 +749,14 @@ def check_fp8_gemm(got, a, b, b_rows, ref, bound):
     assert ((got - ref).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("scaled_mm", [True, False])
-def test_fp8_three_gemms_within_bound(scaled_mm, monkeypatch):
+ROWWISE = (("rowwise", torch.float32),)         # fp8.OPS: torch._scaled_mm per chunk (it runs on a CPU); () emulates
+
+
+@pytest.mark.parametrize("ops", [ROWWISE, ()])
+def test_fp8_three_gemms_within_bound(ops, monkeypatch):
     """Fprop x W^T, Dgrad dy W and Wgrad dy^T x against the fp32 products, each within the bound that the
     operands' own tile errors give."""
-    monkeypatch.setattr(fp8, "SCALED_MM", scaled_mm)
+    monkeypatch.setattr(fp8, "OPS", ops)
     T, n_in, n_out = 150, 300, 200
     x, w, dy = uneven(T, n_in, 0), uneven(n_out, n_in, 1) / 20, uneven(T, n_out, 2)
     cases = [(x, w, (128, 128)),                                   # Fprop: inner = in
@@ -701,23 +767,125 @@ def test_fp8_three_gemms_within_bound(scaled_mm, monkeypatch):
         check_fp8_gemm(got, a, b, mb, a @ b.T, gemm_bound(a, fp8_error(a, 1, 128), b, fp8_error(b, mb, kb)))
 
 
-def test_fp8_scaled_mm_and_dequantize_paths_agree(monkeypatch):
-    for M, N, K in [(37, 150, 300), (5, 16, 128), (1, 7, 3)]:
-        a, b = fp8.quantize(uneven(M, K)), fp8.quantize(uneven(N, K, 1), 128)
+def blockwise_reference(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype):
+    """F.scaled_mm's block-wise recipes as PyTorch defines them (a (M, K) row-major, b (K, N) column-major): A's scale
+    per row and 128 columns; B's per 128 rows and column (1x128) or per 128 x 128 block, read through their strides."""
+    assert recipe_a == ScalingType.BlockWise1x128 and a.stride(1) == 1 and b.stride(0) == 1
+    k = torch.arange(a.size(1)) // 128
+    A = a.float() * scale_a[:, k]
+    B = b.float() * (scale_b[:, k].t() if recipe_b == ScalingType.BlockWise1x128 else
+                     scale_b[k][:, torch.arange(b.size(1)) // 128])
+    return (A @ B).to(output_dtype)
+
+
+def test_fp8_gemm_paths_agree(monkeypatch):
+    """One block-wise F.scaled_mm per GEMM (checked against its definition: a CPU cannot run it), torch._scaled_mm
+    per 128-wide chunk and the emulation give the same product; bf16 output differs by bf16 rounding only."""
+    monkeypatch.setattr(F, "scaled_mm", blockwise_reference)
+    for M, N, K, b_rows in [(37, 256, 300, 128), (5, 16, 128, 128), (1, 7, 3, 128), (64, 128, 756, 1)]:
+        a, b = fp8.quantize(uneven(M, K)), fp8.quantize(uneven(N, K, 1), b_rows)
+        scale = fp8.dequantize(*a).abs() @ fp8.dequantize(*b, b_rows).abs().T
         outs = []
-        for p in (True, False):
-            monkeypatch.setattr(fp8, "SCALED_MM", p)
-            outs.append(fp8.gemm(a, b, 128))
-        scale = fp8.dequantize(*a).abs() @ fp8.dequantize(*b, 128).abs().T
-        assert ((outs[0] - outs[1]).abs() <= 1e-6 * scale).all()
+        for ops in [(), ROWWISE, (("rowwise", torch.bfloat16),), (("blockwise", torch.float32),),
+                    (("blockwise", torch.bfloat16),)]:
+            monkeypatch.setattr(fp8, "OPS", ops)
+            outs.append(fp8.gemm(a, b, b_rows))
+            assert outs[-1].dtype == torch.float32
+            bf16 = ops and ops[0][1] == torch.bfloat16 and (ops[0][0] == "rowwise" or N % 128 == 0)
+            assert ((outs[-1] - outs[0]).abs() <= (2 ** -8 if bf16 else 1e-6) * scale).all(), (M, N, K, ops)
 
 
-@pytest.mark.parametrize("scaled_mm", [True, False])
+def test_fp8_blockwise_call_passes_pytorch_cuda_checks():
+    """The block-wise call's operands and scales, as laid out for Fprop (128x128 weight blocks), Dgrad and Wgrad
+    (1x128 tiles of both; its inner dimension, 756 tokens, padded to whole tiles), pass PyTorch's own checks for a
+    CUDA device (its meta function, which checks meta tensors as CUDA ones: no GPU needed); a row-major scale does not."""
+    q = lambda m, k: torch.empty(m, k, dtype=fp8.FP8, device="meta")       # noqa: E731
+    s = lambda m, k: torch.empty(m, -(-k // 128), device="meta")           # noqa: E731
+    for M, N, K, b_rows in [(150, 256, 384, 128), (150, 384, 256, 128), (256, 384, 756, 1)]:
+        out = fp8.blockwise_mm(q(M, K), s(M, K), q(N, K), s(-(-N // b_rows), K), b_rows, torch.float32)
+        assert out.shape == (M, N)
+    with pytest.raises(RuntimeError, match="blockwise"):
+        F.scaled_mm(q(M, 768), q(N, 768).t(), s(M, 768), ScalingType.BlockWise1x128,    # scale_a row-major
+                    s(N, 768).t().contiguous().t(), ScalingType.BlockWise1x128, output_dtype=torch.float32)
+
+
+def test_fp8_chunk_operands_are_16_byte_aligned(monkeypatch):
+    """Every chunk handed to torch._scaled_mm starts 16-byte aligned with 16-byte aligned rows, also where the inner
+    dimension is a token count such as 756 (Wgrad), and is 128 wide."""
+    real, seen = torch._scaled_mm, []
+
+    def checked(a, b, **kw):
+        seen.append(a.size(1))
+        assert a.size(1) == 128 and a.stride(0) % 16 == 0 and b.stride(1) % 16 == 0
+        assert a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+        return real(a, b, **kw)
+    monkeypatch.setattr(torch, "_scaled_mm", checked)
+    monkeypatch.setattr(fp8, "OPS", ROWWISE)
+    fp8.gemm(fp8.quantize(uneven(256, 756)), fp8.quantize(uneven(384, 756, 1)))
+    assert len(seen) == 6
+
+
+def test_fp8_emulation_runs_without_tf32(monkeypatch):
+    """The emulated GEMM multiplies in full fp32 even where train.py turned TF32 on for the rest, and restores it."""
+    flags = []
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: flags.append(torch.backends.cuda.matmul.allow_tf32)
+                        or real(a, b))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(fp8, "OPS", ())
+    cuda = types.SimpleNamespace(type="cuda")                                 # the flag matters on CUDA only
+    with fp8.full_fp32(cuda):
+        fp8.dequantize(*fp8.quantize(uneven(4, 8))) @ torch.ones(8, 2)
+    assert flags == [False] and torch.backends.cuda.matmul.allow_tf32
+
+
+def fake_scaled_mms(cc, cublas):
+    """torch._scaled_mm and F.scaled_mm as PyTorch 2.13's CUDA code accepts them on compute capability cc with this
+    cuBLAS (ScaledBlas.cpp): the block-wise recipe on 9.x with cuBLAS 12.9+; row-wise scales through cuBLAS (any
+    output) on 9.x with 12.9+, else through CUTLASS (bf16 output, 8.9 and 9.x)."""
+    def scaled_mm(a, b, *args, output_dtype, **kw):
+        if cc[0] != 9 or cublas < (12, 9):
+            raise NotImplementedError("DeepSeek style (1x128, 128x128) scaling only supported in CUDA for SM90")
+        return torch.zeros(a.size(0), b.size(1), dtype=output_dtype)
+
+    def _scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        cublas_ok = cc[0] == 9 and cublas >= (12, 9)
+        if not cublas_ok and (out_dtype != torch.bfloat16 or cc not in ((8, 9), (9, 0))):
+            raise RuntimeError("f8f8bf16_rowwise: bf16 output on sm89 / sm90 only")
+        return torch.zeros(a.size(0), b.size(1), dtype=out_dtype)
+    return scaled_mm, _scaled_mm
+
+
+FP32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize("cc,cublas,ops", [
+    ((8, 0), (12, 9), ()), ((8, 6), (12, 9), ()), ((7, 5), (12, 9), ()),        # no FP8 tensor cores: emulated
+    ((8, 9), (12, 9), (("rowwise", BF16),)),                                   # RTX 4090, L4, L40S
+    ((9, 0), (12, 9), (("blockwise", FP32), ("rowwise", FP32))),             # H100 / H200, recent cuBLAS
+    ((9, 0), (12, 4), (("rowwise", BF16),)),                                  # H100, older cuBLAS
+    ((10, 0), (12, 9), ()), ((12, 0), (12, 9), ())])                           # B200, RTX 5090: what these rules give
+def test_fp8_gemm_ops_found_per_gpu(cc, cublas, ops, monkeypatch):
+    """gemm_ops tries the candidates for the device's compute capability, fastest first, and keeps for each op the
+    first output dtype that runs: against PyTorch's acceptance rules mocked per GPU, it finds what they allow."""
+    scaled_mm, _scaled_mm = fake_scaled_mms(cc, cublas)
+    monkeypatch.setattr(F, "scaled_mm", scaled_mm)
+    monkeypatch.setattr(torch, "_scaled_mm", _scaled_mm)
+    candidates = fp8.candidates
+    monkeypatch.setattr(fp8, "candidates", lambda device_type, capability: candidates("cuda", cc))
+    monkeypatch.setattr(fp8, "FOUND", {})
+    assert fp8.gemm_ops(torch.device("cpu")) == ops
+    text = fp8.describe("cpu")                                   # what train.py logs and the bench prints
+    assert text.count("tensor-core FP8") == len(ops) and text.endswith("emulated (dequantized operands, one fp32 "
+                                                                        "matmul, TF32 off)")
+
+
+@pytest.mark.parametrize("ops", [ROWWISE, ()])
 @pytest.mark.parametrize("zero_stride", [False, True])
-def test_fp8_linear_gradients_within_bound(scaled_mm, zero_stride, monkeypatch):
+def test_fp8_linear_gradients_within_bound(ops, zero_stride, monkeypatch):
     """The autograd function against fp32 autograd, with leading batch dims; the output gradient of a
     .sum() is a zero-stride expand. Wgrad sees x twice quantized: 1x128 (saved), then 128x1."""
-    monkeypatch.setattr(fp8, "SCALED_MM", scaled_mm)
+    monkeypatch.setattr(fp8, "OPS", ops)
     x, w = uneven(74, 300).view(2, 37, 300).requires_grad_(), (uneven(150, 300, 1) / 20).requires_grad_()
     y = fp8.linear(x, w)
     assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.float8_e4m3fn, torch.float32] * 2   # FP8 + scales
@@ -755,7 +923,7 @@ def test_fp8_model_forward_backward(attn, monkeypatch):
     monkeypatch.setattr(fp8, "linear", lambda x, w: seen.add(w.untyped_storage().data_ptr()) or run(x, w))
     out = {}
     for path in (True, False):
-        monkeypatch.setattr(fp8, "SCALED_MM", path)
+        monkeypatch.setattr(fp8, "OPS", ROWWISE if path else ())
         m8.zero_grad()
         loss = m8(idx, idx)[1]["total"]
         loss.backward()
@@ -996,8 +1164,8 @@ def test_kernels_compile_for_cuda(monkeypatch, capsys):
     import bench_kernels as bk
     rows = bk.compile_kernels()
     names, shapes = ("_route_kernel", "_count_kernel", "_scatter_kernel"), [s for s, _ in bk.gate_shapes()]
-    assert sorted((r["kernel"], r["shape"], r["cc"]) for r in rows) == \
-        sorted((n, s, cc) for n in names for s in shapes for cc in bk.CCS)
+    launched = [(n, s) for n in names for s in shapes] + [(n, "V3, E + 1") for n in names[1:]]   # + expert parallel
+    assert sorted((r["kernel"], r["shape"], r["cc"]) for r in rows) == sorted((*ns, cc) for ns in launched for cc in bk.CCS)
     assert min(bk.CCS) == 10 * kernels.MIN_CC[0] + kernels.MIN_CC[1]
     for r in rows:
         assert r["target"].startswith(f"sm_{r['cc']}") and r["cubin"] > 0 and r["spills"] == 0
@@ -1005,7 +1173,7 @@ def test_kernels_compile_for_cuda(monkeypatch, capsys):
     monkeypatch.setattr(bk, "compile_kernels", lambda ccs: [r for r in rows if r["cc"] in ccs])
     bench.main(["--parts=kernels"])
     table = capsys.readouterr().out.splitlines()
-    assert len([line for line in table if line.startswith("| _")]) == len(names) * len(shapes)
+    assert len([line for line in table if line.startswith("| _")]) == len(launched)
 
 
 @needs_triton
@@ -1163,17 +1331,38 @@ def test_auto_dtype_is_bf16_only_where_native(monkeypatch):
         assert device == "cuda:0" and c.dtype == want
 
 
-def test_no_gpu_no_preset_trains_the_char_model_into_out(monkeypatch):
+@pytest.mark.parametrize("device,preset", [("cpu", "shakespeare_char_cpu"), ("cuda:0", "shakespeare_char")])
+def test_no_preset_trains_nanogpts_budget_into_out(device, preset, monkeypatch):
+    """python train.py with no preset runs the preset of nanoGPT's budget for the device (CPU: its CPU recipe; a
+    GPU: train_shakespeare_char, keeping the best-val checkpoint) into out/, where sample.py looks; keys still apply."""
+    monkeypatch.setattr(train, "pick_device", lambda spec: device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     logs = []
-    c, _, device = train.configure(["--device=cpu", "--max_iters=7"], log=logs.append)
-    preset, _, _ = train.parse_config([train.CPU_PRESET])
-    assert device == "cpu" and c.out_dir == "out" == sample.parse([]).out_dir       # where sample.py looks
-    assert c.max_iters == 7 and all(getattr(c, k) == v for k, v in preset.items() if k not in ("out_dir", "max_iters", "device", "dtype"))
-    assert c.tokenizer == "char" and "no GPU and no preset" in logs[0]
-    c, _, _ = train.configure(["--device=cpu", "--out_dir=elsewhere", "--block_size=16"], log=logs.append)
-    assert c.out_dir == "elsewhere" and c.block_size == 16 and c.tokenizer == "char"
-    c, _, _ = train.configure(["shakespeare_char", "--device=cpu"], log=logs.append)   # a preset: as given
-    assert c.out_dir == "out-shakespeare-char" and c.block_size == 256 and len(logs) == 2
+    c, _, _ = train.configure(["--max_iters=7"], log=logs.append)
+    want, _, _ = train.parse_config([preset])
+    assert c.out_dir == "out" == sample.parse([]).out_dir
+    assert c.max_iters == 7 and all(getattr(c, k) == v for k, v in want.items() if k not in ("out_dir", "max_iters", "dtype"))
+    assert c.tokenizer == "char" and not c.always_save_checkpoint and f"config/{preset}.py" in logs[0]
+    c, _, _ = train.configure(["--out_dir=elsewhere", "--tokenizer=bpe"], log=logs.append)
+    assert c.out_dir == "elsewhere" and c.tokenizer == "bpe" and c.block_size == want["block_size"]
+    c, _, _ = train.configure(["shakespeare_char_cpu"], log=logs.append)   # a preset: as given, nothing said
+    assert c.out_dir == "out-shakespeare-char-cpu" and c.block_size == 64 and len(logs) == 2
+
+
+@pytest.mark.parametrize("cc,allowed", [((7, 5), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)])
+def test_compile_with_fp8_needs_sm89(cc, allowed, monkeypatch):
+    """Inductor fuses the cast to E4M3 into a Triton kernel, which Triton cannot store below compute capability 8.9:
+    there compile=True with fp8=True is one line, not a crash at the first step. Either alone runs."""
+    monkeypatch.setattr(train, "pick_device", lambda spec: "cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    for argv in (["--fp8=True"], ["--compile=True"]):
+        train.configure(["shakespeare_char", *argv], log=print)
+    if allowed:
+        train.configure(["shakespeare_char", "--compile=True", "--fp8=True"], log=print)
+    else:
+        with pytest.raises(train.UserError, match="compile=True with fp8=True needs compute capability 8.9"):
+            train.configure(["shakespeare_char", "--compile=True", "--fp8=True"], log=print)
 
 
 def test_mfu_peak_by_device_name():
@@ -1488,6 +1677,18 @@ def ep_worker(rank, world, store, kw):
         assert m.sends <= min(m.copies, m.tokens * ep.args.n_limited_groups) and m.copies <= K * m.tokens
         assert m.bytes == m.sends * (2 * D + 2 * K) * 4
     assert sum(m.sends for m in moes) > 0
+    # under bf16 autocast the tokens and gate values travel in bf16 (half the bytes; the ids stay int32) and the
+    # loss is the single process's within bf16 rounding
+    for m in moes:
+        m.sends = m.bytes = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, want = ref(idx, tgt)
+        _, got = ddp(idx[2 * rank:2 * rank + 2], tgt[2 * rank:2 * rank + 2])
+    total = got["total"].detach().clone()
+    torch.distributed.all_reduce(total)
+    assert abs(total.item() / world - want["total"].item()) < 2e-2
+    for m in moes:
+        assert m.bytes == m.sends * ((2 * D + K) * 2 + K * 4)
     del ddp
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

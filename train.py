@@ -34,11 +34,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import UserError, batch_seed, get_batch, load_split, one_line, prepare_data, tokenizer_meta, write_atomic
 import fp8
+import kernels
 from deepseek import ModelArgs, Transformer
 from expert_parallel import all_to_all_volume, check_expert_parallel, gather, grad_norm, map_experts, shard_experts
 
-# ----------------------------------------------------------------------------- defaults
-# A GPU-sized run on Tiny Shakespeare with the GPT-2 BPE (without a GPU and a preset: CPU_PRESET first)
+# ----------------------------------------------------------------------------- defaults (presets and --key=value change them)
 DEFAULTS = dict(
     # I/O: evaluate (and checkpoint) every eval_interval steps and at the end, on eval_iters batches per split
     out_dir="out", eval_interval=250, eval_iters=100, log_interval=10, eval_only=False,
@@ -65,7 +65,7 @@ DEFAULTS = dict(
 )
 MODEL_KEYS = [f.name for f in fields(ModelArgs) if f.name not in ("vocab_size", "max_seq_len")]
 DEFAULTS.update({f.name: f.default for f in fields(ModelArgs) if f.name in MODEL_KEYS and f.name not in DEFAULTS})
-CPU_PRESET = "shakespeare_char_cpu"   # no GPU, no preset: the character-level model, readable in minutes
+PRESETS = dict(cuda="shakespeare_char", cpu="shakespeare_char_cpu")   # no preset: by device (MPS: the CPU one)
 CKPT_KEYS = ("model", "model_args", "meta", "optimizer", "iter_num", "config")
 
 
@@ -156,7 +156,7 @@ def pick_device(spec):
 
 def configure(argv, world=None, log=print):
     """(config, checkpoint to resume or None, device); world: torchrun's world size, None without. On resume the
-    checkpoint's config is the base and only keys given again change; no GPU, no preset: CPU_PRESET first."""
+    checkpoint's config is the base and only keys given again change; with no preset, PRESETS' first."""
     cfg, explicit, presets = parse_config(argv)
     ckpt = None
     if cfg["init_from"] == "resume":
@@ -166,9 +166,9 @@ def configure(argv, world=None, log=print):
     device = pick_device(cfg["device"])
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:     # torchrun: one GPU per process
         device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}")
-    cpu_default = device == "cpu" and not presets and ckpt is None
-    if cpu_default:
-        cfg = {**parse_config([CPU_PRESET, *argv])[0], "out_dir": cfg["out_dir"]}   # still "out" (sample.py's)
+    default = None if presets or ckpt else PRESETS["cuda" if device.startswith("cuda") else "cpu"]
+    if default:
+        cfg = {**parse_config([default, *argv])[0], "out_dir": cfg["out_dir"]}   # still "out" (sample.py's)
     c = SimpleNamespace(**cfg)
     check_config(c)
     if c.dtype == "auto":   # bf16 where the GPU has it natively (emulated bf16 is slow), else fp16
@@ -177,9 +177,10 @@ def configure(argv, world=None, log=print):
     if c.dtype == "float16" and not device.startswith("cuda"):
         raise UserError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
     check_expert_parallel(c, world)
-    if cpu_default:
-        log(f"no GPU and no preset: the character-level model of config/{CPU_PRESET}.py, {c.max_iters} steps "
-            f"(a few minutes on 2 CPU cores), into {c.out_dir}; a preset or --key=value sets any key")
+    fp8.check_compile(c, device)
+    if default:
+        log(f"no preset: config/{default}.py, nanoGPT's {'GPU' if default == PRESETS['cuda'] else 'CPU'} budget "
+            f"({c.max_iters} steps), into {c.out_dir}; a preset or --key=value changes any key (GPT-2 BPE: --tokenizer=bpe)")
     return c, ckpt, device
 
 
@@ -390,7 +391,7 @@ def main(argv=None):
     train_data, val_data, meta = load_data(c, ckpt, rank, log)
     raw, sharded, optimizer, scaler, iter_num, best_val_loss = init_model(c, meta, ckpt, device, rank, world, log)
     del ckpt
-    model = torch.compile(raw) if c.compile else raw     # the MoE layers stay eager (see deepseek.MoE)
+    model = torch.compile(raw) if c.compile else raw
     train_model = wrap_ddp(model, device, sharded) if ddp else model
     amp = nullcontext() if c.dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, c.dtype))
     accum = c.gradient_accumulation_steps
@@ -399,6 +400,7 @@ def main(argv=None):
     log(f"training on {device} ({c.dtype}{', compiled' if c.compile else ''}{f', {world} processes' if ddp else ''}): "
         f"{tokens_per_step:,} tokens per step, {c.max_iters} steps; "
         f"data {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
+    log(kernels.describe(device, getattr(torch, c.dtype)) + (f"; {fp8.describe(device)}" if c.fp8 else ""))
     out_dir = Path(c.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
