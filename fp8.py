@@ -15,7 +15,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.functional import ScalingType
 
 import deepseek
 from data import UserError
@@ -68,13 +67,13 @@ def gemm(a, b, b_rows=1):
 def blockwise_mm(qa, sa, qb, sb, b_rows, dtype):
     """One F.scaled_mm with DeepSeek's recipe: A's scales per 1x128 tile, B's per 1x128 tile (b_rows=1: Wgrad) or
     per 128x128 block, laid out as PyTorch wants them (outer-dimension-major; block rows padded to a multiple of 4)."""
-    qa, qb = pad_k(qa), pad_k(qb)
-    sa = sa.t().contiguous().t()                                              # (M, K/128), strides (1, M)
+    qa, qb, tile, block = pad_k(qa), pad_k(qb), F.ScalingType.BlockWise1x128, F.ScalingType.BlockWise128x128
+    sa = sa.t().contiguous().t()                                                  # (M, K/128), strides (1, M)
     if b_rows == 1:
-        recipe, sb = ScalingType.BlockWise1x128, sb.t().contiguous().t()      # (N, K/128), strides (1, N)
+        recipe, sb = tile, sb.t().contiguous().t()                                # (N, K/128), strides (1, N)
     else:
-        recipe, sb = ScalingType.BlockWise128x128, F.pad(sb, (0, -sb.size(1) % 4)).t()   # (K/128 up to 4k, N/128)
-    return F.scaled_mm(qa, qb.t(), sa, ScalingType.BlockWise1x128, sb, recipe, output_dtype=dtype)
+        recipe, sb = block, F.pad(sb, (0, -sb.size(1) % 4)).t()                   # (K/128 up to 4k, N/128)
+    return F.scaled_mm(qa, qb.t(), sa, tile, sb, recipe, output_dtype=dtype)
 
 
 def chunked_mm(qa, sa, qb, sb, b_rows, dtype):
@@ -121,7 +120,8 @@ def candidates(device_type, capability):
     (fp32 output on 9.x with cuBLAS 12.9+, bf16 output from 8.9). Elsewhere, a CPU included, none: emulated."""
     if device_type != "cuda" or tuple(capability) < (8, 9):
         return ()
-    return tuple((op, dtype) for op in ("blockwise", "rowwise") for dtype in (torch.float32, torch.bfloat16))
+    ops = ("blockwise", "rowwise") if hasattr(F, "scaled_mm") else ("rowwise",)      # F.scaled_mm: recent torch only
+    return tuple((op, dtype) for op in ops for dtype in (torch.float32, torch.bfloat16))
 
 
 OPS = None      # None: the candidates that run on the device (gemm_ops); a tuple of (op, dtype) forces them (tests)

@@ -70,27 +70,30 @@ def expert_gemm(device_type, capability, dtype, version):
 
 @torch.compiler.assume_constant_result     # torch.compile: a constant, not traced
 def expert_gemm_here(device, dtype):
+    """expert_gemm on this device, and whether the fused op's gradients of experts with no rows need zeroing (on
+    compute capability 10.x it reports non-zero ones: pytorch#172439)."""
     cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-    return expert_gemm(device.type, cc, dtype, tuple(int(v) for v in torch.__version__.split(".")[:2]))
+    path = expert_gemm(device.type, cc, dtype, tuple(int(v) for v in torch.__version__.split(".")[:2]))
+    return path, path == "grouped_mm" and cc[0] == 10
 
 
 def experts_impl(x, w):
     """The function that runs deepseek.Experts.forward for input x and stacked weights w (E, out, in) here
     (None: its own loop), in the autocast dtype when autocast is on, as F.linear would run."""
     dtype = compute_dtype(x)
-    path = EXPERT_GEMM or expert_gemm_here(x.device, dtype)
+    path, zero_empty = (EXPERT_GEMM, False) if EXPERT_GEMM else expert_gemm_here(x.device, dtype)
     if path == "grouped_mm" and any(d * dtype.itemsize % 16 for d in w.shape[1:]):   # _grouped_mm: 16-byte rows
         path = "padded"
-    if path == "grouped_mm" and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 10:
-        return functools.partial(grouped_experts, zero_empty=True)
-    return dict(grouped_mm=grouped_experts, padded=padded_experts).get(path)
+    if path == "grouped_mm":
+        return functools.partial(grouped_experts, zero_empty=True) if zero_empty else grouped_experts
+    return padded_experts if path == "padded" else None
 
 
 def describe(device, dtype):
     """Which implementation the MoE layers run on device with this compute dtype, in words (train.py logs it)."""
     device = torch.device(device)
     routing = "Triton kernels" if enabled(torch.empty(0, device=device)) else "PyTorch"
-    path = EXPERT_GEMM or expert_gemm_here(device, dtype)
+    path = EXPERT_GEMM or expert_gemm_here(device, dtype)[0]
     return f"MoE routing by {routing}; routed experts by " + dict(
         grouped_mm=f"torch._grouped_mm{', one fused kernel a projection' if device.type == 'cuda' else ''}",
         padded="batched GEMMs over padded rows (one host sync a layer)",

@@ -377,6 +377,13 @@ def test_expert_gemm_decision(device, cc, dtype, version, path):
     assert kernels.expert_gemm(device, cc, dtype, version) == path
 
 
+def test_fused_expert_gemm_is_guarded_on_b200(monkeypatch):
+    """On this torch, by the device's compute capability: the fused path, with the empty-expert guard on 10.x only."""
+    for cc, want in [((10, 0), ("grouped_mm", True)), ((9, 0), ("grouped_mm", False)), ((8, 9), ("padded", False))]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+        assert kernels.expert_gemm_here(torch.device("cuda"), torch.bfloat16) == want
+
+
 def test_moe_forward_host_syncs(monkeypatch):
     """On the grouped-GEMM path nothing in a MoE training forward reads a device value on the host; the padded
     and loop paths read one (their largest or all counts)."""
