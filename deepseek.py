@@ -406,14 +406,14 @@ class MoE(nn.Module):
 
     def routed(self, x, weights, ids):
         """Σ_i g_i FFN_i(x) over each row's k chosen experts (eq. 12): the (row, slot) pairs grouped by
-        expert, each expert run once over its pairs, the outputs summed back per row with their gate values.
-        -> (y, pairs per expert)"""
+        expert, each expert run once over its pairs' rows, each output added back into its row times its gate
+        value (index_select and index_add: each the other's backward). -> (y, pairs per expert)"""
         (N, D), K = x.shape, ids.size(1)
-        counts, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, self.args.n_routed_experts)
-        xs = x.repeat_interleave(K, 0)                                     # one copy of a row per slot
-        ys = self.experts(xs.new_empty(xs.shape).index_copy(0, inv, xs), counts)   # pair i at its place inv[i]
-        ys = ys.new_empty(ys.shape).index_copy(0, perm, ys).view(N, K, D)  # back in (row, slot) order
-        return (weights.type_as(ys).unsqueeze(-1) * ys).sum(1), counts
+        counts, perm, _ = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, self.args.n_routed_experts)
+        rows = perm // K                                            # the row of each pair, in expert order
+        ys = self.experts(x.index_select(0, rows), counts)
+        g = weights.flatten()[perm].type_as(ys).unsqueeze(-1)       # and its gate value
+        return ys.new_zeros(N, D).index_add(0, rows, g * ys), counts
 
 
 # ----------------------------------------------------------------------------- block

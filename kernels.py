@@ -5,9 +5,11 @@ deepseek.py defines (and what runs wherever it does not):
     dispatch_triton(ids, n_experts) -> counts, perm, inv      deepseek.dispatch (Triton, CUDA)
     grouped_experts / padded_experts(x, counts, w1, w2, w3)  deepseek.Experts' loop (torch._grouped_mm / bmm)
 
-Same ids and permutations, bit for bit (up to fp32 near-ties in the gate). Without a GPU the Triton
-kernels run under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check
-them, and compile_launches compiles them for any CUDA target (no GPU needed either).
+Same ids and permutations, bit for bit (up to fp32 near-ties in the gate); which expert GEMM runs where
+is expert_gemm's decision, and describe says what a device runs. The Triton kernels are torch ops
+(torch.library.triton_op), so torch.compile sees through them. Without a GPU they run under
+TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them, and
+compile_launches compiles them for any CUDA target (no GPU needed either).
 """
 import functools
 import sys
@@ -35,6 +37,7 @@ def fallback_reason(has_triton, capability):
     return ""
 
 
+@torch.compiler.assume_constant_result     # torch.compile: a constant, not traced
 @functools.cache
 def _runs_on(device):
     reason = fallback_reason(HAS_TRITON, torch.cuda.get_device_capability(device))
