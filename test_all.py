@@ -1437,6 +1437,49 @@ def test_download_failure_says_how_to_place_the_file(tmp_path, monkeypatch):
     assert data.SHAKESPEARE_URL in msg and "\n" not in msg
 
 
+def test_domains_corpus_is_deterministic_and_labelled(tmp_path):
+    english = tmp_path / "english.txt"
+    english.write_text("".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(300)))
+    (folder, meta), (again, _) = [data.prepare_data(tmp_path / d, dataset="domains", text=str(english), tokenizer="char",
+                                                    log=lambda m: None) for d in ("a", "b")]
+    for split in ("train", "val"):
+        assert (folder / f"{split}.bin").read_bytes() == (again / f"{split}.bin").read_bytes()
+    texts, n = data.domain_texts(english.read_text()), len(english.read_text())
+    assert list(meta["domains"]) == ["english", "code", "math"] and [len(t) for t in texts] == [n] * 3
+    # each domain split 90/10 by itself; train holds the domains' first 90% in order, val their last 10%
+    cut = int(0.9 * n)
+    _, decode = data.tokenizer_from_meta(meta)
+    assert decode(data.load_split(folder, "train", meta).tolist()) == "".join(t[:cut] for t in texts)
+    val = data.val_by_domain(data.load_split(folder, "val", meta), meta)
+    assert [decode(v.tolist()) for v in val.values()] == [t[cut:] for t in texts]
+    assert all(meta["domains"][d] == [cut, n - cut] for d in data.DOMAINS)
+    # English as given; the code from the standard library's first public module on; every maths answer right
+    first = sorted(p for p in data.STDLIB.glob("*.py") if not p.name.startswith("_"))[0].read_text()
+    assert texts[0] == english.read_text() and texts[1].startswith(first[:n])
+    rules = {r"What is (\S+) \+ (\S+)\?": lambda a, b: int(a) + int(b),
+             r"Calculate (\S+) - (\S+)\.": lambda a, b: int(a) - int(b),
+             r"What is (\S+) times (\S+)\?": lambda a, b: int(a) * int(b),
+             r"Which is bigger: (\S+) or (\S+)\?": lambda a, b: max(float(a), float(b)),
+             r"Is (\S+) less than (\S+)\?": lambda a, b: int(a) < int(b),
+             r"What is the remainder when (\S+) is divided by (\S+)\?": lambda a, b: int(a) % int(b),
+             r"Solve (\S+)\*\w ([+-]) (\d+) = (\S+) for \w\.": lambda k, sign, b, c: (int(c) - int(sign + b)) // int(k)}
+    lines = data.math_text(20000).splitlines()
+    for q, answer in zip(lines[::2], lines[1::2]):
+        rule, m = next((f, m) for r, f in rules.items() if (m := re.fullmatch(r, q)))
+        assert str(rule(*m.groups())) == answer, (q, answer)
+    assert {next(r for r in rules if re.fullmatch(r, q)) for q in lines[::2]} == set(rules)      # every kind occurs
+
+
+def test_domains_corpus_needs_the_standard_library_sources(tmp_path, small_text, monkeypatch, capsys):
+    monkeypatch.setattr(data, "STDLIB", tmp_path / "no-stdlib")
+    argv = [str(preset(tmp_path)), "--dataset=domains", f"--text={small_text}", f"--data_dir={tmp_path / 'data'}",
+            f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the domains corpus needs the Python standard library's .py sources, and "
+                          f"{tmp_path / 'no-stdlib'} has none") and err.count("\n") == 1
+
+
 def test_batches_are_a_function_of_the_seed():
     tokens = torch.arange(1000).numpy().astype("uint16")
     x, y = data.get_batch(tokens, 4, 16, data.batch_seed(1, 0, 0, 5, 0))
