@@ -1893,10 +1893,54 @@ def test_sample_prompt_file_and_cropping(char_ckpt, capsys, tmp_path):
     (["--start=FILE:/no/such/prompt.txt"], "prompt file"),
     (["--speculative=maybe"], "expected True or False"),
     (["--top_k=0"], ">= 1"),
+    (["--show_experts=0"], "--show_experts=0: not an MoE layer of this model (those are 1; layers count from 0)"),
+    (["--show_experts=2"], "not an MoE layer"), (["--show_experts=one"], "invalid int value"),
 ])
 def test_sample_bad_input(char_ckpt, capsys, argv, message):
     rc, out, err = run_sample(capsys, f"--out_dir={char_ckpt}", *argv)
     assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def show_experts_run(capsys, ckpt, *argv):
+    """sample.py --show_experts=1, greedy: (its header line, the marked text of the one sample, exit code)."""
+    rc, out, _ = run_sample(capsys, f"--out_dir={ckpt}", "--start=ROMEO:", "--temperature=0", "--num_samples=1",
+                            "--max_new_tokens=34", "--show_experts=1", *argv)
+    header, text = out.split("\n", 1)
+    return header, text.split("\n---------------")[0], rc
+
+
+def test_show_experts_marks_each_token_with_the_gates_choice(char_ckpt, capsys, monkeypatch):
+    header, marked, rc = show_experts_run(capsys, char_ckpt)
+    assert rc == 0 and header.endswith("(of 8) in MoE layer 1: token[expert]")
+    pairs = re.findall(r"(.)\[(\d+)\]", marked, re.S)
+    text, experts = "".join(c for c, _ in pairs), [int(e) for _, e in pairs]
+    assert "".join(f"{c}[{e}]" for c, e in pairs) == marked and text.startswith("ROMEO:") and len(text) == 40
+    # the reference: Gate.forward on layer 1's FFN input, the 40 tokens read in windows of the context (24)
+    m, _ = train.load_checkpoint(char_ckpt / "ckpt.pt")
+    ref = []
+    for chunk in torch.tensor([[CHARS.index(c) for c in text]]).split(m.args.max_seq_len, dim=1):
+        pos = m.positions(None, chunk.size(1))
+        h = m.layers[0](m.embed(chunk), **pos)[0]
+        block = m.layers[1]
+        h = h + block.attn(block.attn_norm(h), **pos)
+        _, weights, ids = block.ffn.gate(block.ffn_norm(h).flatten(0, 1))
+        ref += ids.gather(1, weights.argmax(1, keepdim=True))[:, 0].tolist()
+    assert experts == ref and len(set(ref)) > 1
+    # on a terminal: the same tokens, each on its expert's colour, and a legend of all 8 colours
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    header, coloured, rc = show_experts_run(capsys, char_ckpt)
+    assert rc == 0 and all(f"\x1b[30;48;5;{sample.COLOURS[e]}m {e} \x1b[0m" in header for e in range(8))
+    assert coloured == sample.mark_experts(list(text), experts, terminal=True)
+    assert re.sub(r"\x1b\[[\d;]*m", "", coloured) == text.replace("\n", " \n")
+
+
+def test_show_experts_rejects_a_dense_checkpoint(tmp_path, capsys):
+    args = dict(tiny(n_routed_experts=0, vocab_size=len(CHARS)).__dict__)
+    ckpt = dict(model=ds.Transformer(ds.ModelArgs(**args)).state_dict(), model_args=args, optimizer={}, iter_num=0,
+                meta={"tokenizer": "char", "chars": CHARS}, best_val_loss=0.0, config={})
+    train.save_checkpoint(ckpt, tmp_path / "ckpt.pt")
+    rc, _, err = run_sample(capsys, f"--out_dir={tmp_path}", "--show_experts=1")
+    assert rc == 2 and err == "error: --show_experts: the checkpoint's model is dense (n_routed_experts=0): no routed experts\n"
 
 
 def test_printed_times_wait_for_cuda(char_ckpt, capsys, monkeypatch):
