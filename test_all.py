@@ -1987,6 +1987,74 @@ def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
     assert (tmp_path / "ablation_val_loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
+def test_relative_load_of_a_constructed_router():
+    """A model whose routers send every token of domain d to expert d (top-1): the residual stream stays each token's
+    embedding (attention and FFN outputs zeroed), token t of domain t // 10 embeds as the d-th unit vector, and
+    gate centroid d is that vector. Domain d's relative load is then E on expert d and 0 elsewhere, in every layer."""
+    import bench_specialization
+    m = model(n_activated_experts=1, n_expert_groups=1, n_limited_groups=1, n_mtp=0).eval()
+    with torch.no_grad():
+        for layer in m.layers:
+            ffn = layer.ffn
+            for w in [layer.attn.wo.weight] + ([ffn.w2.weight] if isinstance(ffn, ds.MLP) else
+                                                [ffn.experts.w2, ffn.shared_experts.w2.weight]):
+                w.zero_()
+        m.embed.weight.zero_()
+        m.embed.weight[torch.arange(30), torch.arange(30) // 10] = 1.0
+        for g in m.gates():
+            g.weight.zero_()
+            g.weight[:3, :3] = torch.eye(3)
+            g.bias.zero_()
+    gen = torch.Generator().manual_seed(0)
+    domains = {d: (10 * i + torch.randint(0, 10, (100 + 37 * i,), generator=gen)).numpy().astype("uint16")
+               for i, d in enumerate(data.DOMAINS)}
+    counts, losses = bench_specialization.domain_routing(m, domains, T=8, batch_size=5)
+    E = m.args.n_routed_experts
+    assert counts.shape == (2, 3, E) and counts.sum(-1).tolist() == [[96, 136, 168]] * 2      # whole windows of 8
+    assert torch.equal(bench_specialization.relative_load(counts), E * torch.eye(3, E, dtype=counts.dtype).expand(2, 3, E))
+    # the expert tells the domain: I(domain; expert) is all of H(domain)
+    p = torch.tensor([96, 136, 168], dtype=torch.float64) / 400
+    assert bench_specialization.mutual_information(counts).tolist() == pytest.approx([-(p * p.log2()).sum().item()] * 2)
+    # each domain's loss: the main cross-entropy over its windows
+    x = torch.from_numpy(domains["math"][:169].astype("int64"))
+    assert losses[2] == pytest.approx(F.cross_entropy(m(x[:-1].view(21, 8))[0].flatten(0, 1), x[1:]).item(), rel=1e-5)
+
+
+def test_mutual_information_of_domain_and_expert():
+    import bench_specialization
+    mi = bench_specialization.mutual_information
+    spread = torch.tensor([5.0, 1, 3, 0, 7, 2, 2, 4], dtype=torch.float64)
+    independent = torch.stack([spread, 3 * spread, spread / 2])          # three domain sizes, one routing
+    one_to_one = torch.zeros(3, 8, dtype=torch.float64)                  # disjoint experts per domain, equal sizes
+    one_to_one[0, :3], one_to_one[1, 3:5], one_to_one[2, 5:] = torch.tensor([4.0, 1, 7]), 6, torch.tensor([2.0, 9, 1])
+    assert mi(independent).item() == pytest.approx(0, abs=1e-12)
+    assert mi(one_to_one).item() == pytest.approx(math.log2(3), rel=1e-12)
+    # any table, against H(expert) - H(expert | domain); a stack gives one number per table
+    counts = torch.randint(0, 50, (4, 3, 8), generator=torch.Generator().manual_seed(0)).double()
+    H = lambda p: -(p * p.log2()).nan_to_num().sum(-1)                       # noqa: E731
+    p = counts / counts.sum((-2, -1), keepdim=True)
+    ref = H(p.sum(-2)) - (p.sum(-1) * H(p / p.sum(-1, keepdim=True))).sum(-1)
+    assert torch.allclose(mi(counts), ref) and (mi(counts) > 0).all()
+
+
+@pytest.mark.slow
+def test_bench_specialization_smoke(tmp_path, text_file, capsys):
+    english = tmp_path / "english.txt"
+    english.write_text(text_file.read_text()[:30000])
+    results = bench.main(["--parts=specialization", "--iters=4", "--quick", f"--out={tmp_path}",
+                          f"--data_dir={tmp_path / 'data'}", f"--text={english}"])["specialization"]
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip("| ").split("|")] for line in out.splitlines() if line.startswith("| aux-loss-")]
+    summary, loads = rows[:2], rows[2:]
+    assert [r[0] for r in summary] == ["aux-loss-free (bias)", "aux-loss-based (alpha 0.01)"]
+    for r, res in zip(summary, results):      # val loss per domain, I per layer and their mean, MaxVio
+        x = res["runs"][0]
+        assert r[1:4] == [f"{v:.4f}" for v in x["losses"]] and r[4:8] == [f"{v:.4f}" for v in [*x["mi"], x["mi"].mean()]]
+    assert [r[1:3] for r in loads[:9]] == [[str(i), d] for i in (1, 2, 3) for d in data.DOMAINS] and len(loads) == 18
+    assert all(sum(float(v) for v in r[3:]) == pytest.approx(8, abs=0.05) for r in loads)    # relative: mean 1
+    assert (tmp_path / "expert_specialization.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
 @pytest.mark.slow
 def test_bench_fp8_smoke(tmp_path, text_file, data_dir, capsys):
     bench.main(["--parts=fp8", "--iters=2", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}", f"--text={text_file}"])
