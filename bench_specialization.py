@@ -75,7 +75,7 @@ def run(args):
           f"tokens each), {args.iters} steps, {args.repeats} seed(s) per model (mean ± sd), "
           f"{torch.get_num_threads()} CPU threads\n")
     print(f"| model | {' | '.join(f'val loss {d}' for d in domains)} | "
-          f"{' | '.join(f'I(domain; expert) layer {i}, bits' for i in layers)} | mean over layers | final MaxVio |")
+          f"{' | '.join(f'I(domain; expert) layer {i}, bits' for i in layers)} | mean over layers | final MaxVio (training) |")
     print("|---|" + "---:|" * (len(domains) + len(layers) + 2))
     for r in results:
         print(f"| {r['name']} | {' | '.join(spread([x['losses'][d] for x in r['runs']]) for d in range(len(domains)))} | "
