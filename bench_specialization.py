@@ -112,7 +112,7 @@ def plot(results, layers, domains, root):
                     ax.text(e, d, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w" if v < top / 2 else "k")
             ax.set_yticks(range(len(domains)), domains)
             ax.set_xticks(range(load.size(-1)))
-            ax.set_title(f"{r['name']}: layer {i}, I = {r['runs'][0]['mi'][i - layers[0]]:.2f} bits", fontsize=9)
+            ax.set_title(f"{r['name']}: layer {i}, I = {r['runs'][0]['mi'][i - layers[0]]:.3f} bits", fontsize=9)
         axes[-1, col].set_xlabel("routed expert")
     fig.colorbar(im, ax=axes, fraction=0.03, label="relative expert load (1 = balanced)")
     fig.suptitle("Relative expert load per domain (validation text, first seed)", fontsize=10)
