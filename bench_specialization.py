@@ -3,6 +3,7 @@ trained on the three-domain corpus of data.py (English, code, mathematics) twice
 the aux-loss-free bias and the auxiliary loss (the ablation's rows 3 and 4a). Then, per model, MoE layer and domain,
 the relative load of every routed expert on that domain's validation text, and the mutual information between
 domain and chosen expert: how much routing depends on the domain."""
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -83,7 +84,7 @@ def run(args):
               f"{spread([x['mi'].mean().item() for x in r['runs']])} | "
               f"{statistics.mean(x['maxvio'] for x in r['runs']):.2f} |")
     print(f"\n(I(domain; expert): 0 when routing ignores the domain, log2({len(domains)}) = "
-          f"{torch.tensor(len(domains)).log2():.2f} when every expert serves one domain alone)")
+          f"{math.log2(len(domains)):.2f} when every expert serves one domain alone)")
     print("\nrelative load of each routed expert on each domain's val text (actual / perfectly balanced), first seed:\n")
     print(f"| model | layer | domain | {' | '.join(f'e{e}' for e in range(E))} |")
     print("|---|---:|---|" + "---:|" * E)

@@ -191,16 +191,12 @@ def main(argv=None):
     device = pick_device(a.device)
     model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device)
     model.set_attn_impl(a.attn_impl)
-    if a.show_experts is not None:
-        moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
-        if not moe:
-            raise UserError("--show_experts: the checkpoint's model is dense (n_routed_experts=0): no routed experts")
-        if a.show_experts not in moe:
-            raise UserError(f"--show_experts={a.show_experts}: not an MoE layer of this model (those are "
-                            f"{', '.join(map(str, moe))}; layers count from 0)")
-        E, terminal = model.args.n_routed_experts, sys.stdout.isatty()
-        legend = " ".join(mark_experts([f" {e} "], [e], True) for e in range(E)) if terminal else "token[expert]"
-        print(f"each token marked by its top routed expert (of {E}) in MoE layer {a.show_experts}: {legend}")
+    moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
+    if a.show_experts is not None and not moe:
+        raise UserError("--show_experts: the checkpoint's model is dense (n_routed_experts=0): no routed experts")
+    if a.show_experts not in moe + [None]:
+        raise UserError(f"--show_experts={a.show_experts}: not an MoE layer of this model (those are "
+                        f"{', '.join(map(str, moe))}; layers count from 0)")
     encode, decode = tokenizer_from_meta(ckpt["meta"])
     speculative = bool(model.mtp) if a.speculative is None else a.speculative
     if speculative and not model.mtp:
@@ -220,6 +216,10 @@ def main(argv=None):
         print(f"note: {len(ids)} + {a.max_new_tokens} tokens exceed the context of {window}: when it is full, "
               f"generation slides (keeps the last {window // 2} tokens and prefills again)", file=sys.stderr)
     x = torch.tensor([ids], dtype=torch.long, device=device)
+    if a.show_experts is not None:
+        E, terminal = model.args.n_routed_experts, sys.stdout.isatty()
+        legend = " ".join(mark_experts([f" {e} "], [e], True) for e in range(E)) if terminal else "token[expert]"
+        print(f"each token marked by its top routed expert (of {E}) in MoE layer {a.show_experts}: {legend}")
 
     torch.manual_seed(a.seed)
     stats = dict(tokens=0, seconds=0.0, forwards=0, drafted=0, accepted=0)
