@@ -6,6 +6,7 @@ one file per part beside this one (bench_*.py); the shared timing and training h
     python bench.py --parts step         # a training step: MoE (grouped GEMM, loop) vs dense of equal active size
     python bench.py --parts decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
     python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same steps and same time
+    python bench.py --parts specialization   # what the experts learn on English, code and maths (report Fig. 9)
     python bench.py --parts fp8          # FP8 training (report §3.3) beside fp32: loss, step time, saved activations
     python bench.py --parts ep           # expert parallelism: all-to-all volume with and without the node limit
     python bench.py --gpu                # everything worth measuring on one CUDA GPU (about 8 minutes)
@@ -54,6 +55,23 @@ def preset_args(name, vocab_size=65):
     """The ModelArgs a config/NAME.py preset builds (char-level vocabulary unless told)."""
     import train
     return train.model_args_from(train.parse_config([name])[0], vocab_size)
+
+
+def spread(xs):
+    """mean ± standard deviation (the mean alone for one value)."""
+    return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
+
+
+def pyplot(part):
+    """matplotlib.pyplot drawing to files, or None (and a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{part}: matplotlib is not installed, no plots (pip install matplotlib)")
+        return None
+    return plt
 
 
 def read_log(out_dir):
@@ -201,7 +219,7 @@ def bench_gpu(args):
 
 # part -> a function here, or "module:function" in its own file (imported when the part runs)
 PARTS = {"kernels": "bench_kernels:run", "step": bench_step, "decode": "bench_decode:run",
-         "ablation": "bench_ablation:run", "fp8": "bench_systems:bench_fp8", "ep": "bench_systems:bench_ep",
+         "ablation": "bench_ablation:run", "specialization": "bench_specialization:run", "fp8": "bench_systems:bench_fp8", "ep": "bench_systems:bench_ep",
          "gpu": bench_gpu}
 
 
@@ -218,17 +236,17 @@ def main(argv=None):
     parser.add_argument("--parts", default="kernels,step,decode,ablation,fp8,ep", help=f"comma list of: {', '.join(PARTS)}")
     parser.add_argument("--ckpts", default="out-shakespeare-char-cpu", help="decode: checkpoint folders")
     parser.add_argument("--long_tokens", type=int, default=None, help="decode: tokens after the 512-token prompt (64, quick 16)")
-    parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
+    parser.add_argument("--repeats", type=int, default=1, help="ablation, specialization: seeds per row (mean and spread)")
     parser.add_argument("--timing_repeats", type=int, default=None, help="decode: interleaved timing rounds, best kept (5, quick 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke version of each part (< 3 minutes on 2 cores)")
-    parser.add_argument("--iters", type=int, default=None, help="ablation, fp8: iterations per run (default 2000, quick 200; fp8 quick 50)")
+    parser.add_argument("--iters", type=int, default=None, help="ablation, specialization, fp8: iterations per run (default 2000, quick 200; fp8 quick 50)")
     parser.add_argument("--timing_iters", type=int, default=None, help="ablation: steps of each row's timing run (50, quick 10)")
     parser.add_argument("--step_repeats", type=int, default=None, help="step: timed steps per model (40, quick 5)")
     parser.add_argument("--gpu", action="store_true", help="run the gpu part alone (the same as --parts gpu)")
     parser.add_argument("--gpu_minutes", type=float, default=4.0, help="gpu: training time budget in minutes")
-    parser.add_argument("--out", default="out-bench", help="ablation, fp8: runs, logs and plots go here")
-    parser.add_argument("--data_dir", default="data", help="ablation, fp8: data cache (as train.py)")
-    parser.add_argument("--text", default="", help="ablation, fp8: the text to train on (default: Tiny Shakespeare)")
+    parser.add_argument("--out", default="out-bench", help="ablation, specialization, fp8: runs, logs and plots go here")
+    parser.add_argument("--data_dir", default="data", help="ablation, specialization, fp8: data cache (as train.py)")
+    parser.add_argument("--text", default="", help="ablation, fp8: the text to train on; specialization: its English (default: Tiny Shakespeare)")
     args = parser.parse_args(argv)
     parts = ["gpu"] if args.gpu else [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]

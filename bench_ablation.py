@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bench import train_run
+from bench import pyplot, spread, train_run
 
 # the ladder: each row is config/shakespeare_char_cpu.py (nanoGPT's CPU budget) plus these overrides
 ABLATION = [
@@ -20,15 +20,21 @@ ABLATION = [
 ]
 
 
-@torch.no_grad()
-def expert_load(out_dir, text, data_dir, batches=10):
-    """Tokens per expert in each MoE layer of the trained model on val batches: (layers, experts)."""
+def run_val(out_dir, text, data_dir):
+    """A bench run's trained model (from its checkpoint), its config, and its data's val split and meta."""
     import data
     import train
     model, ckpt = train.load_checkpoint(Path(out_dir) / "ckpt.pt")
     c = ckpt["config"]
     folder, meta = data.prepare_data(data_dir, c["dataset"], text, c["tokenizer"], c["encoding"], log=lambda *a: None)
-    val = data.load_split(folder, "val", meta)
+    return model, c, data.load_split(folder, "val", meta), meta
+
+
+@torch.no_grad()
+def expert_load(out_dir, text, data_dir, batches=10):
+    """Tokens per expert in each MoE layer of the trained model on val batches: (layers, experts)."""
+    import data
+    model, c, val, _ = run_val(out_dir, text, data_dir)
     model.train()                                       # gates count tokens in training mode (dropout is 0)
     for k in range(batches):                            # with targets, so the MTP block runs too
         model(*data.get_batch(val, c["batch_size"], c["block_size"], data.batch_seed(1, k)))
@@ -44,7 +50,7 @@ def train_row(args, root, name, over, seed, iters, tag):
             f"--mtp_lambda_step={round(0.7 * iters)}", f"--eval_interval={every}", f"--log_interval={min(every, 10)}"]
     argv += (["--eval_iters=4"] if args.quick or tag == "timing" else []) + ([f"--text={args.text}"] if args.text else [])
     argv += [f"--{k}={v}" for k, v in over.items()]
-    print(f"ablation: {name}, seed {seed}, {iters} steps ...", file=sys.stderr, flush=True)
+    print(f"bench: {name}, seed {seed}, {iters} steps ...", file=sys.stderr, flush=True)
     return dict(train_run(args, out, argv, root / f"{out.name}.log"), mtp=over.get("n_mtp", 1) > 0)
 
 
@@ -67,9 +73,6 @@ def run(args):
         model, r["load"] = expert_load(r["runs"][0]["out"], args.text, args.data_dir)
         r.update(total=model.num_params(), active=model.num_params(active=True),
                  flops=model.flops_per_token(model.args.max_seq_len))
-
-    def spread(xs):
-        return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
 
     mean = lambda r, k: statistics.mean(x[k] for x in r["runs"])   # noqa: E731
     print(f"\nablation: char-level Tiny Shakespeare, {args.repeats} seed(s) per row, {torch.get_num_threads()} CPU threads")
@@ -96,12 +99,7 @@ def run(args):
 
 
 def plot(results, root):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("ablation: matplotlib is not installed, no plots (pip install matplotlib)")
+    if (plt := pyplot("ablation")) is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, budget, x, label in [(axes[0], "steps", 0, "step"), (axes[1], "time", 1, "training seconds")]:

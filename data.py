@@ -1,13 +1,18 @@
 """
 The data side of train.py: a text (Tiny Shakespeare, or your own .txt files) tokenised once into
-token files, the tokenizers (GPT-2's BPE from tiktoken, or characters), and the training batches.
+token files, the tokenizers (GPT-2's BPE from tiktoken, or characters), and the training batches;
+and a three-domain corpus (English, code, mathematics) for the report's expert-specialization figure (§4.5.3).
 
     folder, meta = prepare_data("data", text="my_book.txt", tokenizer="char")
+    folder, meta = prepare_data("data", dataset="domains", tokenizer="char")   # val_by_domain(val, meta) splits it
     x, y = get_batch(load_split(folder, "train", meta), batch_size=12, block_size=64, seed=batch_seed(1337, 0))
     encode, decode = tokenizer_from_meta(meta)
 """
 import json
 import os
+import platform
+import random
+import sysconfig
 import urllib.request
 from pathlib import Path
 
@@ -15,6 +20,9 @@ import numpy as np
 import torch
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DOMAINS = ("english", "code", "math")                  # the three-domain corpus, in the order its splits hold them
+STDLIB = Path(sysconfig.get_paths()["stdlib"])         # its code: this Python's own standard library
+MATH_SEED = 0
 
 
 class UserError(ValueError):
@@ -90,14 +98,70 @@ def _source_files(text, shakespeare, log):
     return files
 
 
+def stdlib_code(size):
+    """The corpus's code: the standard library's public top-level modules (no leading underscore), in sorted
+    order, those in plain ASCII (a printable vocabulary), joined until they hold `size` characters."""
+    files = sorted(p for p in STDLIB.glob("*.py") if not p.name.startswith("_"))
+    if not files:
+        raise UserError(f"the domains corpus needs the Python standard library's .py sources, and {STDLIB} has none: "
+                        f"install them (e.g. your distribution's full python3 package) or use another dataset")
+    texts, n = [], 0
+    for p in files:
+        if n >= size:
+            break
+        if (t := p.read_text(encoding="utf-8")).isascii():
+            texts.append(t)
+            n += len(t) + 2
+    return "\n\n".join(texts)
+
+
+def math_text(size, seed=MATH_SEED):
+    """The corpus's mathematics, in the spirit of DM Mathematics: a question line and its answer line (sums,
+    differences, products, comparisons, remainders, linear equations in one unknown), drawn with a fixed seed."""
+    rng, lines, n = random.Random(seed), [], 0
+    while n < size:
+        a, b, m, d = rng.randint(-99, 99), rng.randint(-99, 99), rng.randint(-12, 12), rng.randint(2, 12)
+        x, k, v = rng.randint(-10, 10), rng.choice((-1, 1)) * rng.randint(2, 9), rng.choice("abcfgjklmnpqrstuvwxyz")
+        q, answer = rng.choice([
+            (f"What is {a} + {b}?", a + b),
+            (f"Calculate {a} - {b}.", a - b),
+            (f"What is {m} times {b}?", m * b),
+            (f"Which is bigger: {a / 10} or {b / 10}?", max(a, b) / 10),
+            (f"Is {a} less than {b}?", a < b),
+            (f"What is the remainder when {abs(a)} is divided by {d}?", abs(a) % d),
+            (f"Solve {k}*{v} {'-' if b < 0 else '+'} {abs(b)} = {k * x + b} for {v}.", x)])
+        lines.append(f"{q}\n{answer}\n")
+        n += len(lines[-1])
+    return "".join(lines)
+
+
+def domain_texts(english):
+    """The three domains in equal shares: the English text, the standard library's code, generated mathematics,
+    each cut to the same number of characters (the English text's, or the code's if that is less)."""
+    code = stdlib_code(len(english))
+    n = min(len(english), len(code))
+    return [english[:n], code[:n], math_text(n)[:n]]
+
+
+def val_by_domain(val, meta):
+    """{domain: its validation tokens} of the domains corpus: the val split holds them one after the other."""
+    ends = np.cumsum([n for _, n in meta["domains"].values()])
+    return {d: val[e - n:e] for (d, (_, n)), e in zip(meta["domains"].items(), ends)}
+
+
 def prepare_data(data_dir="data", dataset="", text="", tokenizer="bpe", encoding="r50k_base", log=print):
     """Tokenise a text once into data_dir/NAME/TOKENIZER/{train,val}.bin (uint16, or uint32 for a large
     vocabulary; 90/10 split) plus meta.json; later calls reuse them while the source files are unchanged.
-    Several files are joined by an end-of-text token (for chars, a blank line). Returns (folder, meta)."""
+    Several files are joined by an end-of-text token (for chars, a blank line). Returns (folder, meta).
+    dataset "domains": the three-domain corpus of domain_texts, `text` (default Tiny Shakespeare) its English;
+    each domain is split 90/10 by itself, the splits hold the domains in DOMAINS order, and meta["domains"]
+    gives each one's [train, val] tokens."""
+    domains = dataset == "domains"
     name = dataset or (Path(text).expanduser().resolve().stem if text else "shakespeare")
-    files = _source_files(text, Path(data_dir) / name / "input.txt", log)
+    files = _source_files(text, Path(data_dir) / ("shakespeare" if domains else name) / "input.txt", log)
     folder = Path(data_dir) / name / ("char" if tokenizer == "char" else encoding)
     source = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    source += [[str(STDLIB), platform.python_version(), MATH_SEED]] if domains else []
     meta_path = folder / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -110,26 +174,29 @@ def prepare_data(data_dir="data", dataset="", text="", tokenizer="bpe", encoding
             texts.append(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise UserError(f"{p} is not UTF-8 text") from None
+    parts = [[t] for t in domain_texts("\n\n".join(texts))] if domains else [texts]   # each split 90/10 by itself
     if tokenizer == "char":
-        whole = "\n\n".join(texts)
-        chars = "".join(sorted(set(whole)))
+        wholes = ["\n\n".join(p) for p in parts]
+        chars = "".join(sorted(set().union(*wholes)))
         # code points -> ranks in the sorted vocabulary, without a Python loop over characters
-        codes = np.frombuffer(whole.encode("utf-32-le"), dtype=np.uint32)
-        ids = np.searchsorted(np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32), codes)
+        code_points = lambda s: np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32)   # noqa: E731
+        ids = [np.searchsorted(code_points(chars), code_points(w)) for w in wholes]
         meta = dict(tokenizer="char", chars=chars, vocab_size=len(chars))
     else:
         enc = _tiktoken(encoding)
-        ids = np.concatenate([np.array(([enc.eot_token] if i else []) + enc.encode_ordinary(t), dtype=np.int64)
-                              for i, t in enumerate(texts)])
+        ids = [np.concatenate([np.array(([enc.eot_token] if i else []) + enc.encode_ordinary(t), dtype=np.int64)
+                               for i, t in enumerate(p)]) for p in parts]
         meta = dict(tokenizer="bpe", encoding=encoding, vocab_size=enc.n_vocab)
-    if len(ids) == 0:
+    if sum(map(len, ids)) == 0:
         raise UserError(f"no text in {text or files[0]}")
     dtype = np.uint16 if meta["vocab_size"] <= 2 ** 16 else np.uint32
-    n = int(0.9 * len(ids))
+    cut = [int(0.9 * len(i)) for i in ids]
     folder.mkdir(parents=True, exist_ok=True)
-    for split, part in (("train", ids[:n]), ("val", ids[n:])):
-        write_atomic(folder / f"{split}.bin", part.astype(dtype).tofile)
-    meta.update(dtype=np.dtype(dtype).name, train_tokens=n, val_tokens=len(ids) - n, source=source)
+    for split, part in (("train", [i[:n] for i, n in zip(ids, cut)]), ("val", [i[n:] for i, n in zip(ids, cut)])):
+        write_atomic(folder / f"{split}.bin", np.concatenate(part).astype(dtype).tofile)
+    meta.update(dtype=np.dtype(dtype).name, train_tokens=sum(cut), val_tokens=sum(map(len, ids)) - sum(cut), source=source)
+    if domains:
+        meta["domains"] = {d: [n, len(i) - n] for d, i, n in zip(DOMAINS, ids, cut)}
     write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))   # last: a meta means complete .bin files
     return folder, meta
 

@@ -4,6 +4,7 @@ an MTP module, lossless MTP speculative decoding (report §5.4.3).
     python sample.py                                    # from what `python train.py` wrote (out/ckpt.pt)
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt --temperature=0 --speculative=False --attn_impl=naive
+    python sample.py --out_dir=out-domains-cpu --show_experts=1    # each token marked by its expert in layer 1
 """
 import argparse
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from data import UserError, tokenizer_from_meta
-from deepseek import probs, sample
+from deepseek import MoE, probs, sample
 from train import load_checkpoint, pick_device
 
 
@@ -43,6 +44,8 @@ def parse(argv):
     p.add_argument("--speculative", type=boolean, default=None, help="MTP drafts; default: on when the checkpoint has MTP")
     p.add_argument("--attn_impl", choices=["absorb", "naive"], default="absorb",
                    help="MLA decode cache: latent + RoPE key (absorb) or full per-head K/V (naive)")
+    p.add_argument("--show_experts", type=int, default=None, metavar="LAYER",
+                   help="mark each token with its top routed expert in MoE layer LAYER (an index into model.layers)")
     a = p.parse_args(argv)
     if a.num_samples < 1 or a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 1:
         raise UserError("num_samples, max_new_tokens and top_k must be >= 1, temperature >= 0")
@@ -142,6 +145,45 @@ def verify_draft(p, q, d):
     return accepted, token
 
 
+# ----------------------------------------------------------------------------- routing shown in the text
+
+@torch.no_grad()
+def routing(model, idx):
+    """What the router of each MoE layer of the main model chose for the tokens idx (B, S), read in one forward from
+    position 0: (final hidden states h, {layer index: (gate values (B, S, k), chosen experts (B, S, k))})."""
+    chosen = {}
+    hooks = [layer.ffn.gate.register_forward_hook(lambda gate, x, out, i=i: chosen.update({i: out[1:]}))
+             for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
+    try:
+        h = model.hidden(idx)[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return h, {i: (w.view(*idx.shape, -1), e.view(*idx.shape, -1)) for i, (w, e) in chosen.items()}
+
+
+def top_experts(model, idx, layer):
+    """The top routed expert (largest gate value) of MoE layer `layer` for each token of idx (1, S), the text read
+    in windows of the model's context from position 0, as in training -> (S,)."""
+    tops = []
+    for chunk in idx.split(model.args.max_seq_len, dim=1):
+        weights, experts = routing(model, chunk)[1][layer]
+        tops.append(experts.gather(-1, weights.argmax(-1, keepdim=True))[0, :, 0])
+    return torch.cat(tops)
+
+
+COLOURS = (203, 215, 227, 120, 87, 75, 141, 213, 167, 179, 149, 79, 116, 111, 183, 218)   # xterm-256 backgrounds
+
+
+def mark_experts(pieces, experts, terminal):
+    """Text from its tokens' pieces, each marked by its expert: on the expert's background colour on a terminal
+    (a newline on a space before it), else followed by [expert]."""
+    if not terminal:
+        return "".join(f"{p}[{e}]" for p, e in zip(pieces, experts))
+    return "".join("\n".join(f"\x1b[30;48;5;{COLOURS[e % len(COLOURS)]}m{line}\x1b[0m" if line else ""
+                             for line in p.replace("\n", " \n").split("\n")) for p, e in zip(pieces, experts))
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
@@ -149,6 +191,12 @@ def main(argv=None):
     device = pick_device(a.device)
     model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device)
     model.set_attn_impl(a.attn_impl)
+    moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
+    if a.show_experts is not None and not moe:
+        raise UserError("--show_experts: the checkpoint's model is dense (n_routed_experts=0): no routed experts")
+    if a.show_experts not in moe + [None]:
+        raise UserError(f"--show_experts={a.show_experts}: not an MoE layer of this model (those are "
+                        f"{', '.join(map(str, moe))}; layers count from 0)")
     encode, decode = tokenizer_from_meta(ckpt["meta"])
     speculative = bool(model.mtp) if a.speculative is None else a.speculative
     if speculative and not model.mtp:
@@ -168,6 +216,10 @@ def main(argv=None):
         print(f"note: {len(ids)} + {a.max_new_tokens} tokens exceed the context of {window}: when it is full, "
               f"generation slides (keeps the last {window // 2} tokens and prefills again)", file=sys.stderr)
     x = torch.tensor([ids], dtype=torch.long, device=device)
+    if a.show_experts is not None:
+        E, terminal = model.args.n_routed_experts, sys.stdout.isatty()
+        legend = " ".join(mark_experts([f" {e} "], [e], True) for e in range(E)) if terminal else "token[expert]"
+        print(f"each token marked by its top routed expert (of {E}) in MoE layer {a.show_experts}: {legend}")
 
     torch.manual_seed(a.seed)
     stats = dict(tokens=0, seconds=0.0, forwards=0, drafted=0, accepted=0)
@@ -181,7 +233,11 @@ def main(argv=None):
             y = model.generate(x, a.max_new_tokens, a.temperature, a.top_k)
         stats["seconds"] += now() - t0
         stats["tokens"] += y.size(1) - x.size(1)
-        print(decode(y[0].tolist()))
+        if a.show_experts is None:
+            print(decode(y[0].tolist()))
+        else:
+            pieces = [decode([t]) for t in y[0].tolist()]
+            print(mark_experts(pieces, top_experts(model, y, a.show_experts).tolist(), terminal))
         print("---------------")
 
     mode = "speculative (MTP drafts)" if speculative else "plain"

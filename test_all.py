@@ -1444,6 +1444,49 @@ def test_download_failure_says_how_to_place_the_file(tmp_path, monkeypatch):
     assert data.SHAKESPEARE_URL in msg and "\n" not in msg
 
 
+def test_domains_corpus_is_deterministic_and_labelled(tmp_path):
+    english = tmp_path / "english.txt"
+    english.write_text("".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(300)))
+    (folder, meta), (again, _) = [data.prepare_data(tmp_path / d, dataset="domains", text=str(english), tokenizer="char",
+                                                    log=lambda m: None) for d in ("a", "b")]
+    for split in ("train", "val"):
+        assert (folder / f"{split}.bin").read_bytes() == (again / f"{split}.bin").read_bytes()
+    texts, n = data.domain_texts(english.read_text()), len(english.read_text())
+    assert list(meta["domains"]) == ["english", "code", "math"] and [len(t) for t in texts] == [n] * 3
+    # each domain split 90/10 by itself; train holds the domains' first 90% in order, val their last 10%
+    cut = int(0.9 * n)
+    _, decode = data.tokenizer_from_meta(meta)
+    assert decode(data.load_split(folder, "train", meta).tolist()) == "".join(t[:cut] for t in texts)
+    val = data.val_by_domain(data.load_split(folder, "val", meta), meta)
+    assert [decode(v.tolist()) for v in val.values()] == [t[cut:] for t in texts]
+    assert all(meta["domains"][d] == [cut, n - cut] for d in data.DOMAINS)
+    # English as given; the code from the standard library's first public module on; every maths answer right
+    first = sorted(p for p in data.STDLIB.glob("*.py") if not p.name.startswith("_"))[0].read_text()
+    assert texts[0] == english.read_text() and texts[1].startswith(first[:n])
+    rules = {r"What is (\S+) \+ (\S+)\?": lambda a, b: int(a) + int(b),
+             r"Calculate (\S+) - (\S+)\.": lambda a, b: int(a) - int(b),
+             r"What is (\S+) times (\S+)\?": lambda a, b: int(a) * int(b),
+             r"Which is bigger: (\S+) or (\S+)\?": lambda a, b: max(float(a), float(b)),
+             r"Is (\S+) less than (\S+)\?": lambda a, b: int(a) < int(b),
+             r"What is the remainder when (\S+) is divided by (\S+)\?": lambda a, b: int(a) % int(b),
+             r"Solve (\S+)\*\w ([+-]) (\d+) = (\S+) for \w\.": lambda k, sign, b, c: (int(c) - int(sign + b)) // int(k)}
+    lines = data.math_text(20000).splitlines()
+    for q, answer in zip(lines[::2], lines[1::2]):
+        rule, m = next((f, m) for r, f in rules.items() if (m := re.fullmatch(r, q)))
+        assert str(rule(*m.groups())) == answer, (q, answer)
+    assert {next(r for r in rules if re.fullmatch(r, q)) for q in lines[::2]} == set(rules)      # every kind occurs
+
+
+def test_domains_corpus_needs_the_standard_library_sources(tmp_path, small_text, monkeypatch, capsys):
+    monkeypatch.setattr(data, "STDLIB", tmp_path / "no-stdlib")
+    argv = [str(preset(tmp_path)), "--dataset=domains", f"--text={small_text}", f"--data_dir={tmp_path / 'data'}",
+            f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the domains corpus needs the Python standard library's .py sources, and "
+                          f"{tmp_path / 'no-stdlib'} has none") and err.count("\n") == 1
+
+
 def test_batches_are_a_function_of_the_seed():
     tokens = torch.arange(1000).numpy().astype("uint16")
     x, y = data.get_batch(tokens, 4, 16, data.batch_seed(1, 0, 0, 5, 0))
@@ -1857,10 +1900,54 @@ def test_sample_prompt_file_and_cropping(char_ckpt, capsys, tmp_path):
     (["--start=FILE:/no/such/prompt.txt"], "prompt file"),
     (["--speculative=maybe"], "expected True or False"),
     (["--top_k=0"], ">= 1"),
+    (["--show_experts=0"], "--show_experts=0: not an MoE layer of this model (those are 1; layers count from 0)"),
+    (["--show_experts=2"], "not an MoE layer"), (["--show_experts=one"], "invalid int value"),
 ])
 def test_sample_bad_input(char_ckpt, capsys, argv, message):
     rc, out, err = run_sample(capsys, f"--out_dir={char_ckpt}", *argv)
     assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def show_experts_run(capsys, ckpt, *argv):
+    """sample.py --show_experts=1, greedy: (its header line, the marked text of the one sample, exit code)."""
+    rc, out, _ = run_sample(capsys, f"--out_dir={ckpt}", "--start=ROMEO:", "--temperature=0", "--num_samples=1",
+                            "--max_new_tokens=34", "--show_experts=1", *argv)
+    header, text = out.split("\n", 1)
+    return header, text.split("\n---------------")[0], rc
+
+
+def test_show_experts_marks_each_token_with_the_gates_choice(char_ckpt, capsys, monkeypatch):
+    header, marked, rc = show_experts_run(capsys, char_ckpt)
+    assert rc == 0 and header.endswith("(of 8) in MoE layer 1: token[expert]")
+    pairs = re.findall(r"(.)\[(\d+)\]", marked, re.S)
+    text, experts = "".join(c for c, _ in pairs), [int(e) for _, e in pairs]
+    assert "".join(f"{c}[{e}]" for c, e in pairs) == marked and text.startswith("ROMEO:") and len(text) == 40
+    # the reference: Gate.forward on layer 1's FFN input, the 40 tokens read in windows of the context (24)
+    m, _ = train.load_checkpoint(char_ckpt / "ckpt.pt")
+    ref = []
+    for chunk in torch.tensor([[CHARS.index(c) for c in text]]).split(m.args.max_seq_len, dim=1):
+        pos = m.positions(None, chunk.size(1))
+        h = m.layers[0](m.embed(chunk), **pos)[0]
+        block = m.layers[1]
+        h = h + block.attn(block.attn_norm(h), **pos)
+        _, weights, ids = block.ffn.gate(block.ffn_norm(h).flatten(0, 1))
+        ref += ids.gather(1, weights.argmax(1, keepdim=True))[:, 0].tolist()
+    assert experts == ref and len(set(ref)) > 1
+    # on a terminal: the same tokens, each on its expert's colour, and a legend of all 8 colours
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    header, coloured, rc = show_experts_run(capsys, char_ckpt)
+    assert rc == 0 and all(f"\x1b[30;48;5;{sample.COLOURS[e]}m {e} \x1b[0m" in header for e in range(8))
+    assert coloured == sample.mark_experts(list(text), experts, terminal=True)
+    assert re.sub(r"\x1b\[[\d;]*m", "", coloured) == text.replace("\n", " \n")
+
+
+def test_show_experts_rejects_a_dense_checkpoint(tmp_path, capsys):
+    args = dict(tiny(n_routed_experts=0, vocab_size=len(CHARS)).__dict__)
+    ckpt = dict(model=ds.Transformer(ds.ModelArgs(**args)).state_dict(), model_args=args, optimizer={}, iter_num=0,
+                meta={"tokenizer": "char", "chars": CHARS}, best_val_loss=0.0, config={})
+    train.save_checkpoint(ckpt, tmp_path / "ckpt.pt")
+    rc, _, err = run_sample(capsys, f"--out_dir={tmp_path}", "--show_experts=1")
+    assert rc == 2 and err == "error: --show_experts: the checkpoint's model is dense (n_routed_experts=0): no routed experts\n"
 
 
 def test_printed_times_wait_for_cuda(char_ckpt, capsys, monkeypatch):
@@ -1905,6 +1992,74 @@ def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
     for r in same_time[1:]:
         assert int(r[1]) == max(1, round(budget / float(r[2]))) or abs(int(r[1]) * float(r[2]) - budget) < float(r[2])
     assert (tmp_path / "ablation_val_loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_relative_load_of_a_constructed_router():
+    """A model whose routers send every token of domain d to expert d (top-1): the residual stream stays each token's
+    embedding (attention and FFN outputs zeroed), token t of domain t // 10 embeds as the d-th unit vector, and
+    gate centroid d is that vector. Domain d's relative load is then E on expert d and 0 elsewhere, in every layer."""
+    import bench_specialization
+    m = model(n_activated_experts=1, n_expert_groups=1, n_limited_groups=1, n_mtp=0).eval()
+    with torch.no_grad():
+        for layer in m.layers:
+            ffn = layer.ffn
+            for w in [layer.attn.wo.weight] + ([ffn.w2.weight] if isinstance(ffn, ds.MLP) else
+                                                [ffn.experts.w2, ffn.shared_experts.w2.weight]):
+                w.zero_()
+        m.embed.weight.zero_()
+        m.embed.weight[torch.arange(30), torch.arange(30) // 10] = 1.0
+        for g in m.gates():
+            g.weight.zero_()
+            g.weight[:3, :3] = torch.eye(3)
+            g.bias.zero_()
+    gen = torch.Generator().manual_seed(0)
+    domains = {d: (10 * i + torch.randint(0, 10, (100 + 37 * i,), generator=gen)).numpy().astype("uint16")
+               for i, d in enumerate(data.DOMAINS)}
+    counts, losses = bench_specialization.domain_routing(m, domains, T=8, batch_size=5)
+    E = m.args.n_routed_experts
+    assert counts.shape == (2, 3, E) and counts.sum(-1).tolist() == [[96, 136, 168]] * 2      # whole windows of 8
+    assert torch.equal(bench_specialization.relative_load(counts), E * torch.eye(3, E, dtype=counts.dtype).expand(2, 3, E))
+    # the expert tells the domain: I(domain; expert) is all of H(domain)
+    p = torch.tensor([96, 136, 168], dtype=torch.float64) / 400
+    assert bench_specialization.mutual_information(counts).tolist() == pytest.approx([-(p * p.log2()).sum().item()] * 2)
+    # each domain's loss: the main cross-entropy over its windows
+    x = torch.from_numpy(domains["math"][:169].astype("int64"))
+    assert losses[2] == pytest.approx(F.cross_entropy(m(x[:-1].view(21, 8))[0].flatten(0, 1), x[1:]).item(), rel=1e-5)
+
+
+def test_mutual_information_of_domain_and_expert():
+    import bench_specialization
+    mi = bench_specialization.mutual_information
+    spread = torch.tensor([5.0, 1, 3, 0, 7, 2, 2, 4], dtype=torch.float64)
+    independent = torch.stack([spread, 3 * spread, spread / 2])          # three domain sizes, one routing
+    one_to_one = torch.zeros(3, 8, dtype=torch.float64)                  # disjoint experts per domain, equal sizes
+    one_to_one[0, :3], one_to_one[1, 3:5], one_to_one[2, 5:] = torch.tensor([4.0, 1, 7]), 6, torch.tensor([2.0, 9, 1])
+    assert mi(independent).item() == pytest.approx(0, abs=1e-12)
+    assert mi(one_to_one).item() == pytest.approx(math.log2(3), rel=1e-12)
+    # any table, against H(expert) - H(expert | domain); a stack gives one number per table
+    counts = torch.randint(0, 50, (4, 3, 8), generator=torch.Generator().manual_seed(0)).double()
+    H = lambda p: -(p * p.log2()).nan_to_num().sum(-1)                       # noqa: E731
+    p = counts / counts.sum((-2, -1), keepdim=True)
+    ref = H(p.sum(-2)) - (p.sum(-1) * H(p / p.sum(-1, keepdim=True))).sum(-1)
+    assert torch.allclose(mi(counts), ref) and (mi(counts) > 0).all()
+
+
+@pytest.mark.slow
+def test_bench_specialization_smoke(tmp_path, text_file, capsys):
+    english = tmp_path / "english.txt"
+    english.write_text(text_file.read_text()[:30000])
+    results = bench.main(["--parts=specialization", "--iters=4", "--quick", f"--out={tmp_path}",
+                          f"--data_dir={tmp_path / 'data'}", f"--text={english}"])["specialization"]
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip("| ").split("|")] for line in out.splitlines() if line.startswith("| aux-loss-")]
+    summary, loads = rows[:2], rows[2:]
+    assert [r[0] for r in summary] == ["aux-loss-free (bias)", "aux-loss-based (alpha 0.01)"]
+    for r, res in zip(summary, results):      # val loss per domain, I per layer and their mean, MaxVio
+        x = res["runs"][0]
+        assert r[1:4] == [f"{v:.4f}" for v in x["losses"]] and r[4:8] == [f"{v:.4f}" for v in [*x["mi"], x["mi"].mean()]]
+    assert [r[1:3] for r in loads[:9]] == [[str(i), d] for i in (1, 2, 3) for d in data.DOMAINS] and len(loads) == 18
+    assert all(sum(float(v) for v in r[3:]) == pytest.approx(8, abs=0.05) for r in loads)    # relative: mean 1
+    assert (tmp_path / "expert_specialization.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
 @pytest.mark.slow

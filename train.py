@@ -73,7 +73,7 @@ CKPT_KEYS = ("model", "model_args", "meta", "optimizer", "iter_num", "config")
 
 def parse_config(argv):
     """DEFAULTS, then each preset file (config/NAME.py, or just NAME: plain Python assignments, which
-    see the values so far), then --key=value (--flag alone sets a bool), in argv order. An unknown key
+    see the values so far and __file__), then --key=value (--flag alone sets a bool), in argv order. An unknown key
     or a wrong type is a UserError naming the valid keys. Returns (config, keys set, preset files)."""
     cfg, explicit, presets, here = dict(DEFAULTS), set(), [], Path(__file__).parent
 
@@ -106,7 +106,7 @@ def parse_config(argv):
             raise UserError(f"config file {arg} not found (presets: {names})")
         assigned = {}
         try:
-            exec(path.read_text(), dict(cfg), assigned)
+            exec(path.read_text(), dict(cfg, __file__=str(path)), assigned)
         except Exception as e:
             raise UserError(f"{path}: {one_line(e)}") from None
         for key, value in assigned.items():
