@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+import kernels
 from data import UserError, tokenizer_from_meta
 from deepseek import MoE, probs, sample
 from train import load_checkpoint, pick_device
@@ -246,7 +247,7 @@ def main(argv=None):
     if speculative:
         line += (f"; acceptance {stats['accepted'] / max(stats['drafted'], 1):.1%} of {stats['drafted']} drafts, "
                  f"{stats['tokens'] / stats['forwards']:.2f} tokens per main-model forward")
-    print(line)
+    print(f"{line}\n{kernels.describe(device, torch.float32)}")
     return stats
 
 
