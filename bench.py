@@ -8,6 +8,7 @@ one file per part beside this one (bench_*.py); the shared timing and training h
     python bench.py --parts ablation     # what each DeepSeek idea buys: a ladder of models, same steps and same time
     python bench.py --parts fp8          # FP8 training (report §3.3) beside fp32: loss, step time, saved activations
     python bench.py --parts ep           # expert parallelism: all-to-all volume with and without the node limit
+    python bench.py --parts context      # context extension (§4.3): trained at 64, YaRN to 256; val loss by position
     python bench.py --gpu                # everything worth measuring on one CUDA GPU (about 8 minutes)
     python bench.py --quick              # a smoke version of every CPU part
 """
@@ -40,6 +41,11 @@ def rounds(fns, repeats, warmup=0):
             if r >= warmup:
                 times[i].append(now() - t0)
     return times, outs
+
+
+def spread(xs):
+    """'mean ± standard deviation' of numbers, the mean alone for one."""
+    return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
 
 
 def timed(fns, repeats):
@@ -84,6 +90,18 @@ def train_run(args, out, argv, quiet_log):
                 tokens_per_s=tokens_per_step / step_s,
                 mfu=statistics.median([e["mfu"] for e in trains[1:] if e["mfu"]] or [0]),
                 curve=[(e["step"], e["step"] * step_s, e["val"]) for e in entries if e["kind"] == "eval"])
+
+
+def pyplot(part):
+    """matplotlib.pyplot drawing to files, or None (said in one line) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{part}: matplotlib is not installed, no plots (pip install matplotlib)")
+        return None
+    return plt
 
 
 def gpu_speed(args, name, extra=()):
@@ -197,7 +215,7 @@ def bench_gpu(args):
 # part -> a function here, or "module:function" in its own file (imported when the part runs)
 PARTS = {"kernels": "bench_kernels:run", "step": bench_step, "decode": "bench_decode:run",
          "ablation": "bench_ablation:run", "fp8": "bench_systems:bench_fp8", "ep": "bench_systems:bench_ep",
-         "gpu": bench_gpu}
+         "context": "bench_context:run", "gpu": bench_gpu}
 
 
 def run_part(part, args):
@@ -210,20 +228,21 @@ def run_part(part, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="kernels,step,decode,ablation,fp8,ep", help=f"comma list of: {', '.join(PARTS)}")
+    parser.add_argument("--parts", default="kernels,step,decode,ablation,fp8,ep,context", help=f"comma list of: {', '.join(PARTS)}")
     parser.add_argument("--ckpts", default="out-shakespeare-char-cpu", help="decode: checkpoint folders")
     parser.add_argument("--long_tokens", type=int, default=None, help="decode: tokens after the 512-token prompt (64, quick 16)")
-    parser.add_argument("--repeats", type=int, default=1, help="ablation: seeds per row (mean and spread)")
-    parser.add_argument("--timing_repeats", type=int, default=None, help="decode: interleaved timing rounds, best kept (5, quick 1)")
-    parser.add_argument("--quick", action="store_true", help="a smoke version of each part (< 3 minutes on 2 cores)")
-    parser.add_argument("--iters", type=int, default=None, help="ablation, fp8: iterations per run (default 2000, quick 200; fp8 quick 50)")
+    parser.add_argument("--repeats", type=int, default=1, help="ablation, context: seeds per row, phase (mean and spread)")
+    parser.add_argument("--timing_repeats", type=int, default=None, help="decode, context: interleaved timing rounds, best kept (5, quick 1)")
+    parser.add_argument("--quick", action="store_true", help="a smoke version of each part (< 4 minutes on 2 cores)")
+    parser.add_argument("--iters", type=int, default=None, help="ablation, fp8, context: iterations per run (default "
+                        "2000, quick 200; fp8 quick 50; context: the base's, its phases run iters / 8)")
     parser.add_argument("--timing_iters", type=int, default=None, help="ablation: steps of each row's timing run (50, quick 10)")
     parser.add_argument("--step_repeats", type=int, default=None, help="step: timed steps per model (40, quick 5)")
     parser.add_argument("--gpu", action="store_true", help="run the gpu part alone (the same as --parts gpu)")
     parser.add_argument("--gpu_minutes", type=float, default=4.0, help="gpu: training time budget in minutes")
-    parser.add_argument("--out", default="out-bench", help="ablation, fp8: runs, logs and plots go here")
-    parser.add_argument("--data_dir", default="data", help="ablation, fp8: data cache (as train.py)")
-    parser.add_argument("--text", default="", help="ablation, fp8: the text to train on (default: Tiny Shakespeare)")
+    parser.add_argument("--out", default="out-bench", help="ablation, fp8, context: runs, logs and plots go here")
+    parser.add_argument("--data_dir", default="data", help="ablation, fp8, context: data cache (as train.py)")
+    parser.add_argument("--text", default="", help="ablation, fp8, context: the text to train on (default: Tiny Shakespeare)")
     args = parser.parse_args(argv)
     parts = ["gpu"] if args.gpu else [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]

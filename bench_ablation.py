@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bench import train_run
+from bench import pyplot, spread, train_run
 
 # the ladder: each row is config/shakespeare_char_cpu.py (nanoGPT's CPU budget) plus these overrides
 ABLATION = [
@@ -68,9 +68,6 @@ def run(args):
         r.update(total=model.num_params(), active=model.num_params(active=True),
                  flops=model.flops_per_token(model.args.max_seq_len))
 
-    def spread(xs):
-        return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
-
     mean = lambda r, k: statistics.mean(x[k] for x in r["runs"])   # noqa: E731
     print(f"\nablation: char-level Tiny Shakespeare, {args.repeats} seed(s) per row, {torch.get_num_threads()} CPU threads")
     print(f"\nsame steps ({args.iters}):\n")
@@ -96,12 +93,8 @@ def run(args):
 
 
 def plot(results, root):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("ablation: matplotlib is not installed, no plots (pip install matplotlib)")
+    plt = pyplot("ablation")
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, budget, x, label in [(axes[0], "steps", 0, "step"), (axes[1], "time", 1, "training seconds")]:

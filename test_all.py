@@ -1849,6 +1849,18 @@ def test_bench_expert_parallel_volume(capsys):
     assert "| 1 | " in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_bench_context_smoke(tmp_path, text_file, data_dir, capsys):
+    bench.main(["--parts=context", "--iters=8", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}",
+                f"--text={text_file}"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| (")]
+    assert [r[0][2:5] for r in rows] == ["(a)", "(b)", "(c)", "(d)"] and all(len(r) == 6 for r in rows)
+    assert "| yarn | 1 |" in out and "| rope | 1 |" in out
+    assert re.search(r"context_yarn_seed0 \| 7\+249 \|.*\| yes \|", out)     # decoding to 256: all modes agree
+    assert (tmp_path / "context_extension.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
 def test_bench_decode_reports_first_difference():
     import bench_decode
     ref = torch.tensor([[5, 1, 2, 3]])
