@@ -1,6 +1,7 @@
 """
 The data side of train.py: a text (Tiny Shakespeare, or your own .txt files) tokenised once into
-token files, the tokenizers (GPT-2's BPE from tiktoken, or characters), and the training batches;
+token files, the tokenizers (GPT-2's BPE from tiktoken, or characters), the splits train.py reads
+(load_data, checked against its config) and the training batches;
 and a three-domain corpus (English, code, mathematics) for the report's expert-specialization figure (§4.5.3).
 
     folder, meta = prepare_data("data", text="my_book.txt", tokenizer="char")
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DOMAINS = ("english", "code", "math")                  # the three-domain corpus, in the order its splits hold them
@@ -222,3 +224,26 @@ def get_batch(data, batch_size, block_size, seed, device="cpu"):
     xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix.tolist()]).astype(np.int64))
     xy = xy.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else xy.to(device)
     return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+
+
+def load_data(c, ckpt, rank, log):
+    """train.py's (train, val, meta) for config c, checked against it and the checkpoint it starts from (None
+    from scratch); under torchrun rank 0 tokenises first, the others then read its files."""
+    if rank == 0:
+        folder, meta = prepare_data(c.data_dir, c.dataset, c.text, c.tokenizer, c.encoding, log)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        folder, meta = prepare_data(c.data_dir, c.dataset, c.text, c.tokenizer, c.encoding, log)
+    if ckpt is not None and tokenizer_meta(meta) != ckpt["meta"]:
+        raise UserError(f"the data's tokenizer ({meta['tokenizer']}, {meta['vocab_size']} tokens) differs "
+                        f"from the checkpoint's ({ckpt['meta']['tokenizer']}, {ckpt['meta']['vocab_size']} tokens)")
+    train, val = load_split(folder, "train", meta), load_split(folder, "val", meta)
+    for split, data in (("train", train), ("val", val)):
+        if len(data) < c.block_size + 1:
+            raise UserError(f"the {split} split of {folder} has {len(data)} tokens, fewer than block_size + 1 = "
+                            f"{c.block_size + 1}: lower block_size or use more text")
+    if c.batch_size * c.block_size > len(train):
+        raise UserError(f"a batch (batch_size * block_size = {c.batch_size * c.block_size} tokens) is larger than the "
+                        f"train split ({len(train)} tokens): lower batch_size or block_size, or use more text")
+    return train, val, meta

@@ -48,7 +48,7 @@ class ModelArgs:
     max_seq_len: int = 256
     original_seq_len: int = 4096    # YaRN is on when max_seq_len > original_seq_len
     rope_theta: float = 10000.0
-    rope_factor: float = 40
+    rope_factor: float = 40.0
     beta_fast: int = 32
     beta_slow: int = 1
     mscale: float = 1.0

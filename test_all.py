@@ -654,6 +654,30 @@ def test_speculative_greedy_equals_plain_greedy(pattern_model):
     assert 0 < accepted < drafted                                   # both acceptances and rejections happened
 
 
+def test_yarn_model_decodes_past_its_original_context(pattern_model):
+    """The pattern model (trained on 16 tokens, context 24) extended with YaRN to 64: the caches give the full
+    forward's logits past 16 and 24, greedy decoding runs to 64 without sliding (it equals recomputing the whole
+    sequence each step), and speculative decoding gives the same tokens."""
+    args = dict(pattern_model.args.__dict__, max_seq_len=64, original_seq_len=16, rope_factor=4.0)
+    m = ds.Transformer(ds.ModelArgs(**args)).double().eval()
+    m.load_state_dict(pattern_model.state_dict())
+    idx = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 3, 1, 4, 1, 5, 9] * 3])
+    with torch.no_grad():
+        full = m(idx)[0]
+        for impl in ("absorb", "naive"):
+            m.set_attn_impl(impl)
+            parts = [m(idx[:, :10], start_pos=0)[0], m(idx[:, 10:30], start_pos=10)[0]]
+            parts += [m(idx[:, t:t + 1], start_pos=t)[0] for t in range(30, 60)]
+            torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)     # RoPE runs in fp32
+    prompt = idx[:, :5]
+    plain = m.generate(prompt, 59, temperature=0)
+    ref = prompt
+    for _ in range(59):
+        ref = torch.cat([ref, m(ref)[0][:, -1:].argmax(-1)], 1)
+    spec, stats = sample.generate_speculative(m, prompt, 59, temperature=0)
+    assert plain.size(1) == 64 and torch.equal(plain, ref) and torch.equal(spec, plain) and stats["accepted"] > 0
+
+
 def test_verify_draft_is_lossless():
     """Draft d ~ q, then the rule: the kept token is distributed as p, whatever q is."""
     torch.manual_seed(0)
@@ -1264,6 +1288,22 @@ def test_unknown_key_in_preset(tmp_path):
         train.parse_config([str(p)])
 
 
+def test_shape_keys_are_the_keys_that_shape_the_weights():
+    """train.SHAPE_KEYS (refused on resume and extension) are exactly the model keys whose change changes a
+    weight's shape: each key set to another valid value in turn."""
+    other = dict(dim=48, inter_dim=32, moe_inter_dim=8, n_layers=4, n_dense_layers=2, n_heads=2, n_routed_experts=16,
+                 n_shared_experts=2, n_activated_experts=3, n_expert_groups=2, n_limited_groups=1, score_func="softmax",
+                 route_scale=2.0, q_lora_rank=0, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4,
+                 original_seq_len=8, rope_theta=500.0, rope_factor=4.0, beta_fast=16, beta_slow=2, mscale=0.5, n_mtp=0,
+                 mtp_lambda=0.1, bias_update_speed=0.0, seq_aux_alpha=0.0, dropout=0.1, attn="mha")
+    assert set(other) == set(train.MODEL_KEYS)
+
+    def shapes(**kw):
+        return {k: v.shape for k, v in ds.Transformer(tiny(**kw)).state_dict().items()}
+    base = shapes()
+    assert {k for k, v in other.items() if shapes(**{k: v}) != base} == set(train.SHAPE_KEYS)
+
+
 @pytest.fixture
 def small_text(tmp_path):
     path = tmp_path / "small.txt"
@@ -1848,6 +1888,70 @@ def test_load_checkpoint_rejects_bad_files(tmp_path):
         assert "\n" not in str(e.value) and str(path) in str(e.value), name
 
 
+# ----------------------------------------------------------------------------- training: context extension (report §4.3)
+
+@pytest.fixture(scope="module")
+def rope_base(tmp_path_factory, text_file, data_dir):
+    """A checkpoint trained at context 32 with 16 RoPE frequencies (one step is enough: only its weights matter)."""
+    root = tmp_path_factory.mktemp("rope_base")
+    run(root, text_file, data_dir, out="base", max_iters=1, eval_interval=1, eval_iters=1, qk_rope_head_dim=32)
+    return root / "base"
+
+
+def test_extension_keeps_the_weights_and_changes_only_rope(rope_base, tmp_path):
+    """train.py --init_from=FOLDER at a longer block_size with YaRN's fields: the new run starts at step 0 from the
+    checkpoint's weights bit for bit, and only the RoPE tables and the softmax scale differ, as YaRN says for the new
+    fields: a dimension that turns more than beta_fast times over original_seq_len keeps its frequency, one that
+    turns fewer than beta_slow times has it divided by rope_factor, one between lies on the ramp between."""
+    L, s, beta_fast, beta_slow = 32, 4.0, 4, 1
+    c, ckpt, device = train.configure([f"--init_from={rope_base}", f"--out_dir={tmp_path / 'ext'}", "--block_size=128",
+                                       f"--original_seq_len={L}", f"--rope_factor={s}", f"--beta_fast={beta_fast}",
+                                       "--device=cpu"])
+    _, _, meta = train.load_data(c, ckpt, 0, lambda *a: None)
+    ext, _, optimizer, _, step, best = train.init_model(c, meta, ckpt, "cpu", 0, 1, lambda *a: None)
+    base, _ = train.load_checkpoint(rope_base / "ckpt.pt")
+    assert step == 0 and best == float("inf") and not optimizer.state_dict()["state"]    # a fresh optimizer
+    assert c.batch_size == TINY["batch_size"] and c.block_size == 128         # the base's config but the keys given
+    a, b = ext.state_dict(), base.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)               # every weight and bias
+    assert {k for k, v in ext.args.__dict__.items() if base.args.__dict__[k] != v} == \
+        {"max_seq_len", "original_seq_len", "rope_factor", "beta_fast"}
+    buffers = dict(base.named_buffers())
+    assert {k for k, t in ext.named_buffers() if not torch.equal(t, buffers[k])} == {"rope_cos", "rope_sin"}
+    scales = [[m.softmax_scale for m in model.modules() if isinstance(m, ds.Attention)] for model in (base, ext)]
+    mscale = 0.1 * math.log(s) + 1                              # (the MTP block's attention too)
+    assert scales[0] == [(8 + 32) ** -0.5] * 3 and scales[1] == pytest.approx([(8 + 32) ** -0.5 * mscale ** 2] * 3)
+    # the frequencies: the angles at position 1; the tables as DeepSeek's precompute_freqs_cis
+    theta = 10000.0 ** (-torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    torch.testing.assert_close(torch.atan2(base.rope_sin[1], base.rope_cos[1]).double(), theta)
+    freq = torch.atan2(ext.rope_sin[1], ext.rope_cos[1]).double()
+    turns = L * theta / (2 * math.pi)
+    fast, slow = turns > beta_fast, turns < beta_slow
+    ramp = (1 - freq / theta) / (1 - 1 / s)                    # 0: kept, 1: divided by s
+    assert fast.sum() >= 1 and slow.sum() >= 1 and (~fast & ~slow).sum() >= 2
+    torch.testing.assert_close(freq[fast], theta[fast])
+    torch.testing.assert_close(freq[slow], theta[slow] / s)
+    assert ((0 < ramp[~fast & ~slow]) & (ramp[~fast & ~slow] < 1)).all() and (ramp.diff() >= -1e-6).all()
+    cis = official_freqs(ext.args)
+    torch.testing.assert_close(ext.rope_cos, cis.real)
+    torch.testing.assert_close(ext.rope_sin, cis.imag)
+
+
+@pytest.mark.parametrize("how", ["resume", "new run"])
+def test_a_run_from_a_checkpoint_keeps_its_shapes_and_folder(rope_base, tmp_path, capsys, how):
+    """A key that would change the weights' shapes is refused in one line naming it, before any work; a new run
+    needs an out_dir of its own (the base's would be overwritten)."""
+    before = {f: f.read_bytes() for f in rope_base.iterdir()}
+    init = ["--init_from=resume", f"--out_dir={rope_base}"] if how == "resume" else [f"--init_from={rope_base}"]
+    cases = [([*init, "--dim=48", "--n_layers=3", "--block_size=64", "--rope_factor=2.0"], "dim 32 -> 48, n_layers 2 -> 3 "
+              "would change the shapes of")] + [([*init], "needs an out_dir of its own")] * (how == "new run")
+    for argv, message in cases:
+        assert train.cli(argv + ["--device=cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert {f: f.read_bytes() for f in rope_base.iterdir()} == before
+
+
 # ----------------------------------------------------------------------------- sampling
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -1882,6 +1986,24 @@ def test_sample_speculative_greedy_text_equals_plain(char_ckpt, capsys):
         texts.append(out.split("---------------")[0])
         assert ("acceptance" in out) == (spec == "True")
     assert texts[0] == texts[1] and texts[0].startswith("ROMEO:") and len(texts[0]) == 6 + 40 + 1
+
+
+def test_extended_checkpoint_samples_past_the_old_context(rope_base, tmp_path, text_file, data_dir, capsys):
+    """The phase itself (train.py from rope_base at 128 with YaRN, 2 steps) writes a checkpoint of context 128 into
+    its own folder; sample.py decodes from it to 100 tokens past the base's 32 without sliding, the speculative
+    greedy text equal to the plain one."""
+    before = (rope_base / "ckpt.pt").read_bytes()
+    log = run(tmp_path, text_file, data_dir, f"--init_from={rope_base}", "--block_size=128", "--original_seq_len=32",
+              "--rope_factor=4.0", out="ext", max_iters=2, eval_interval=2, eval_iters=1, qk_rope_head_dim=32)
+    assert [e["step"] for e in entries(log, "train")] == [1, 2] and (rope_base / "ckpt.pt").read_bytes() == before
+    capsys.readouterr()
+    texts = []
+    for spec in ("True", "False"):
+        rc, out, err = run_sample(capsys, f"--out_dir={tmp_path / 'ext'}", "--start=ROMEO:", "--temperature=0",
+                                  "--num_samples=1", "--max_new_tokens=100", f"--speculative={spec}")
+        assert rc == 0 and "slides" not in err
+        texts.append(out.split("\n---------------")[0])
+    assert texts[0] == texts[1] and len(texts[0]) == 6 + 100
 
 
 def test_sample_prompt_file_and_cropping(char_ckpt, capsys, tmp_path):
@@ -2088,6 +2210,18 @@ def test_bench_expert_parallel_volume(capsys):
         assert all(s <= min(r["M"], 3) and s <= c <= 4 for s, c in zip(r["sends"], r["copies"]))
     assert max(rows[-1]["sends"]) < min(rows[0]["sends"])
     assert "| 1 | " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_context_smoke(tmp_path, text_file, data_dir, capsys):
+    bench.main(["--parts=context", "--iters=8", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}",
+                f"--text={text_file}"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| (")]
+    assert [r[0][2:5] for r in rows] == ["(a)", "(b)", "(c)", "(d)"] and all(len(r) == 6 for r in rows)
+    assert "| yarn | 1 |" in out and "| rope | 1 |" in out
+    assert re.search(r"context_yarn_seed0 \| 7\+249 \|.*\| yes \|", out)     # decoding to 256: all modes agree
+    assert (tmp_path / "context_extension.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
 def test_bench_decode_reports_first_difference():

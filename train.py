@@ -1,10 +1,11 @@
 """Train the DeepSeek-V3 of deepseek.py (MLA, DeepSeekMoE with aux-loss-free balancing, MTP), nanoGPT style.
 
-    python train.py                                     # Tiny Shakespeare: GPT-2 BPE on a GPU, characters on a CPU
+    python train.py                                     # Tiny Shakespeare's characters, nanoGPT's budget (GPU or CPU)
     python train.py config/shakespeare_char.py          # a preset ...
     python train.py config/shakespeare_char_cpu.py --device=cpu --max_iters=500   # ... then overrides
     python train.py --text=my_book.txt --tokenizer=char # your own text (a .txt file or a folder of them)
     python train.py --init_from=resume --out_dir=out    # continue the run saved in out/ckpt.pt
+    python train.py config/shakespeare_char_cpu_256.py  # a new run from its weights: context 64 -> 256 with YaRN
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
     torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: expert_parallel.py
 
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import UserError, batch_seed, get_batch, load_split, one_line, prepare_data, tokenizer_meta, write_atomic
+from data import UserError, batch_seed, get_batch, load_data, one_line, tokenizer_meta, write_atomic
 import fp8
 import kernels
 from deepseek import ModelArgs, Transformer
@@ -43,7 +44,7 @@ DEFAULTS = dict(
     # I/O: evaluate (and checkpoint) every eval_interval steps and at the end, on eval_iters batches per split
     out_dir="out", eval_interval=250, eval_iters=100, log_interval=10, eval_only=False,
     always_save_checkpoint=True,  # False: save only when val loss improves
-    init_from="scratch",          # "scratch" | "resume" (from out_dir/ckpt.pt)
+    init_from="scratch",          # "scratch" | "resume" (out_dir/ckpt.pt) | a folder: a new run from its ckpt.pt's weights
     # data: Tiny Shakespeare or your text (a .txt file or a folder of them), tokenised once into data_dir/NAME/TOKENIZER/
     text="", dataset="", data_dir="data",  # NAME: dataset, else "shakespeare" or the text file's name
     tokenizer="bpe", encoding="r50k_base",  # "bpe" (tiktoken's encoding; r50k_base is GPT-2's) | "char"
@@ -67,6 +68,10 @@ MODEL_KEYS = [f.name for f in fields(ModelArgs) if f.name not in ("vocab_size", 
 DEFAULTS.update({f.name: f.default for f in fields(ModelArgs) if f.name in MODEL_KEYS and f.name not in DEFAULTS})
 PRESETS = dict(cuda="shakespeare_char", cpu="shakespeare_char_cpu")   # no preset: by device (MPS: the CPU one)
 CKPT_KEYS = ("model", "model_args", "meta", "optimizer", "iter_num", "config")
+# the ModelArgs keys that set the weights' shapes: a run from a checkpoint keeps them
+SHAPE_KEYS = ("dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads", "n_routed_experts",
+              "n_shared_experts", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+              "n_mtp", "attn")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -122,8 +127,7 @@ def check_config(c):
                            log_interval=1, max_iters=0).items():
         if getattr(c, key) < least:
             raise UserError(f"{key} must be at least {least}, not {getattr(c, key)}")
-    for key, allowed in dict(init_from=("scratch", "resume"), tokenizer=("bpe", "char"),
-                             dtype=("auto", "float32", "bfloat16", "float16")).items():
+    for key, allowed in dict(tokenizer=("bpe", "char"), dtype=("auto", "float32", "bfloat16", "float16")).items():
         if getattr(c, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
     if blocked := next((p for p in (Path(c.out_dir), *Path(c.out_dir).parents) if p.exists() and not p.is_dir()), None):
@@ -155,14 +159,18 @@ def pick_device(spec):
 
 
 def configure(argv, world=None, log=print):
-    """(config, checkpoint to resume or None, device); world: torchrun's world size, None without. On resume the
-    checkpoint's config is the base and only keys given again change; with no preset, PRESETS' first."""
+    """(config, checkpoint to start from or None, device); world: torchrun's world size, None without. From a
+    checkpoint its config is the base and only keys given again change; with no preset, PRESETS' first."""
     cfg, explicit, presets = parse_config(argv)
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        ckpt = read_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
+    ckpt, path = None, init_path(cfg)
+    if path:
+        ckpt = read_checkpoint(path)
         saved = {k: v for k, v in ckpt["config"].items() if k in DEFAULTS and k != "expert_parallel"}   # chosen afresh
-        cfg = {**cfg, **saved, **{k: cfg[k] for k in explicit}, "init_from": "resume"}
+        cfg = {**cfg, **saved, **{k: cfg[k] for k in explicit}}
+        if changed := [f"{k} {ckpt['model_args'][k]} -> {cfg[k]}" for k in SHAPE_KEYS if cfg[k] != ckpt["model_args"][k]]:
+            raise UserError(f"{', '.join(changed)} would change the shapes of {path}'s weights: a run from them keeps them")
+        if cfg["init_from"] != "resume" and "out_dir" not in explicit:     # not the base's: it would be overwritten
+            raise UserError(f"a new run from {path} needs an out_dir of its own (--out_dir=...)")
     device = pick_device(cfg["device"])
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:     # torchrun: one GPU per process
         device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}")
@@ -258,6 +266,12 @@ def read_checkpoint(path):
     return ckpt
 
 
+def init_path(cfg):
+    """The checkpoint a run starts from: out_dir's on resume, the init_from folder's, None from scratch."""
+    return None if cfg["init_from"] == "scratch" else Path(
+        cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]) / "ckpt.pt"
+
+
 def load_state(model, state, path):
     try:
         model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
@@ -265,12 +279,13 @@ def load_state(model, state, path):
         raise UserError(f"{path}: weights do not fit the model ({one_line(e)})") from None
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", **args):
     """(model in eval mode on device, checkpoint): read into CPU memory, only the weights go to device (an FP8
-    run's fp32 masters run as they are). One-line UserError for a missing, corrupt or foreign file."""
+    run's fp32 masters run as they are); args: ModelArgs fields changed (max_seq_len, YaRN's: the weights stay,
+    the RoPE tables and softmax scale follow). One-line UserError for a missing, corrupt or foreign file."""
     ckpt = read_checkpoint(path)
     try:
-        model = Transformer(ModelArgs(**ckpt["model_args"]))
+        model = Transformer(ModelArgs(**{**ckpt["model_args"], **args}))
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: bad model_args ({one_line(e)})") from None
     load_state(model, ckpt["model"], path)
@@ -278,28 +293,6 @@ def load_checkpoint(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------- training
-
-def load_data(c, ckpt, rank, log):
-    """(train, val, meta), checked against the config and the checkpoint; rank 0 tokenises first."""
-    if rank == 0:
-        folder, meta = prepare_data(c.data_dir, c.dataset, c.text, c.tokenizer, c.encoding, log)
-    if dist.is_initialized():
-        dist.barrier()
-    if rank != 0:
-        folder, meta = prepare_data(c.data_dir, c.dataset, c.text, c.tokenizer, c.encoding, log)
-    if ckpt is not None and tokenizer_meta(meta) != ckpt["meta"]:
-        raise UserError(f"the data's tokenizer ({meta['tokenizer']}, {meta['vocab_size']} tokens) differs "
-                        f"from the checkpoint's ({ckpt['meta']['tokenizer']}, {ckpt['meta']['vocab_size']} tokens)")
-    train, val = load_split(folder, "train", meta), load_split(folder, "val", meta)
-    for split, data in (("train", train), ("val", val)):
-        if len(data) < c.block_size + 1:
-            raise UserError(f"the {split} split of {folder} has {len(data)} tokens, fewer than block_size + 1 = "
-                            f"{c.block_size + 1}: lower block_size or use more text")
-    if c.batch_size * c.block_size > len(train):
-        raise UserError(f"a batch (batch_size * block_size = {c.batch_size * c.block_size} tokens) is larger than the "
-                        f"train split ({len(train)} tokens): lower batch_size or block_size, or use more text")
-    return train, val, meta
-
 
 def init_model(c, meta, ckpt, device, rank, world, log):
     """(model, expert slices {name: parameter} or {}, optimizer, grad scaler, step, best val loss): fresh or from ckpt."""
@@ -313,17 +306,19 @@ def init_model(c, meta, ckpt, device, rank, world, log):
     scaler = torch.amp.GradScaler(device_type, enabled=c.dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
-        path = Path(c.out_dir) / "ckpt.pt"
+        path = init_path(vars(c))
         map_experts(optimizer, sharded, ckpt["model"], ckpt["optimizer"], lambda t: t.chunk(world)[rank].clone())
         load_state(model, ckpt["model"], path)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{path}: optimizer state does not fit the model ({one_line(e)})") from None
-        if ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        log(f"resuming from {path} at step {iter_num} (best val loss {best_val_loss:.4f})")
+        if c.init_from == "resume":    # else a new run (a phase: context extension) from the weights alone, step 0
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise UserError(f"{path}: optimizer state does not fit the model ({one_line(e)})") from None
+            if ckpt.get("scaler") and scaler.is_enabled():
+                scaler.load_state_dict(ckpt["scaler"])
+            iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        log(f"resuming from {path} at step {iter_num} (best val loss {best_val_loss:.4f})" if c.init_from == "resume" else
+            f"from {path}'s weights, a fresh optimizer: context {c.block_size}, YaRN {c.block_size > c.original_seq_len}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # CUDA fp32 matmuls: TF32
     n, active, mtp = model.num_params(), model.num_params(active=True), model.num_params(mtp=True)
     log(f"model: {n / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token (+{(mtp - n) / 1e6:.2f}M MTP); "
