@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import bench_decode
 from bench import pyplot, spread, train_run
-from data import load_split, prepare_data, tokenizer_from_meta
+from data import load_split, prepare_data
 from train import load_checkpoint, parse_config, read_checkpoint
 
 BASE, PHASE = "shakespeare_char_cpu", "shakespeare_char_cpu_256"     # presets: pretraining at 64, the phase at 256
@@ -85,7 +85,7 @@ def run(args):
 
     out = phases["yarn"][0]["out"]                   # decoding past L, up to L2, without sliding
     model, ckpt = load_checkpoint(out / "ckpt.pt")
-    idx = torch.tensor([tokenizer_from_meta(ckpt["meta"])[0]("ROMEO:\n")])
+    idx = torch.from_numpy(val[:7].astype(np.int64))[None]          # a prompt: the val split's first 7 tokens
     print(f"\ndecoding (c) up to its context of {model.args.max_seq_len}, greedy, best of {args.timing_repeats}:")
     bench_decode.header()
     bench_decode.row(str(out), model, idx, model.args.max_seq_len - idx.size(1), args.timing_repeats)
