@@ -58,7 +58,7 @@ def fp8_gpu_speed(args):
         return
     import kernels
     runs = [("bf16", []), ("bf16, compiled", ["--compile=True"]), ("fp8", ["--fp8=True"])]
-    if torch.cuda.get_device_capability() >= (8, 9):
+    if torch.cuda.get_device_capability() >= fp8.FP8_CC:
         runs.append(("fp8, compiled", ["--fp8=True", "--compile=True"]))
     speed = {name: gpu_speed(args, name.replace(", ", "-"), ["--dtype=bfloat16", *extra])["tokens_per_s"]
              for name, extra in runs}

@@ -22,6 +22,7 @@ from data import UserError
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 TILE = 128              # tile width along the inner dimension, and N_C (the promotion interval)
+FP8_CC = (8, 9)         # CUDA compute capability from which GPUs have FP8 tensor cores and Triton stores E4M3
 
 
 def quantize(x, rows=1):
@@ -118,7 +119,7 @@ def candidates(device_type, capability):
     (CUDA compute capability 8.9 on). "blockwise": one torch.nn.functional.scaled_mm per GEMM with the 1x128 /
     128x128 scales (PyTorch runs it on 9.x with cuBLAS 12.9+); "rowwise": torch._scaled_mm per 128-wide chunk
     (fp32 output on 9.x with cuBLAS 12.9+, bf16 output from 8.9). Elsewhere, a CPU included, none: emulated."""
-    if device_type != "cuda" or tuple(capability) < (8, 9):
+    if device_type != "cuda" or tuple(capability) < FP8_CC:
         return ()
     ops = ("blockwise", "rowwise") if hasattr(F, "scaled_mm") else ("rowwise",)      # F.scaled_mm: recent torch only
     return tuple((op, dtype) for op in ops for dtype in (torch.float32, torch.bfloat16))
@@ -138,10 +139,11 @@ def gemm_ops(device):
         x = torch.ones(TILE, TILE, device=device)
         found = {}
         for op, dtype in candidates(device.type, cc):
+            if op in found:
+                continue
             try:
-                if op not in found:
-                    (blockwise_mm if op == "blockwise" else chunked_mm)(*quantize(x), *quantize(x, TILE), TILE, dtype)
-                    found[op] = dtype
+                (blockwise_mm if op == "blockwise" else chunked_mm)(*quantize(x), *quantize(x, TILE), TILE, dtype)
+                found[op] = dtype
             except (RuntimeError, ValueError, NotImplementedError):   # not on this device, cuBLAS or torch
                 pass
         FOUND[device] = tuple(found.items())
@@ -160,7 +162,7 @@ def describe(device):
 def check_compile(c, device):
     """compile=True with fp8=True on CUDA below compute capability 8.9 is a one-line UserError: Inductor fuses the
     cast to E4M3 into a Triton kernel, and Triton stores E4M3 only from 8.9 (it fails at the first step)."""
-    if c.compile and c.fp8 and device.startswith("cuda") and torch.cuda.get_device_capability(device) < (8, 9):
+    if c.compile and c.fp8 and device.startswith("cuda") and torch.cuda.get_device_capability(device) < FP8_CC:
         raise UserError("compile=True with fp8=True needs compute capability 8.9 or newer (Triton cannot store E4M3 "
                         "below it): drop one of the two")
 

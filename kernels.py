@@ -72,6 +72,7 @@ def expert_gemm(device_type, capability, dtype, version):
 
 
 @torch.compiler.assume_constant_result     # torch.compile: a constant, not traced
+@functools.cache                           # once per device and dtype, not per layer and step
 def expert_gemm_here(device, dtype):
     """expert_gemm on this device, and whether the fused op's gradients of experts with no rows need zeroing (on
     compute capability 10.x it reports non-zero ones: pytorch#172439)."""

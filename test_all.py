@@ -381,7 +381,9 @@ def test_fused_expert_gemm_is_guarded_on_b200(monkeypatch):
     """On this torch, by the device's compute capability: the fused path, with the empty-expert guard on 10.x only."""
     for cc, want in [((10, 0), ("grouped_mm", True)), ((9, 0), ("grouped_mm", False)), ((8, 9), ("padded", False))]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+        kernels.expert_gemm_here.cache_clear()                     # a new device, as far as the cache knows
         assert kernels.expert_gemm_here(torch.device("cuda"), torch.bfloat16) == want
+    kernels.expert_gemm_here.cache_clear()
 
 
 def test_moe_forward_host_syncs(monkeypatch):
