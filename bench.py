@@ -10,6 +10,7 @@ one file per part beside this one (bench_*.py); the shared timing and training h
     python bench.py --parts fp8          # FP8 training (report §3.3) beside fp32: loss, step time, saved activations
     python bench.py --parts ep           # expert parallelism: all-to-all volume with and without the node limit
     python bench.py --parts context      # context extension (§4.3): trained at 64, YaRN to 256; val loss by position
+    python bench.py --parts posttrain    # post-training (§5): SFT, then GRPO, on maths; held-out accuracy per stage
     python bench.py --gpu                # everything worth measuring on one CUDA GPU (about 8 minutes)
     python bench.py --quick              # a smoke version of every CPU part
 """
@@ -221,7 +222,7 @@ def bench_gpu(args):
 # part -> a function here, or "module:function" in its own file (imported when the part runs)
 PARTS = {"kernels": "bench_kernels:run", "step": bench_step, "decode": "bench_decode:run",
          "ablation": "bench_ablation:run", "specialization": "bench_specialization:run", "fp8": "bench_systems:bench_fp8",
-         "ep": "bench_systems:bench_ep", "context": "bench_context:run", "gpu": bench_gpu}
+         "ep": "bench_systems:bench_ep", "context": "bench_context:run", "posttrain": "bench_posttrain:run", "gpu": bench_gpu}
 
 
 def run_part(part, args):
@@ -237,19 +238,23 @@ def main(argv=None):
     parser.add_argument("--parts", default="kernels,step,decode,ablation,fp8,ep,context", help=f"comma list of: {', '.join(PARTS)}")
     parser.add_argument("--ckpts", default="out-shakespeare-char-cpu", help="decode: checkpoint folders")
     parser.add_argument("--long_tokens", type=int, default=None, help="decode: tokens after the 512-token prompt (64, quick 16)")
-    parser.add_argument("--repeats", type=int, default=1, help="ablation, specialization, context: seeds per row, phase (mean and spread)")
-    parser.add_argument("--timing_repeats", type=int, default=None, help="decode, context: interleaved timing rounds, best kept (5, quick 1)")
+    parser.add_argument("--repeats", type=int, default=1, help="ablation, specialization, context, posttrain: seeds per row, "
+                        "phase (mean and spread)")
+    parser.add_argument("--timing_repeats", type=int, default=None, help="decode, context, posttrain: interleaved timing rounds, "
+                        "best kept (5, quick 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke version of each part (< 4 minutes on 2 cores)")
     parser.add_argument("--iters", type=int, default=None, help="ablation, specialization, fp8, context: iterations per run "
-                        "(default 2000, quick 200; fp8 quick 50; context: the base's, its phases run iters / 8)")
+                        "(default 2000, quick 200; fp8 quick 50; context, posttrain: the base's, context's phases run iters / 8)")
     parser.add_argument("--timing_iters", type=int, default=None, help="ablation: steps of each row's timing run (50, quick 10)")
     parser.add_argument("--step_repeats", type=int, default=None, help="step: timed steps per model (40, quick 5)")
     parser.add_argument("--gpu", action="store_true", help="run the gpu part alone (the same as --parts gpu)")
     parser.add_argument("--gpu_minutes", type=float, default=4.0, help="gpu: training time budget in minutes")
-    parser.add_argument("--out", default="out-bench", help="ablation, specialization, fp8, context: runs, logs and plots go here")
-    parser.add_argument("--data_dir", default="data", help="ablation, specialization, fp8, context: data cache (as train.py)")
-    parser.add_argument("--text", default="", help="ablation, fp8, context: the text to train on; specialization: its "
-                        "English (default: Tiny Shakespeare)")
+    parser.add_argument("--out", default="out-bench", help="ablation, specialization, fp8, context, posttrain: runs, logs and "
+                        "plots go here")
+    parser.add_argument("--data_dir", default="data", help="ablation, specialization, fp8, context, posttrain: data cache (as "
+                        "train.py)")
+    parser.add_argument("--text", default="", help="ablation, fp8, context: the text to train on; specialization, posttrain: "
+                        "its English (default: Tiny Shakespeare)")
     args = parser.parse_args(argv)
     parts = ["gpu"] if args.gpu else [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]

@@ -9,10 +9,12 @@ and a three-domain corpus (English, code, mathematics) for the report's expert-s
     x, y = get_batch(load_split(folder, "train", meta), batch_size=12, block_size=64, seed=batch_seed(1337, 0))
     encode, decode = tokenizer_from_meta(meta)
 """
+import itertools
 import json
 import os
 import platform
 import random
+import re
 import sysconfig
 import urllib.request
 from pathlib import Path
@@ -60,20 +62,35 @@ def _tiktoken(encoding):
 
 def tokenizer_from_meta(meta):
     """(encode, decode) for a tokenizer meta dict: {"tokenizer": "bpe", "encoding": ...} or
-    {"tokenizer": "char", "chars": ...}. The char encoder raises ValueError naming unknown characters."""
+    {"tokenizer": "char", "chars": ...}, plus "special": a list of strings (a chat template's tokens, chat.py) whose
+    ids follow the base vocabulary, each encoded whole wherever it occurs. The char encoder raises ValueError naming
+    unknown characters."""
     if meta.get("tokenizer") == "bpe":
         enc = _tiktoken(meta["encoding"])
-        return (lambda s: enc.encode(s, allowed_special="all")), enc.decode
-    if meta.get("tokenizer") != "char":
-        raise ValueError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta (expected 'bpe' or 'char')")
-    chars = meta["chars"]
-    stoi = {ch: i for i, ch in enumerate(chars)}
+        encode, decode, n = (lambda s: enc.encode(s, allowed_special="all")), enc.decode, enc.n_vocab
+    elif meta.get("tokenizer") == "char":
+        chars = meta["chars"]
+        stoi = {ch: i for i, ch in enumerate(chars)}
 
-    def encode(s):
-        if unknown := sorted(set(s) - stoi.keys()):
-            raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
-        return [stoi[ch] for ch in s]
-    return encode, lambda ids: "".join(chars[i] for i in ids)
+        def encode(s):
+            if unknown := sorted(set(s) - stoi.keys()):
+                raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
+            return [stoi[ch] for ch in s]
+        decode, n = (lambda ids: "".join(chars[i] for i in ids)), len(chars)
+    else:
+        raise ValueError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta (expected 'bpe' or 'char')")
+    special = meta.get("special", [])
+    if not special:
+        return encode, decode
+    ids, pattern = {s: n + i for i, s in enumerate(special)}, re.compile(f"({'|'.join(map(re.escape, special))})")
+
+    def encode_special(s):           # split gives text, special, text, ..., text
+        return [t for i, part in enumerate(pattern.split(s)) for t in ([ids[part]] if i % 2 else encode(part))]
+
+    def decode_special(tokens):      # runs of base tokens decoded together (a BPE character may span tokens)
+        return "".join("".join(special[t - n] for t in run) if is_special else decode(list(run))
+                       for is_special, run in itertools.groupby(tokens, lambda t: t >= n))
+    return encode_special, decode_special
 
 
 def _source_files(text, shakespeare, log):
@@ -117,21 +134,46 @@ def stdlib_code(size):
     return "\n\n".join(texts)
 
 
-def math_text(size, seed=MATH_SEED):
-    """The corpus's mathematics, in the spirit of DM Mathematics: a question line and its answer line (sums,
-    differences, products, comparisons, remainders, linear equations in one unknown), drawn with a fixed seed."""
-    rng, lines, n = random.Random(seed), [], 0
-    while n < size:
+MATH_KINDS = ("sum", "difference", "product", "bigger", "less", "remainder", "solve")
+
+
+def math_problems(seed=MATH_SEED):
+    """The maths generator, endless, in the spirit of DM Mathematics: (question, answer, worked, kind) of the
+    seven MATH_KINDS (sums, differences, products, comparisons, remainders, linear equations in one unknown). answer
+    is the text the corpus writes; worked reaches it after short steps the generator knows ("45 + -23 = 45 - 23
+    = 22"): the answer always follows the last "= "."""
+    rng = random.Random(seed)
+    while True:
         a, b, m, d = rng.randint(-99, 99), rng.randint(-99, 99), rng.randint(-12, 12), rng.randint(2, 12)
         x, k, v = rng.randint(-10, 10), rng.choice((-1, 1)) * rng.randint(2, 9), rng.choice("abcfgjklmnpqrstuvwxyz")
-        q, answer = rng.choice([
-            (f"What is {a} + {b}?", a + b),
-            (f"Calculate {a} - {b}.", a - b),
-            (f"What is {m} times {b}?", m * b),
-            (f"Which is bigger: {a / 10} or {b / 10}?", max(a, b) / 10),
-            (f"Is {a} less than {b}?", a < b),
-            (f"What is the remainder when {abs(a)} is divided by {d}?", abs(a) % d),
-            (f"Solve {k}*{v} {'-' if b < 0 else '+'} {abs(b)} = {k * x + b} for {v}.", x)])
+        kind = rng.choice(MATH_KINDS)
+        if kind == "sum":
+            q, answer, steps = f"What is {a} + {b}?", a + b, [f"{a} + {b}"] + [f"{a} - {-b}"] * (b < 0)
+        elif kind == "difference":
+            q, answer, steps = f"Calculate {a} - {b}.", a - b, [f"{a} - {b}"] + [f"{a} + {-b}"] * (b < 0)
+        elif kind == "product":          # the sign first, then the product of the sizes
+            q, answer, steps = f"What is {m} times {b}?", m * b, [f"{m}*{b}"]
+            if m * b and min(m, b) < 0:
+                steps.append(f"{-m}*{-b}" if m < 0 and b < 0 else f"-({abs(m)}*{abs(b)})")
+        elif kind == "bigger":
+            q, answer, steps = f"Which is bigger: {a / 10} or {b / 10}?", max(a, b) / 10, [f"max({a / 10}, {b / 10})"]
+        elif kind == "less":
+            q, answer, steps = f"Is {a} less than {b}?", a < b, [f"{a} < {b}"]
+        elif kind == "remainder":
+            q, answer, steps = f"What is the remainder when {abs(a)} is divided by {d}?", abs(a) % d, [f"{abs(a)} - {abs(a) // d}*{d}"]
+        else:                            # k*v + b = c: k*v = c - b, then v
+            c, op = k * x + b, "+" if b < 0 else "-"
+            q, answer = f"Solve {k}*{v} {'-' if b < 0 else '+'} {abs(b)} = {c} for {v}.", x
+            steps = [f"{k}*{v} = {c} {op} {abs(b)} = {c - b}, {v}"]
+        yield q, str(answer), " = ".join(steps + [str(answer)]), kind
+
+
+def math_text(size, seed=MATH_SEED):
+    """The corpus's mathematics: a question line and its answer line from math_problems, until `size` characters."""
+    lines, n = [], 0
+    for q, answer, _, _ in math_problems(seed):
+        if n >= size:
+            break
         lines.append(f"{q}\n{answer}\n")
         n += len(lines[-1])
     return "".join(lines)

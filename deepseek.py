@@ -472,20 +472,20 @@ class Transformer(nn.Module):
             if p.dim() >= 2:
                 nn.init.normal_(p, std=0.02)
 
-    def positions(self, start_pos, S):
-        """A layer's position arguments for a chunk of S tokens at start_pos (None: training from 0): RoPE's
-        cos and sin, start_pos itself, and the causal mask of a chunk decoded from the cache."""
+    def positions(self, start_pos, S, mask=None):
+        """A layer's position arguments for a chunk of S tokens at start_pos (None: training from 0): RoPE's cos
+        and sin, start_pos itself, and the causal mask of a chunk decoded from the cache, unless given a mask."""
         p = start_pos or 0
         return dict(cos=self.rope_cos[p:p + S], sin=self.rope_sin[p:p + S], start_pos=start_pos,
-                    mask=causal_mask(start_pos, S, self.rope_cos.device))
+                    mask=causal_mask(start_pos, S, self.rope_cos.device) if mask is None else mask)
 
-    def hidden(self, idx, start_pos=None):
-        """Final hidden states h (B, S, dim) before the last norm, and the layers' summed balance loss. start_pos
-        None: a whole sequence from position 0 without cache; an int: cached decoding of a chunk starting there."""
+    def hidden(self, idx, start_pos=None, mask=None):
+        """Final hidden states h (B, S, dim) before the last norm, and the layers' summed balance loss. start_pos None: a
+        whole sequence from 0, no cache; an int: cached decoding of a chunk there (mask: in place of its causal mask)."""
         S = idx.size(1)
         if (start_pos or 0) + S > self.args.max_seq_len:
             raise ValueError(f"positions up to {(start_pos or 0) + S} exceed max_seq_len={self.args.max_seq_len}")
-        h, balance, pos = self.embed(idx), 0.0, self.positions(start_pos, S)
+        h, balance, pos = self.embed(idx), 0.0, self.positions(start_pos, S, mask)
         for layer in self.layers:
             h, b = layer(h, **pos)
             balance = balance + b

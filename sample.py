@@ -5,6 +5,8 @@ an MTP module, lossless MTP speculative decoding (report §5.4.3).
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt --temperature=0 --speculative=False --attn_impl=naive
     python sample.py --out_dir=out-domains-cpu --show_experts=1    # each token marked by its expert in layer 1
+    python sample.py --out_dir=out-grpo-cpu --chat="What is 12 times 7?"   # a chat checkpoint's answer (greedy)
+    python sample.py --out_dir=out-grpo-cpu --chat=FILE:questions.txt     # one answer per line of the file, batched
 """
 import argparse
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import chat
 import kernels
 from data import UserError, tokenizer_from_meta
 from deepseek import MoE, probs, sample
@@ -38,7 +41,7 @@ def parse(argv):
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy; default 0.8, with --chat 0")
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -47,7 +50,12 @@ def parse(argv):
                    help="MLA decode cache: latent + RoPE key (absorb) or full per-head K/V (naive)")
     p.add_argument("--show_experts", type=int, default=None, metavar="LAYER",
                    help="mark each token with its top routed expert in MoE layer LAYER (an index into model.layers)")
+    p.add_argument("--chat", default=None, metavar="QUESTION", help="a chat checkpoint (sft.py, grpo.py) answers QUESTION "
+                   "through its template, or each line of a file (FILE:path): only the answers are printed, one a line")
     a = p.parse_args(argv)
+    a.temperature = (0.0 if a.chat is not None else 0.8) if a.temperature is None else a.temperature
+    if a.chat is not None and (a.speculative or a.show_experts is not None):
+        raise UserError("--chat answers in one batch from the latent cache: without --speculative or --show_experts")
     if a.num_samples < 1 or a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 1:
         raise UserError("num_samples, max_new_tokens and top_k must be >= 1, temperature >= 0")
     return a
@@ -68,6 +76,28 @@ def read_prompt(start):
     if not path.is_file():
         raise UserError(f"prompt file {path} not found")
     return path.read_text(encoding="utf-8")
+
+
+def answer(model, template, text, a, batch_size=256):
+    """--chat: each question of text (a line of a FILE:, or the text itself) through the chat template, answered in
+    batches (chat.generate) up to the end token or max_new_tokens; one printed line per answer (a newline in one as \\n)."""
+    questions = read_prompt(text).splitlines() if text.startswith("FILE:") else [text]
+    prompts = []
+    for i, q in enumerate(questions):
+        try:
+            prompts.append(template.prompt(q))
+        except ValueError as e:                   # characters the char tokenizer does not know, a chat token
+            raise UserError(f"question{f' on line {i + 1}' if text.startswith('FILE:') else ''}: {e}") from None
+    if not prompts:
+        raise UserError("no questions: the file is empty")
+    limit = min(a.max_new_tokens, model.args.max_seq_len - max(map(len, prompts)))
+    if limit < 1:
+        raise UserError(f"a question of {max(map(len, prompts))} tokens leaves no room in the context of "
+                        f"{model.args.max_seq_len}")
+    torch.manual_seed(a.seed)
+    for at in range(0, len(prompts), batch_size):
+        for tokens, _ in chat.generate(model, prompts[at:at + batch_size], limit, template.eos, 1, a.temperature, a.top_k):
+            print(template.decode(tokens).replace("\n", "\\n"))
 
 
 # ----------------------------------------------------------------------------- MTP speculative decoding
@@ -192,6 +222,8 @@ def main(argv=None):
     device = pick_device(a.device)
     model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device)
     model.set_attn_impl(a.attn_impl)
+    if a.chat is not None:
+        return answer(model, chat.Template(ckpt["meta"], Path(a.out_dir) / "ckpt.pt"), a.chat, a)
     moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
     if a.show_experts is not None and not moe:
         raise UserError("--show_experts: the checkpoint's model is dense (n_routed_experts=0): no routed experts")
@@ -252,12 +284,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return chat.cli(main, argv)
 
 
 if __name__ == "__main__":

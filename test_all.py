@@ -1,9 +1,11 @@
 """The test suite: `python -m pytest -q` (conftest.py sets the environment up and holds the shared
 fixtures). Grouped as deepseek.py reads: config, norm and RoPE, MLA, gate, experts and MoE, balancing,
 MTP, model, generation; then the systems features (FP8, kernels, expert parallelism), training,
-sampling, the benchmarks."""
+sampling, post-training, the benchmarks."""
 import copy
 import functools
+import hashlib
+import itertools
 import importlib.util
 import json
 import math
@@ -20,12 +22,15 @@ import torch.nn.functional as F
 from torch.nn.functional import ScalingType
 
 import bench
+import chat
 import data
 import deepseek as ds
 import expert_parallel
 import fp8
+import grpo
 import kernels
 import sample
+import sft
 import train
 from conftest import D, HAS_BPE, REPO, TINY, V, fit, model, preset, run, tiny
 
@@ -2097,6 +2102,330 @@ def test_sample_bad_checkpoint(tmp_path, capsys):
         assert rc == 2 and message in err and err.count("\n") == 1
 
 
+# ----------------------------------------------------------------------------- post-training (report §5)
+
+# what the maths corpus and the worked answers write
+MATH_CHARS = "".join(sorted(set("\n".join(map("\n".join, itertools.islice(data.math_problems(2), 5000))))))
+
+
+def test_math_corpus_unchanged_by_the_generator_refactor():
+    """The domains corpus's maths for MATH_SEED, at the default corpus size, is the text math_text wrote before
+    math_problems existed (its SHA-256 then), so cached data and published results stay valid."""
+    text = data.math_text(1115394)
+    assert len(text) == 1115417
+    assert hashlib.sha256(text.encode()).hexdigest() == "09d3c10d429b8655327edeaf1454736be2f5d3e1c0338058ec823d33182569fd"
+
+
+def test_worked_steps_are_true_and_end_in_the_answer():
+    """Every step of a worked answer is an equation that holds (the unknown of an equation replaced by its solution),
+    and the answer after the last "= " is the corpus's answer."""
+    kinds = set()
+    for q, answer, worked, kind in itertools.islice(data.math_problems(3), 3000):
+        assert chat.final_answer(worked) == answer and worked.count("= ") >= 1
+        unknown = re.search(r"for (\w)\.$", q)
+        env = {unknown.group(1): int(answer)} if unknown else {}
+        for chain in re.split(r", (?=\w = )", worked):               # an equation's: "k*v = c - b = kx, v = x"
+            sides = [eval(side, {"max": max}, env) for side in chain.split(" = ")]
+            assert all(v == sides[0] for v in sides), (q, worked)
+        kinds.add(kind)
+    assert kinds == set(data.MATH_KINDS)
+
+
+def chat_meta():
+    return dict(tokenizer="char", chars=MATH_CHARS, vocab_size=len(MATH_CHARS) + 4, special=list(chat.SPECIAL))
+
+
+def test_every_conversation_fits_the_pretrained_context():
+    """The longest conversation (the remainder kind with worked steps) fills 64 positions: the pretrained context."""
+    template = chat.Template(chat_meta())
+    lengths = [len(template.example(q, worked)[0]) for q, _, worked, _ in itertools.islice(data.math_problems(0), 20000)]
+    assert max(lengths) == 65        # its last token is only a target
+
+
+def test_held_out_questions_are_disjoint_from_training_pairs():
+    held = chat.held_out_problems(420)
+    assert [p[3] for p in held] == [k for k in data.MATH_KINDS for _ in range(60)] and len({p[0] for p in held}) == 420
+    assert chat.HELD_OUT_SEED != data.MATH_SEED
+    seeds = [data.batch_seed(s, stream) for s in (1337, 1338) for stream in (5, 8)]        # sft.py's and grpo.py's
+    pairs = {p[0] for seed in seeds for p in itertools.islice(chat.training_problems(seed), 20000)}
+    assert not pairs & {p[0] for p in held}
+    assert len(chat.held_out_problems(10)) == 10 and chat.held_out_problems(10) == chat.held_out_problems(10)
+
+
+def test_answer_checker_on_malformed_replies():
+    right = chat.is_correct
+    assert right("22", True, "22") and right("45 + -23 = 45 - 23 = 22", True, "22")
+    assert right("45 + -23 = 99 = 22", True, "22")             # the final answer decides, not the steps
+    assert not right("22", False, "22")                        # no end token within the length limit
+    for reply in ("22 apples", " 22", "22 ", "22\n", "the answer is 22", "22 = 23", "=22"):
+        assert not right(reply, True, "22"), reply
+    assert not right("-0", True, "0") and not right("3.0", True, "3") and not right("3", True, "3.0")
+    assert right("True", True, "True") and not right("true", True, "True")
+
+
+@pytest.fixture(scope="module")
+def math_base(tmp_path_factory):
+    """A pretrained checkpoint as train.py writes it: a tiny model trained a little on the maths corpus's characters."""
+    encode, _ = data.tokenizer_from_meta(dict(tokenizer="char", chars=MATH_CHARS))
+    tokens = torch.tensor(encode(data.math_text(20000)))
+    torch.manual_seed(0)
+    m = ds.Transformer(tiny(vocab_size=len(MATH_CHARS), max_seq_len=64, n_layers=2)).train()
+
+    def batch(step):
+        starts = torch.randint(0, len(tokens) - 33, (16,))
+        seq = torch.stack([tokens[s:s + 33] for s in starts])
+        return seq[:, :-1], seq[:, 1:]
+    fit(m, batch, 150, lr=1e-2)
+    out = tmp_path_factory.mktemp("math_base")
+    train.save_checkpoint(dict(model=m.state_dict(), model_args=vars(m.args).copy(), optimizer={}, iter_num=150,
+                               meta=dict(tokenizer="char", chars=MATH_CHARS, vocab_size=len(MATH_CHARS)),
+                               best_val_loss=0.0, config=dict(block_size=64)), out / "ckpt.pt")
+    return out
+
+
+def test_chat_tokens_join_the_vocabulary_and_keep_the_old_rows(math_base):
+    ckpt = train.read_checkpoint(math_base / "ckpt.pt")
+    model, meta = chat.chat_model(ckpt, math_base, max_seq_len=128)
+    n = len(MATH_CHARS)
+    state = model.state_dict()
+    for name in ("embed.weight", "head.weight"):
+        assert state[name].shape[0] == n + 4 and torch.equal(state[name][:n], ckpt["model"][name])
+        assert not torch.equal(state[name][n], state[name][n + 1])
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in state.items() if k not in ("embed.weight", "head.weight"))
+    base, _ = train.load_checkpoint(math_base / "ckpt.pt")
+    x = torch.randint(0, n, (2, 20))
+    assert torch.allclose(model.eval()(x)[0][..., :n], base(x)[0], atol=1e-6)     # the pretrained model, intact
+    # the tokens: ids after the base vocabulary, each encoded whole; plain text as before
+    assert meta["special"] == list(chat.SPECIAL) and meta["vocab_size"] == n + 4
+    template, (plain, _) = chat.Template(meta), data.tokenizer_from_meta(ckpt["meta"])
+    tokens, assistant = template.example("What is 3 + 4?", "7")
+    assert tokens == [n, n + 1, *plain("What is 3 + 4?"), n + 2, *plain("7"), n + 3]
+    assert assistant == [False] * (len(tokens) - 2) + [True] * 2
+    text = "".join([chat.SPECIAL[0], chat.SPECIAL[1], "What is 3 + 4?", chat.SPECIAL[2], "7", chat.SPECIAL[3]])
+    assert template.decode(tokens) == text and template.encode(text) == tokens
+    # a chat checkpoint loads as it is
+    again, meta2 = chat.chat_model(dict(ckpt, model=state, meta=meta, model_args=vars(model.args).copy()), "x", 128)
+    assert meta2 == meta and all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
+
+
+@pytest.mark.skipif(not HAS_BPE, reason="needs the local tiktoken cache")
+def test_special_tokens_with_bpe():
+    meta = dict(tokenizer="bpe", encoding="r50k_base", vocab_size=50257 + 4, special=list(chat.SPECIAL))
+    encode, decode = data.tokenizer_from_meta(meta)
+    plain, _ = data.tokenizer_from_meta(dict(tokenizer="bpe", encoding="r50k_base"))
+    text = f"{chat.SPECIAL[1]}naïve café{chat.SPECIAL[2]}ok{chat.SPECIAL[3]}"
+    assert encode(text) == [50258, *plain("naïve café"), 50259, *plain("ok"), 50260] and decode(encode(text)) == text
+
+
+def test_sft_loss_sees_only_the_assistants_tokens():
+    template = chat.Template(chat_meta())
+    examples = [template.example("What is 3 + 4?", "7"), template.example("Is 5 less than 70?", "5 < 70 = True")]
+    x, y = sft.sft_batch(examples, template.eos, "cpu")
+    for row, (tokens, assistant) in enumerate(examples):
+        # target t is token t + 1: kept exactly where that token is the assistant's (answer and end token)
+        kept = [t for t in range(x.size(1)) if y[row, t] != -1]
+        assert kept == [t - 1 for t, a in enumerate(assistant) if a]
+        assert y[row, kept].tolist() == [tok for tok, a in zip(tokens, assistant) if a]
+        assert x[row, :len(tokens) - 1].tolist() == tokens[:-1]
+    logits = torch.randn(*x.shape, len(MATH_CHARS) + 4, requires_grad=True)
+    loss = sft.sft_loss(lambda idx: (logits, None), x, y)
+    keep = y != -1
+    assert loss.item() == pytest.approx(F.cross_entropy(logits[keep], y[keep]).item(), rel=1e-6)
+    loss.backward()
+    assert (logits.grad[~keep] == 0).all() and (logits.grad[keep].abs().sum(-1) > 0).all()
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([[1.1, 0.1, 0.1, 0.0], [1.1, 1.1, 1.1, 1.1]])
+    mean, sd = 1.3 / 4, math.sqrt(sum((v - 1.3 / 4) ** 2 for v in (1.1, 0.1, 0.1, 0.0)) / 3)   # sample std
+    a = grpo.group_advantages(r)
+    assert a[0].tolist() == pytest.approx([(v - mean) / sd for v in (1.1, 0.1, 0.1, 0.0)], rel=1e-5)
+    assert a[1].tolist() == [0.0] * 4                             # all equal: no signal, no NaN
+
+
+def test_grpo_objective_by_hand():
+    """Two outputs of one group, 3 and 2 tokens: ratios 1.5, 0.5, 1 (A = 1) and 0.5, 1.5 (A = -1), ε = 0.2: the clip
+    binds on both sides (1.5 -> 1.2 for A > 0, 0.5 -> 0.8 for A < 0) and nowhere else."""
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    logp = torch.tensor([[-1.0, -0.5, -2.0], [-0.3, -1.2, 0.0]])
+    old = logp - torch.tensor([[1.5, 0.5, 1.0], [0.5, 1.5, 1.0]]).log()
+    A = torch.tensor([1.0, -1.0])
+    J, s = grpo.grpo_objective(logp, old, logp, A, mask, clip_eps=0.2, kl_beta=0.5)
+    assert J.item() == pytest.approx(((1.2 + 0.5 + 1.0) / 3 + (-0.8 - 1.5) / 2) / 2, rel=1e-5)
+    assert s["clipped"].item() == pytest.approx(2 / 5) and s["kl"].item() == 0        # π_ref = π_θ: no KL
+    J, s = grpo.grpo_objective(logp, old, None, A, mask, clip_eps=0.0, kl_beta=0.0)   # no clip: ρA itself
+    assert J.item() == pytest.approx(((1.5 + 0.5 + 1.0) / 3 + (-0.5 - 1.5) / 2) / 2, rel=1e-5) and s["clipped"] == 0
+    d = torch.tensor([[0.1, -0.2, 0.0], [0.3, 0.0, 0.7]])                              # log(π_ref / π_θ)
+    kl = lambda v: math.exp(v) - v - 1                                                  # noqa: E731
+    J, s = grpo.grpo_objective(logp, old, logp + d, A, mask, clip_eps=0.2, kl_beta=0.5)
+    want = ((1.2 - 0.5 * kl(0.1) + 0.5 - 0.5 * kl(-0.2) + 1.0) / 3 + (-0.8 - 0.5 * kl(0.3) - 1.5) / 2) / 2
+    assert J.item() == pytest.approx(want, rel=1e-5)
+    assert s["kl"].item() == pytest.approx((kl(0.1) + kl(-0.2) + kl(0.3)) / 5, rel=1e-5) and kl(-0.2) > 0
+
+
+def test_grpo_raises_the_probability_of_rewarded_outputs():
+    """A constructed task: any output whose first token is below 30 earns 1. A few GRPO steps (the KL term and the clip
+    on) raise that probability after each prompt."""
+    m = model(seed=1).train()
+    prompts, stop = [[5, 9, 2, 7], [11, 3]], 0
+    c = types.SimpleNamespace(group_size=8, clip_eps=0.2, kl_beta=0.04, updates_per_batch=2, grad_clip=1.0)
+    reference = copy.deepcopy(m).eval().requires_grad_(False)
+
+    def p_rewarded():
+        with torch.no_grad():
+            return [m.eval()(torch.tensor([p]))[0][0, -1].softmax(-1)[:30].sum().item() for p in prompts]
+    before = p_rewarded()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(8):
+        outputs = chat.generate(m, prompts, 3, stop, group=8, temperature=1.0)
+        r = torch.tensor([float(bool(t) and t[0] < 30) for t, _ in outputs]).view(2, 8)
+        grpo.grpo_update(m.train(), reference, opt, prompts, outputs, r, stop, c)
+    after = p_rewarded()
+    assert all(a > b + 0.2 for a, b in zip(after, before)), (before, after)
+
+
+@pytest.mark.parametrize("attn, impl", [("mla", "absorb"), ("mla", "naive"), ("mha", "absorb")])
+def test_left_padded_prefill_matches_each_prompt_alone(attn, impl):
+    """A left-padded batch, its padding hidden by chat.padded_mask through Transformer.hidden's mask: each row's last
+    logits and then a decoded step equal its prompt's run alone (RoPE is relative: the shift changes no score)."""
+    m = model(attn=attn, max_seq_len=24).eval()
+    m.set_attn_impl(impl)
+    prompts = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 3, 5)]
+    P = 7
+    idx = torch.stack([torch.cat([torch.zeros(P - len(p), dtype=torch.long), p]) for p in prompts])
+    keep = torch.stack([torch.arange(P) >= P - len(p) for p in prompts])
+    with torch.no_grad():
+        batched = m.logits(m.hidden(idx, 0, chat.padded_mask(keep, 0, P))[0][:, -1])
+        nxt = torch.tensor([[4], [8], [15]])
+        keep = torch.cat([keep, torch.ones(3, 1, dtype=torch.bool)], 1)
+        step = m.logits(m.hidden(nxt, P, chat.padded_mask(keep, P, 1))[0][:, -1])
+        for i, p in enumerate(prompts):
+            alone = m.logits(m.hidden(p[None], 0)[0][:, -1])
+            assert torch.allclose(batched[i], alone[0], atol=1e-5)
+            alone = m.logits(m.hidden(nxt[i:i + 1], len(p))[0][:, -1])
+            assert torch.allclose(step[i], alone[0], atol=1e-5)
+
+
+def test_batched_generation_equals_each_prompt_alone(math_base):
+    """Greedy, prompts of different lengths, a group of 3 rows each from one prefill: the tokens and where each row
+    stopped are those of the prompt decoded alone (and of Transformer.generate up to the stop token)."""
+    model_, ckpt = train.load_checkpoint(math_base / "ckpt.pt", max_seq_len=96)
+    encode, _ = data.tokenizer_from_meta(ckpt["meta"])
+    stop = encode("\n")[0]
+    prompts = [encode(f"{q}\n") for q, *_ in itertools.islice(data.math_problems(7), 6)]
+    assert len({len(p) for p in prompts}) > 2
+    batched = chat.generate(model_, prompts, 12, stop, group=3)
+    for i, p in enumerate(prompts):
+        alone = chat.generate(model_, [p], 12, stop)
+        assert batched[3 * i:3 * i + 3] == alone * 3
+        full = model_.generate(torch.tensor([p]), len(alone[0][0]) + 1, temperature=0)[0, len(p):].tolist()
+        assert full[:len(alone[0][0])] == alone[0][0] and (full[-1] == stop) == alone[0][1]
+    lengths = {len(t) for t, s in batched}
+    assert len(lengths) > 1 and any(s for _, s in batched)         # rows left the batch at different steps
+
+
+def test_generation_stops_each_row_at_the_limit_or_its_stop_token():
+    m = model(max_seq_len=32).eval()
+    torch.manual_seed(0)
+    outs = chat.generate(m, [[1, 2, 3], [4, 5]], 6, stop=7, group=4, temperature=1.0)
+    assert len(outs) == 8
+    for tokens, stopped in outs:
+        assert 7 not in tokens and (stopped or len(tokens) == 6) and len(tokens) <= 6
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        chat.generate(m, [[1] * 30], 6, stop=7)
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(math_base, tmp_path_factory):
+    """math_base with the chat tokens, as sft.py would start it (no training)."""
+    ckpt = train.read_checkpoint(math_base / "ckpt.pt")
+    model_, meta = chat.chat_model(ckpt, math_base, max_seq_len=128)
+    out = tmp_path_factory.mktemp("chat_ckpt")
+    train.save_checkpoint(dict(ckpt, model=model_.state_dict(), meta=meta, model_args=vars(model_.args).copy()),
+                          out / "ckpt.pt")
+    return out
+
+
+def test_sample_chat_answers_each_question_on_one_line(chat_ckpt, capsys, tmp_path):
+    questions = ["What is 3 + 4?", "Is 5 less than 7?", "Which is bigger: 0.5 or 0.3?"]
+    (tmp_path / "q.txt").write_text("\n".join(questions) + "\n")
+    rc, out, err = run_sample(capsys, f"--out_dir={chat_ckpt}", f"--chat=FILE:{tmp_path / 'q.txt'}", "--max_new_tokens=12")
+    assert rc == 0 and err == "" and len(out.splitlines()) == 3
+    model_, ckpt = train.load_checkpoint(chat_ckpt / "ckpt.pt")
+    template = chat.Template(ckpt["meta"])
+    for q, line in zip(questions, out.splitlines()):         # each the greedy answer of its question alone
+        tokens, _ = chat.generate(model_, [template.prompt(q)], 12, template.eos)[0]
+        assert line == template.decode(tokens).replace("\n", "\\n")
+        rc, one, _ = run_sample(capsys, f"--out_dir={chat_ckpt}", f"--chat={q}", "--max_new_tokens=12")
+        assert rc == 0 and one == line + "\n"
+
+
+@pytest.mark.parametrize("case", ["plain checkpoint", "unknown characters", "unknown on a line", "chat token",
+                                  "chat with speculative"])
+def test_sample_chat_bad_input(case, chat_ckpt, math_base, capsys, tmp_path):
+    (tmp_path / "q.txt").write_text("What is 3 + 4?\nWhat is 3 × 4?\n")
+    ckpt, question, extra, message = {
+        "plain checkpoint": (math_base, "What is 3 + 4?", [], "has no chat tokens in its vocabulary"),
+        "unknown characters": (chat_ckpt, "What is 3 × 4 ü?", [], "question: characters not in the vocabulary: '×ü'"),
+        "unknown on a line": (chat_ckpt, f"FILE:{tmp_path / 'q.txt'}", [], "question on line 2: characters not in"),
+        "chat token": (chat_ckpt, f"What{chat.SPECIAL[3]}", [], "holds the chat token"),
+        "chat with speculative": (chat_ckpt, "What is 3 + 4?", ["--speculative=True"], "without --speculative"),
+    }[case]
+    rc, out, err = run_sample(capsys, f"--out_dir={ckpt}", f"--chat={question}", *extra)
+    assert rc == 2 and out == "" and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def stage(module, tmp_path, *argv):
+    """sft.py or grpo.py's cli in this process, tiny settings; -> (exit code, log entries or None)."""
+    out = tmp_path / module.__name__
+    rc = chat.cli(module.main, [f"--out_dir={out}", "--device=cpu", "--eval_questions=14", *argv])
+    log = out / "log.jsonl"
+    return rc, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else None
+
+
+@pytest.mark.parametrize("case", ["sft from no checkpoint", "grpo from no checkpoint", "grpo from a pretrained one",
+                                  "sft into its own folder", "bad key", "group of one"])
+def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, capsys):
+    module, argv, message = {
+        "sft from no checkpoint": (sft, [f"--init_from={tmp_path}"], "no checkpoint at"),
+        "grpo from no checkpoint": (grpo, [f"--init_from={tmp_path}"], "no checkpoint at"),
+        "grpo from a pretrained one": (grpo, [f"--init_from={math_base}"], "has no chat tokens in its vocabulary"),
+        "sft into its own folder": (sft, [f"--init_from={math_base}", f"--out_dir={math_base}"], "is init_from's folder"),
+        "bad key": (sft, [f"--init_from={math_base}", "--pair=3"], "unknown config key 'pair' (did you mean pairs?)"),
+        "group of one": (grpo, [f"--init_from={math_base}", "--group_size=1"], "group_size must be at least 2"),
+    }[case]
+    rc, log = stage(module, tmp_path, *argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1 and log is None, err
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_then_chat(math_base, tmp_path, capsys):
+    """The stages end to end on the tiny model: sft.py from a pretrained checkpoint (the chat tokens added), grpo.py from
+    its output, sample.py --chat from GRPO's; each logs and evaluates as it goes, and the SFT loss falls."""
+    rc, log = stage(sft, tmp_path, f"--init_from={math_base}", "--pairs=240", "--epochs=2", "--batch_size=16",
+                    "--eval_interval=15", "--log_interval=5", "--learning_rate=3e-3", "--worked=True")
+    assert rc == 0 and [e["step"] for e in log if e["kind"] == "eval"] == [0, 15, 30]
+    losses = [e["loss"] for e in log if e["kind"] == "train"]
+    assert len(losses) == 6 and losses[-1] < losses[0] and 0 < log[-1]["train_s"] <= log[-1]["wall_s"]
+    assert all(e["accuracy"]["all"][1] == 14 for e in log if e["kind"] == "eval")
+    ckpt = train.read_checkpoint(tmp_path / "sft" / "ckpt.pt")
+    assert ckpt["stage"] == "sft" and ckpt["meta"]["special"] == list(chat.SPECIAL) and ckpt["iter_num"] == 30
+    rc, log = stage(grpo, tmp_path, f"--init_from={tmp_path / 'sft'}", "--max_iters=3", "--questions=2",
+                    "--group_size=4", "--eval_interval=3", "--log_interval=1", "--max_new_tokens=12")
+    assert rc == 0
+    steps = [e for e in log if e["kind"] == "train"]
+    assert [e["step"] for e in steps] == [1, 2, 3] and [e["step"] for e in log if e["kind"] == "eval"] == [0, 3]
+    for e in steps:
+        assert 0 <= e["reward"] <= 1.1 and e["kl"] >= 0 and 0 <= e["clipped"] <= 1 and 1 <= e["length"] <= 13
+        assert 0 <= e["no_signal"] <= 1 and e["rollout_tokens_per_s"] > 0
+    assert steps[0]["kl"] > 0 or steps[0]["clipped"] >= 0
+    capsys.readouterr()
+    rc, out, _ = run_sample(capsys, f"--out_dir={tmp_path / 'grpo'}", "--chat=What is 3 + 4?")
+    assert rc == 0 and len(out.splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------- bench
 
 @pytest.mark.slow
@@ -2224,6 +2553,24 @@ def test_bench_context_smoke(tmp_path, text_file, data_dir, capsys):
     assert "| yarn | 1 |" in out and "| rope | 1 |" in out
     assert re.search(r"context_yarn_seed0 \| 7\+249 \|.*\| yes \|", out)     # decoding to 256: all modes agree
     assert (tmp_path / "context_extension.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+@pytest.mark.slow
+def test_bench_posttrain_smoke(tmp_path, text_file, capsys):
+    english = tmp_path / "english.txt"
+    english.write_text(text_file.read_text()[:30000])
+    result = bench.main(["--parts=posttrain", "--iters=4", "--quick", f"--out={tmp_path}", f"--data_dir={tmp_path / 'data'}",
+                         f"--text={english}"])["posttrain"]
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip("| ").split("|")] for line in out.splitlines() if line.startswith("| (")]
+    accuracy, stages = rows[:6], rows[6:11]
+    assert [r[0][:4] for r in accuracy] == ["(a) ", "(b) ", "(c) ", "(d) ", "(e) ", "(b2)"] and all(len(r) == 10 for r in accuracy)
+    for r, key in zip(accuracy[1:], ("(b)", "(c)", "(d)", "(e)", "(b2)")):     # pooled over the one seed: its final eval
+        right, n = result["results"][key][0]["all"]
+        assert n == 14 and r[8].startswith(f"{100 * right / n:.1f} (")
+    assert [r[1] for r in stages] == ["3", "3", "2", stages[3][1], "2"] and int(stages[3][1]) >= 1
+    assert "| all questions in one batch (Q prefills, Q x G rows) |" in out and "| each sample alone" in out
+    assert (tmp_path / "posttrain.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
 def test_bench_decode_reports_first_difference():

@@ -76,18 +76,20 @@ SHAPE_KEYS = ("dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers",
 
 # ----------------------------------------------------------------------------- configuration
 
-def parse_config(argv):
-    """DEFAULTS, then each preset file (config/NAME.py, or just NAME: plain Python assignments, which
-    see the values so far and __file__), then --key=value (--flag alone sets a bool), in argv order. An unknown key
-    or a wrong type is a UserError naming the valid keys. Returns (config, keys set, preset files)."""
-    cfg, explicit, presets, here = dict(DEFAULTS), set(), [], Path(__file__).parent
+def parse_config(argv, defaults=None):
+    """The defaults (DEFAULTS, or another script's: sft.py, grpo.py), then each preset file (config/NAME.py, or just
+    NAME: plain Python assignments, which see the values so far and __file__), then --key=value (--flag alone sets a
+    bool), in argv order. An unknown key or a wrong type is a UserError naming the valid keys. Returns (config, keys
+    set, preset files)."""
+    defaults = DEFAULTS if defaults is None else defaults
+    cfg, explicit, presets, here = dict(defaults), set(), [], Path(__file__).parent
 
     def put(key, value, shown, where=""):
-        if key not in DEFAULTS:
-            near = difflib.get_close_matches(key, DEFAULTS, n=1)
+        if key not in defaults:
+            near = difflib.get_close_matches(key, defaults, n=1)
             raise UserError(f"unknown config key {key!r}{where}{f' (did you mean {near[0]}?)' if near else ''}; "
-                            f"valid keys: {', '.join(sorted(DEFAULTS))}")
-        want = type(DEFAULTS[key])
+                            f"valid keys: {', '.join(sorted(defaults))}")
+        want = type(defaults[key])
         cfg[key] = float(value) if want is float and type(value) is int else value
         if type(cfg[key]) is not want:
             raise UserError(f"{key} must be {want.__name__}, not {shown!r}")
@@ -96,8 +98,8 @@ def parse_config(argv):
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
-            want = type(DEFAULTS.get(key))
-            if key in DEFAULTS and not eq and want is not bool:
+            want = type(defaults.get(key))
+            if key in defaults and not eq and want is not bool:
                 raise UserError(f"--{key} needs a value: --{key}=VALUE")
             try:   # a Python literal, else true/false in any case, else the text itself
                 value = True if not eq else raw if want is str else ast.literal_eval(raw)
