@@ -19,11 +19,13 @@ import torch
 
 import deepseek as ds
 from data import MATH_KINDS, UserError, math_problems, tokenizer_from_meta
+from train import load_state, parse_config, pick_device, read_checkpoint
 
 # <｜begin▁of▁sentence｜><｜User｜>{question}<｜Assistant｜>{answer}<｜end▁of▁sentence｜>, ids after the base vocabulary
 SPECIAL = ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>")
 HELD_OUT_SEED = 1           # the held-out draws; the corpus uses data.MATH_SEED (0), training pairs data.batch_seed(...)
 HELD_OUT_SHARE = 5          # one question text in 5 (by its CRC-32) is reserved for the held-out set
+HELD_OUT_MOST = 700         # 100 of each kind: the remainder kind has only 1,100 questions, about 220 of them held out
 ANSWER_TOKENS = 40          # the length limit of an answer: a worked one takes up to 31 tokens with its end token
 BASE_ANSWER_TOKENS = 8      # a pretrained model answers as its corpus does, on one line of at most 5 characters
 
@@ -62,11 +64,10 @@ def chat_model(ckpt, path, max_seq_len, device="cpu"):
     it is; a pretrained one with SPECIAL added to its vocabulary (new embedding and output-head rows drawn as the model's
     init, N(0, 0.02); the old rows kept bit for bit). max_seq_len sets the RoPE tables only (room for generate's left
     padding); the routing bias stays as trained (bias_update_speed 0: the balance counts would include padding)."""
-    import train
     meta, args, state = dict(ckpt["meta"]), dict(ckpt["model_args"]), dict(ckpt["model"])
     if "special" not in meta:
         n = args["vocab_size"]
-        if n != len(meta.get("chars", "")) and meta["tokenizer"] == "char":
+        if meta["tokenizer"] == "char" and n != len(meta["chars"]):
             raise UserError(f"{path}: the model's vocabulary ({n}) is not its tokenizer's ({len(meta['chars'])} characters)")
         g = torch.Generator().manual_seed(0)
         for name in ("embed.weight", "head.weight"):
@@ -78,7 +79,7 @@ def chat_model(ckpt, path, max_seq_len, device="cpu"):
         model = ds.Transformer(ds.ModelArgs(**{**args, "max_seq_len": max_seq_len, "bias_update_speed": 0.0}))
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: bad model_args ({e})") from None
-    train.load_state(model, state, path)
+    load_state(model, state, path)
     return model.to(device).train(), meta
 
 
@@ -94,7 +95,9 @@ def training_problems(seed):
 
 
 def held_out_problems(n):
-    """n distinct held-out problems, as evenly over the kinds as n allows, in kind order, from HELD_OUT_SEED."""
+    """n distinct held-out problems (n <= HELD_OUT_MOST), as evenly over the kinds as n allows, in kind order, drawn
+    from HELD_OUT_SEED."""
+    assert 0 < n <= HELD_OUT_MOST, n
     want = {kind: n // len(MATH_KINDS) + (i < n % len(MATH_KINDS)) for i, kind in enumerate(MATH_KINDS)}
     chosen, seen = {kind: [] for kind in MATH_KINDS}, set()
     for p in math_problems(HELD_OUT_SEED):
@@ -223,15 +226,15 @@ def wilson(right, n, z=1.96):
 def configure(argv, defaults, least):
     """(config, checkpoint dict to start from, device) for sft.py and grpo.py: their defaults, presets and --key=value as
     train.py parses its own; least: {key: smallest value}. A missing checkpoint is a one-line UserError."""
-    import train
-    c = SimpleNamespace(**train.parse_config(sys.argv[1:] if argv is None else argv, defaults)[0])
+    c = SimpleNamespace(**parse_config(sys.argv[1:] if argv is None else argv, defaults)[0])
     for key, low in least.items():
         if getattr(c, key) < low:
             raise UserError(f"{key} must be at least {low}, not {getattr(c, key)}")
     if Path(c.out_dir).resolve() == Path(c.init_from).resolve():
         raise UserError(f"out_dir {c.out_dir} is init_from's folder: a run from a checkpoint writes into one of its own")
-    ckpt = train.read_checkpoint(Path(c.init_from) / "ckpt.pt")
-    return c, ckpt, train.pick_device(c.device)
+    if c.eval_questions > HELD_OUT_MOST:
+        raise UserError(f"eval_questions must be at most {HELD_OUT_MOST}, not {c.eval_questions}")
+    return c, read_checkpoint(Path(c.init_from) / "ckpt.pt"), pick_device(c.device)
 
 
 def recorder(out_dir):

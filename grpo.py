@@ -27,13 +27,13 @@ from train import configure_optimizer, get_lr, save_checkpoint
 
 DEFAULTS = dict(
     out_dir="out-grpo", init_from="out-sft",          # init_from: the folder of the SFT checkpoint (the policy and π_ref)
-    max_iters=100, questions=8, group_size=8,         # a step: questions x group_size sampled answers
+    max_iters=80, questions=8, group_size=16,         # a step: questions x group_size sampled answers
     temperature=1.0, max_new_tokens=chat.ANSWER_TOKENS,   # sampling (1.0: the policy itself); the length limit
     format_reward=0.1,       # reward: 1 for the right answer, plus this for ending with the end token within the limit
     clip_eps=0.2, kl_beta=0.04, updates_per_batch=2,  # ε (0: no clip), β (0: no KL term), AdamW steps per batch (μ)
     learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, decay_lr=False, weight_decay=0.0, beta1=0.9, beta2=0.95,
     grad_clip=1.0, block_size=128,
-    eval_interval=25, eval_questions=420, log_interval=5, device="auto", seed=1337,
+    eval_interval=20, eval_questions=420, log_interval=10, device="auto", seed=1337,
 )
 LEAST = dict(max_iters=0, questions=1, group_size=2, max_new_tokens=1, updates_per_batch=1, block_size=2,
              eval_interval=1, eval_questions=1, log_interval=1)

@@ -24,12 +24,12 @@ from train import configure_optimizer, get_lr, save_checkpoint
 
 DEFAULTS = dict(
     out_dir="out-sft", init_from="out-domains-cpu",   # init_from: the folder whose ckpt.pt the run starts from
-    worked=False,            # answers after worked steps ("45 + -23 = 45 - 23 = 22") instead of the bare answer
-    pairs=4000, epochs=2, batch_size=32,              # max_iters = ceil(epochs * pairs / batch_size)
+    worked=True,             # answers after worked steps ("45 + -23 = 45 - 23 = 22"); False: the bare answer
+    pairs=16000, epochs=2, batch_size=32,             # max_iters = ceil(epochs * pairs / batch_size)
     block_size=128,          # the RoPE tables' length (room for generation's left padding); a sample takes <= 64
-    learning_rate=3e-4, min_lr=3e-5, warmup_iters=10, decay_lr=True, weight_decay=0.1, beta1=0.9, beta2=0.95,
+    learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, decay_lr=True, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,
-    eval_interval=100, eval_questions=420, log_interval=10, device="auto", seed=1337,
+    eval_interval=250, eval_questions=420, log_interval=50, device="auto", seed=1337,
 )
 LEAST = dict(pairs=1, epochs=1, batch_size=1, block_size=65, eval_interval=1, eval_questions=1, log_interval=1)
 

@@ -2385,7 +2385,7 @@ def stage(module, tmp_path, *argv):
 
 
 @pytest.mark.parametrize("case", ["sft from no checkpoint", "grpo from no checkpoint", "grpo from a pretrained one",
-                                  "sft into its own folder", "bad key", "group of one"])
+                                  "sft into its own folder", "bad key", "group of one", "too many questions"])
 def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, capsys):
     module, argv, message = {
         "sft from no checkpoint": (sft, [f"--init_from={tmp_path}"], "no checkpoint at"),
@@ -2394,6 +2394,7 @@ def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, caps
         "sft into its own folder": (sft, [f"--init_from={math_base}", f"--out_dir={math_base}"], "is init_from's folder"),
         "bad key": (sft, [f"--init_from={math_base}", "--pair=3"], "unknown config key 'pair' (did you mean pairs?)"),
         "group of one": (grpo, [f"--init_from={math_base}", "--group_size=1"], "group_size must be at least 2"),
+        "too many questions": (sft, [f"--init_from={math_base}", "--eval_questions=701"], "eval_questions must be at most 700"),
     }[case]
     rc, log = stage(module, tmp_path, *argv)
     err = capsys.readouterr().err
@@ -2561,14 +2562,15 @@ def test_bench_posttrain_smoke(tmp_path, text_file, capsys):
     english.write_text(text_file.read_text()[:30000])
     result = bench.main(["--parts=posttrain", "--iters=4", "--quick", f"--out={tmp_path}", f"--data_dir={tmp_path / 'data'}",
                          f"--text={english}"])["posttrain"]
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     rows = [[c.strip() for c in line.strip("| ").split("|")] for line in out.splitlines() if line.startswith("| (")]
     accuracy, stages = rows[:6], rows[6:11]
+    more = re.search(r"seed 0: (\d+) more SFT steps", err).group(1)      # (c)'s training time at (b)'s step time
     assert [r[0][:4] for r in accuracy] == ["(a) ", "(b) ", "(c) ", "(d) ", "(e) ", "(b2)"] and all(len(r) == 10 for r in accuracy)
     for r, key in zip(accuracy[1:], ("(b)", "(c)", "(d)", "(e)", "(b2)")):     # pooled over the one seed: its final eval
         right, n = result["results"][key][0]["all"]
         assert n == 14 and r[8].startswith(f"{100 * right / n:.1f} (")
-    assert [r[1] for r in stages] == ["3", "3", "2", stages[3][1], "2"] and int(stages[3][1]) >= 1
+    assert [r[1] for r in stages] == ["3", "3", "2", more, "2"] and int(more) >= 1
     assert "| all questions in one batch (Q prefills, Q x G rows) |" in out and "| each sample alone" in out
     assert (tmp_path / "posttrain.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
