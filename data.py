@@ -59,13 +59,21 @@ def _tiktoken(encoding):
 
 
 def tokenizer_from_meta(meta):
-    """(encode, decode) for a tokenizer meta dict: {"tokenizer": "bpe", "encoding": ...} or
-    {"tokenizer": "char", "chars": ...}. The char encoder raises ValueError naming unknown characters."""
+    """(encode, decode) for a tokenizer meta dict: {"tokenizer": "bpe", "encoding": ...},
+    {"tokenizer": "char", "chars": ...} or {"tokenizer": "hf", "file": a tokenizer.json}. The char encoder raises
+    ValueError naming unknown characters."""
     if meta.get("tokenizer") == "bpe":
         enc = _tiktoken(meta["encoding"])
         return (lambda s: enc.encode(s, allowed_special="all")), enc.decode
+    if meta.get("tokenizer") == "hf":           # a folder's tokenizer.json that is neither of ours (hf.tokenizer_meta)
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError(f"{meta['file']} needs the tokenizers package: pip install tokenizers") from None
+        tok = Tokenizer.from_file(meta["file"])
+        return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids, skip_special_tokens=False))
     if meta.get("tokenizer") != "char":
-        raise ValueError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta (expected 'bpe' or 'char')")
+        raise ValueError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta (expected 'bpe', 'char' or 'hf')")
     chars = meta["chars"]
     stoi = {ch: i for i, ch in enumerate(chars)}
 
