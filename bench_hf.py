@@ -89,17 +89,16 @@ def write_release(model, folder, shards=2, fp8_weights=True, rope_interleave=Tru
 
 def measure(folder, dtype):
     """Load folder with hf.load in a fresh process: its peak resident memory during the load, above what it held
-    before (torch imported), the model's bytes, the largest tensor's, and the load time."""
+    before (torch imported), the model's bytes and the largest tensor's."""
     code = f"""
-import json, time, torch, hf
+import json, torch, hf
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key + ':'))
-before, t0 = status('VmRSS'), time.perf_counter()
+before = status('VmRSS')
 model, _ = hf.load({str(folder)!r}, dtype=torch.{dtype})
-seconds = time.perf_counter() - t0
 ts = [*model.parameters(), *model.buffers()]
 print(json.dumps(dict(peak=status('VmHWM') - before, model=sum(t.numel() * t.element_size() for t in ts),
-                      largest=max(t.numel() * t.element_size() for t in ts), seconds=seconds)))
+                      largest=max(t.numel() * t.element_size() for t in ts))))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
     if out.returncode:
@@ -124,10 +123,10 @@ def run(args):
     print(f"hf: hf.load of a synthetic DeepSeek-V3-shaped model ({a.n_layers} layers, dim {a.dim}, "
           f"{a.n_routed_experts} experts, MTP; 4 shards), loaded in bf16 on the CPU, peak resident memory above "
           f"the process's before the load")
-    print("| checkpoint | on disk | model in memory | largest tensor | peak during load | peak / model | load |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| checkpoint | on disk | model in memory | largest tensor | peak during load | peak / model |")
+    print("|---|---:|---:|---:|---:|---:|")
     mb = lambda n: f"{n / 1e6:,.0f} MB"      # noqa: E731
     for name, disk, m in rows:
         print(f"| {name} | {mb(disk)} | {mb(m['model'])} | {mb(m['largest'])} | {mb(m['peak'])} | "
-              f"{m['peak'] / m['model']:.2f} | {m['seconds']:.1f} s |")
+              f"{m['peak'] / m['model']:.2f} |")
     return rows

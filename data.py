@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import sys
 import sysconfig
 import urllib.request
 from pathlib import Path
@@ -29,6 +30,16 @@ MATH_SEED = 0
 
 class UserError(ValueError):
     """A mistake in the command, config or files: reported as one line `error: ...`, exit code 2."""
+
+
+def run_cli(main, argv=None):
+    """main(argv) for a command line: a UserError becomes one line `error: ...` on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def one_line(e):

@@ -5,8 +5,8 @@ In the report's order: the config; RMSNorm and RoPE with YaRN (§4.3); Multi-hea
 experts, the experts, the auxiliary-loss-free bias and the sequence-wise balance loss; the block;
 Multi-Token Prediction (§2.2); the model with its losses and the bias update; generation. Weight names
 follow DeepSeek's inference/model.py (wq_a, wkv_b, w1/w2/w3) except for the routed experts, stacked per
-layer (experts.w1 is (E, moe_inter_dim, dim)): an official checkpoint's per-expert tensors
-(experts.{i}.w1.weight) must be stacked to load. Embedding and output head are untied, as in DeepSeek-V3.
+layer (experts.w1 is (E, moe_inter_dim, dim)): hf.py stacks an official checkpoint's per-expert tensors on
+load and splits them on export. Embedding and output head are untied, as in DeepSeek-V3.
 Systems features plug into a built model from their own files: fp8.py (FP8 GEMMs, §3.3), expert_parallel.py
 (§3.2), kernels.py (Triton routing, grouped expert GEMM); MTP speculative decoding is in sample.py.
 """

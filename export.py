@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import hf
-from data import UserError
+from data import UserError, run_cli
 from sample import Parser
 from train import load_checkpoint
 
@@ -54,12 +54,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

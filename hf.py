@@ -16,6 +16,7 @@ rows of the query and of kv_a_proj_with_mqa are stored [evens, odds] (for rotate
 import json
 import math
 import os
+import secrets
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -262,9 +263,11 @@ def shards(folder):
 
 
 def open_shard(path):
+    """A safetensors file opened to read tensors one at a time into memory of their own (pread: no memory map,
+    whose pages would stay resident and whose tensors would alias the file)."""
     from safetensors import safe_open
     try:
-        return safe_open(path, framework="pt", device="cpu")
+        return safe_open(path, framework="pt", device="cpu", backend="pread")
     except Exception as e:      # truncated or not safetensors at all
         raise UserError(f"{path} is not a readable safetensors file ({one_line(e)})") from None
 
@@ -283,8 +286,9 @@ def get_tensor(f, path, name, shape):
         raise UserError(f"{path}: {name} cannot be read ({one_line(e)})") from None
 
 
-def read_tensor(f, path, name, shape, files, block):
-    """A file's tensor in fp32 or its stored dtype, FP8 dequantized with its weight_scale_inv (found by the index)."""
+def read_tensor(f, path, name, shape, files, block, device):
+    """A file's tensor in its stored dtype, or an FP8 one dequantized to fp32 on device with its weight_scale_inv
+    (found by the index)."""
     t = get_tensor(f, path, name, shape)
     if t.dtype != torch.float8_e4m3fn:
         return t
@@ -297,7 +301,7 @@ def read_tensor(f, path, name, shape, files, block):
     else:
         with open_shard(files[scale_name]) as g:
             scale = get_tensor(g, files[scale_name], scale_name, blocks)
-    return fp8.dequantize(t, scale, rows=block)      # each value times its 128 x 128 block's scale, edges partial
+    return fp8.dequantize(t.to(device), scale.to(device), rows=block)   # times its 128 x 128 block's scale
 
 
 def empty_model(args, dtype):
@@ -340,10 +344,10 @@ def load(folder, dtype=torch.float32, device="cpu"):
 
 def read_state(folder, args, targets, interleaved, block, device):
     """Our state dict from the folder's shards, read file by file, each tensor converted on arrival."""
-    files = shards(folder)
-    entries = {theirs: (ours, e, fix) for ours, e, theirs, fix in layout(args)}
-    # transformers 5 writes each layer's experts stacked: gate_up_proj (E, 2I, D) = [w1; w3], down_proj = w2
-    stacked = {theirs.rsplit(".", 3)[0]: ours.rsplit(".", 1)[0] for ours, e, theirs, _ in layout(args) if e == 0}
+    files, plan = shards(folder), layout(args)
+    entries = {theirs: (ours, e, fix) for ours, e, theirs, fix in plan}
+    # transformers 5 holds each layer's experts stacked: gate_up_proj (E, 2I, D) = [w1; w3], down_proj = w2
+    stacked = {theirs.rsplit(".", 3)[0]: ours.rsplit(".", 1)[0] for ours, e, theirs, _ in plan if e == 0}
     state, shared, filled = {}, [], {}
 
     def put(ours, t, e=None):
@@ -371,7 +375,7 @@ def read_state(folder, args, targets, interleaved, block, device):
                     if fix == "shared":        # compared with the main model's once that is read
                         shared.append((name, ours, shape))
                         continue
-                    t = read_tensor(f, path, name, shape, files, block)
+                    t = read_tensor(f, path, name, shape, files, block, device)
                     if fix == "eh":
                         t = swap_halves(t)
                     elif fix and not interleaved:
@@ -380,7 +384,8 @@ def read_state(folder, args, targets, interleaved, block, device):
                     put(ours, t, e)
                 elif prefix in stacked and leaf in ("gate_up_proj", "down_proj"):
                     E, I, D = targets[stacked[prefix] + ".w1"].shape
-                    t = read_tensor(f, path, name, (E, 2 * I, D) if leaf == "gate_up_proj" else (E, D, I), files, block)
+                    t = read_tensor(f, path, name, (E, 2 * I, D) if leaf == "gate_up_proj" else (E, D, I), files, block,
+                                    device)
                     for w, part in zip(("w1", "w3"), t.split(I, dim=1)) if leaf == "gate_up_proj" else [("w2", t)]:
                         put(f"{stacked[prefix]}.{w}", part)
                 else:
@@ -389,10 +394,10 @@ def read_state(folder, args, targets, interleaved, block, device):
     for ours, got in filled.items():
         if len(got) < targets[ours].size(0):
             e = min(set(range(targets[ours].size(0))) - got)
-            raise UserError(f"{folder}: {next(t for o, x, t, _ in layout(args) if (o, x) == (ours, e))} is missing")
+            raise UserError(f"{folder}: {next(t for o, x, t, _ in plan if (o, x) == (ours, e))} is missing")
     for name, ours, shape in shared:           # an MTP layer's embedding or head: ours shares the main model's
         with open_shard(files[name]) as f:
-            t = read_tensor(f, files[name], name, shape, files, block)
+            t = read_tensor(f, files[name], name, shape, files, block, device)
         if not torch.equal(t.to(device=device, dtype=state[ours].dtype), state[ours]):
             raise UserError(f"{files[name]}: {name} differs from the main model's {ours} (this model shares them)")
     return state
@@ -412,8 +417,11 @@ def checkpoint(folder):
                         f"{'is missing (no tokenizer.json)' if meta is None else 'is neither'}")
     a = model.args
     config = {k: v for k, v in asdict(a).items() if k not in ("vocab_size", "max_seq_len", *TRAINING)}
-    config.update(block_size=a.max_seq_len, tokenizer=meta["tokenizer"], **({"encoding": meta["encoding"]} if
-                  meta["tokenizer"] == "bpe" else {}), **({"bias_update_speed": 0.0} if a.score_func == "softmax" else {}))
+    config.update(block_size=a.max_seq_len, tokenizer=meta["tokenizer"])
+    if meta["tokenizer"] == "bpe":
+        config["encoding"] = meta["encoding"]
+    if a.score_func == "softmax":              # DeepSeek-V2's layout has no balancing bias to train
+        config["bias_update_speed"] = 0.0
     return dict(model=model.state_dict(), model_args=asdict(a), meta=meta, config=config, iter_num=0,
                 best_val_loss=float("inf"), optimizer=dict(state={}, param_groups=[]))
 
@@ -478,7 +486,7 @@ def tokenizer_meta(folder):
         meta = dict(tokenizer="char", chars=chars, vocab_size=len(chars))
         if tokenizer_json(meta) == tok:
             return meta
-    if model.get("type") == "BPE" and len(vocab) == 50257:
+    if model.get("type") == "BPE" and len(vocab) == 50257:       # the size of GPT-2's, data.py's default BPE
         try:
             meta = dict(tokenizer="bpe", encoding="r50k_base", vocab_size=50257)
             if tokenizer_json(meta) == tok:
@@ -495,7 +503,7 @@ def export(model, meta, out, dtype=None, max_shard_bytes=5 * 10 ** 9):
     the weights in dtype (default: the model's; the gates' biases stay fp32) as model.safetensors, or as shards
     model-0000k-of-0000n.safetensors of at most max_shard_bytes with model.safetensors.index.json, the MTP modules as
     layers n_layers.., tokenizer.json where the tokenizer is characters or tiktoken BPE. Written into out.tmp and
-    renamed: a crash leaves no half folder. Returns the files written."""
+    renamed: a crash or an error leaves no half folder. Returns the files written."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder: export writes a new one")
@@ -518,11 +526,25 @@ def export(model, meta, out, dtype=None, max_shard_bytes=5 * 10 ** 9):
             size = 0
         groups[-1].append((name, t, dt))
         size += n
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():                         # what an interrupted export left
-        shutil.rmtree(tmp)
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")           # renamed to out once complete
     tmp.mkdir(parents=True)
+    try:
+        files = write_folder(tmp, tensors, groups, config, meta, args, dtype or state["embed.weight"].dtype)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
+
+
+def write_folder(tmp, tensors, groups, config, meta, args, dtype):
+    """export's files, into the folder tmp: the shards (and their index), config.json, the tokenizer's files."""
     from safetensors.torch import save
+
+    def write(name, obj):
+        write_atomic(tmp / name, lambda f: f.write(json.dumps(obj, indent=2).encode()))
     names = ["model.safetensors"] if len(groups) == 1 else \
         [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
     for file, group in zip(names, groups):
@@ -530,13 +552,12 @@ def export(model, meta, out, dtype=None, max_shard_bytes=5 * 10 ** 9):
         write_atomic(tmp / file, lambda f: f.write(data))
         del data
     files = [*names, "config.json"]
-    write = lambda name, obj: write_atomic(tmp / name, lambda f: f.write(json.dumps(obj, indent=2).encode()))  # noqa: E731
     if len(groups) > 1:
         total = sum(t.numel() * dt.itemsize for _, t, dt in tensors)
         write("model.safetensors.index.json", dict(metadata=dict(total_size=total),
                                                    weight_map={n: f for f, g in zip(names, groups) for n, _, _ in g}))
         files.append("model.safetensors.index.json")
-    write("config.json", dict(config, torch_dtype=str(dtype or state["embed.weight"].dtype).removeprefix("torch.")))
+    write("config.json", dict(config, torch_dtype=str(dtype).removeprefix("torch.")))
     if meta and meta.get("tokenizer") in ("char", "bpe"):
         write("tokenizer.json", tokenizer_json(meta))
         write("tokenizer_config.json", tokenizer_config(meta, args))
@@ -546,7 +567,4 @@ def export(model, meta, out, dtype=None, max_shard_bytes=5 * 10 ** 9):
             if (Path(meta["file"]).parent / name).is_file():
                 shutil.copyfile(Path(meta["file"]).parent / name, tmp / name)
                 files.append(name)
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
     return files

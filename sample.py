@@ -17,7 +17,7 @@ import torch
 
 import hf
 import kernels
-from data import UserError, tokenizer_from_meta
+from data import UserError, run_cli, tokenizer_from_meta
 from deepseek import MoE, probs, sample
 from train import load_checkpoint, pick_device
 
@@ -266,12 +266,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

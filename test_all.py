@@ -2375,7 +2375,8 @@ def test_hf_bad_input_one_line_exit_2(case, tmp_path, capsys):
     if case == "export target not empty":
         assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "sub"] and (out / "mine.txt").read_text() == "keep"
     else:
-        assert not out.exists() and not (tmp_path / "out.tmp").exists()
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"] if case == "export target not empty" else ["hf"]
 
 
 @pytest.mark.slow
