@@ -81,8 +81,17 @@ def tokenizer_from_meta(meta):
             from tokenizers import Tokenizer
         except ImportError:
             raise UserError(f"{meta['file']} needs the tokenizers package: pip install tokenizers") from None
-        tok = Tokenizer.from_file(meta["file"])
-        return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids, skip_special_tokens=False))
+        try:
+            tok = Tokenizer.from_file(meta["file"])
+        except Exception as e:
+            raise UserError(f"{meta['file']} is not a tokenizer the tokenizers package reads ({one_line(e)})") from None
+
+        def encode(s):
+            try:
+                return tok.encode(s).ids
+            except Exception as e:          # a character a word-level vocabulary lacks
+                raise ValueError(one_line(e)) from None
+        return encode, lambda ids: tok.decode(ids, skip_special_tokens=False)
     if meta.get("tokenizer") != "char":
         raise ValueError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta (expected 'bpe', 'char' or 'hf')")
     chars = meta["chars"]

@@ -2329,6 +2329,8 @@ def test_hf_foreign_tokenizer_runs_with_the_tokenizers_package(tmp_path, capsys,
     rc, out, _ = run_sample(capsys, f"--init_from={tmp_path / 'hf'}", "--start=AB<|end|>", "--num_samples=1",
                             "--max_new_tokens=5", "--temperature=0")
     assert rc == 0 and out.startswith("AB<|end|>")
+    rc, _, err = run_sample(capsys, f"--init_from={tmp_path / 'hf'}", "--start=abc")     # lower case: not in it
+    assert rc == 2 and err.startswith("error: prompt: Exception: WordLevel error") and err.count("\n") == 1
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(data.UserError, match="needs the tokenizers package: pip install tokenizers"):
         data.tokenizer_from_meta(meta)
