@@ -44,7 +44,7 @@ def main(argv=None):
     if hf.is_folder(source):
         model, meta = hf.load(source, dtype or torch.float32)
     else:
-        model, ckpt = load_checkpoint(source / "ckpt.pt" if source.is_dir() else source)
+        model, ckpt = load_checkpoint(source / "ckpt.pt" if source.is_dir() else source, install_kernels=False)
         meta = ckpt["meta"]
     files = hf.export(model, meta, target, dtype, limit)
     gb = sum((target / f).stat().st_size for f in files) / 1e9

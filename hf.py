@@ -305,13 +305,16 @@ def read_tensor(f, path, name, shape, files, block, device):
 
 
 def empty_model(args, dtype):
-    """The model's modules with parameters on the meta device (no memory, no random init) in dtype; the gate's
-    bias stays fp32, as in DeepSeek's inference code."""
+    """The model's modules with parameters on the meta device (no memory, no random init) in dtype; the gates'
+    biases in fp32, as DeepSeek's inference code keeps them (bf16 cannot resolve their 0.001 steps near 1)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            return ds.Transformer(args)
+            model = ds.Transformer(args)
+            for g in model.gates():
+                g.bias = g.bias.float()
+        return model
     finally:
         torch.set_default_dtype(default)
 

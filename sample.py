@@ -17,9 +17,10 @@ import torch
 
 import hf
 import kernels
+from configurator import pick_device
 from data import UserError, run_cli, tokenizer_from_meta
 from deepseek import MoE, probs, sample
-from train import load_checkpoint, pick_device
+from train import load_checkpoint
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,6 +53,8 @@ def parse(argv):
     p.add_argument("--speculative", type=boolean, default=None, help="MTP drafts; default: on when the checkpoint has MTP")
     p.add_argument("--attn_impl", choices=["absorb", "naive"], default="absorb",
                    help="MLA decode cache: latent + RoPE key (absorb) or full per-head K/V (naive)")
+    p.add_argument("--kernels", type=boolean, default=True,
+                   help="kernels.py's MoE paths (False: deepseek.py's reference loop over experts)")
     p.add_argument("--show_experts", type=int, default=None, metavar="LAYER",
                    help="mark each token with its top routed expert in MoE layer LAYER (an index into model.layers)")
     a = p.parse_args(argv)
@@ -96,13 +99,14 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
     def main(chunk, pos):
         """The main model over chunk at pos: hidden states, next-token logits."""
         stats["forwards"] += 1
-        h = model.hidden(chunk, pos)[0]
+        h = model.hidden(chunk, pos)
         return h, model.logits(h[0])
 
     def draft(h, nxt, pos):
         """MTP over positions pos.. from their main hidden states h and the tokens after them (nxt):
         a draft for the token after nxt's last, and its distribution q (None when greedy)."""
-        hm = mtp(h, model.embed(nxt), **model.positions(pos, nxt.size(1)))[0]
+        cos, sin, mask = model.positions(pos, nxt.size(1))
+        hm = mtp(h, model.embed(nxt), cos, sin, pos, mask)
         logits = model.logits(hm[:, -1], mtp.norm)
         if temperature == 0:
             return sample(logits, 0), None
@@ -163,7 +167,7 @@ def routing(model, idx):
     hooks = [layer.ffn.gate.register_forward_hook(lambda gate, x, out, i=i: chosen.update({i: out[1:]}))
              for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
     try:
-        h = model.hidden(idx)[0]
+        h = model.hidden(idx)
     finally:
         for hook in hooks:
             hook.remove()
@@ -202,8 +206,10 @@ def main(argv=None):
         model, meta = hf.load(a.init_from, dtype, device)
         if meta is None:
             raise UserError(f"{a.init_from} has no tokenizer.json to encode the prompt with")
+        if a.kernels:
+            kernels.install(model)
     else:
-        model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device)
+        model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device, install_kernels=a.kernels)
         model, meta = model.to(dtype), ckpt["meta"]
     model.set_attn_impl(a.attn_impl)
     moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
@@ -261,7 +267,7 @@ def main(argv=None):
     if speculative:
         line += (f"; acceptance {stats['accepted'] / max(stats['drafted'], 1):.1%} of {stats['drafted']} drafts, "
                  f"{stats['tokens'] / stats['forwards']:.2f} tokens per main-model forward")
-    print(f"{line}\n{kernels.describe(device, dtype)}")
+    print(f"{line}\n{kernels.describe(model, device, dtype)}")
     return stats
 
 
