@@ -92,6 +92,7 @@ def measure(folder, dtype):
     before (torch imported), the model's bytes and the largest tensor's."""
     code = f"""
 import json, torch, hf
+torch.set_num_threads(1)      # memory is measured, not time: no OpenMP threads contending on a busy machine
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key + ':'))
 before = status('VmRSS')
