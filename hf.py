@@ -16,9 +16,9 @@ rows of the query and of kv_a_proj_with_mqa are stored [evens, odds] (for rotate
 import json
 import math
 import os
+import dataclasses
 import secrets
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -323,12 +323,16 @@ def load(folder, dtype=torch.float32, device="cpu"):
     """(model in eval mode on device in dtype, tokenizer meta or None) from a folder in DeepSeek's layout. Streams
     shard by shard into a model built on the meta device: peak memory about one copy of the model plus the largest
     tensor (bench.py --parts hf). One-line UserError for a bad config, a missing, truncated or foreign shard, a
-    tensor of the wrong shape or one that has no place in the model."""
+    tensor of the wrong shape or one that has no place in the model. A folder without its MTP layers (transformers
+    drops them when it saves) loads without MTP modules."""
     folder = Path(folder)
     args, interleaved, block = args_from_config(read_json(folder / "config.json"), folder / "config.json")
+    files = shards(folder)
+    if args.n_mtp and not any(n.startswith(f"model.layers.{args.n_layers}.") for n in files):
+        args = dataclasses.replace(args, n_mtp=0)      # transformers drops the MTP layers when it saves a model
     model = empty_model(args, dtype)
     targets = model.state_dict()                       # meta tensors: the shapes and dtypes to fill
-    state = read_state(folder, args, targets, interleaved, block, device)
+    state = read_state(folder, files, args, targets, interleaved, block, device)
     for name, t in targets.items():                    # V2's softmax gate has no bias in the files: ours is 0
         if name not in state and name.endswith("gate.bias") and args.score_func == "softmax":
             state[name] = torch.zeros(t.shape, dtype=t.dtype, device=device)
@@ -345,9 +349,9 @@ def load(folder, dtype=torch.float32, device="cpu"):
     return model.eval(), tokenizer_meta(folder)
 
 
-def read_state(folder, args, targets, interleaved, block, device):
-    """Our state dict from the folder's shards, read file by file, each tensor converted on arrival."""
-    files, plan = shards(folder), layout(args)
+def read_state(folder, files, args, targets, interleaved, block, device):
+    """Our state dict from a folder's shards ({tensor name: file}), read file by file, each converted on arrival."""
+    plan = layout(args)
     entries = {theirs: (ours, e, fix) for ours, e, theirs, fix in plan}
     # transformers 5 holds each layer's experts stacked: gate_up_proj (E, 2I, D) = [w1; w3], down_proj = w2
     stacked = {theirs.rsplit(".", 3)[0]: ours.rsplit(".", 1)[0] for ours, e, theirs, _ in plan if e == 0}
@@ -419,13 +423,13 @@ def checkpoint(folder):
         raise UserError(f"{folder}: train.py tokenises with characters or GPT-2's BPE, and this folder's tokenizer "
                         f"{'is missing (no tokenizer.json)' if meta is None else 'is neither'}")
     a = model.args
-    config = {k: v for k, v in asdict(a).items() if k not in ("vocab_size", "max_seq_len", *TRAINING)}
+    config = {k: v for k, v in dataclasses.asdict(a).items() if k not in ("vocab_size", "max_seq_len", *TRAINING)}
     config.update(block_size=a.max_seq_len, tokenizer=meta["tokenizer"])
     if meta["tokenizer"] == "bpe":
         config["encoding"] = meta["encoding"]
     if a.score_func == "softmax":              # DeepSeek-V2's layout has no balancing bias to train
         config["bias_update_speed"] = 0.0
-    return dict(model=model.state_dict(), model_args=asdict(a), meta=meta, config=config, iter_num=0,
+    return dict(model=model.state_dict(), model_args=dataclasses.asdict(a), meta=meta, config=config, iter_num=0,
                 best_val_loss=float("inf"), optimizer=dict(state={}, param_groups=[]))
 
 

@@ -2307,6 +2307,22 @@ def test_hf_reads_the_stacked_experts_transformers_5_holds(tmp_path):
     assert same_weights(m, hf.load(tmp_path / "b")[0])
 
 
+def test_hf_folder_without_its_mtp_layer_loads_without_mtp(tmp_path):
+    """transformers drops the MTP layer when it saves a model (config.json still counts it): such a folder loads as
+    the main model alone; an MTP layer with a tensor missing is an error naming it."""
+    from safetensors.torch import load_file, save_file
+    m = family("v3")
+    hf.export(m, None, tmp_path / "hf")
+    t = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({k: v for k, v in t.items() if not k.startswith("model.layers.3.")}, tmp_path / "hf" / "model.safetensors")
+    loaded = hf.load(tmp_path / "hf")[0]
+    x = torch.randint(0, V, (2, 16))
+    assert loaded.args.n_mtp == 0 and torch.equal(loaded(x)[0], m(x)[0])
+    save_file({k: v for k, v in t.items() if k != "model.layers.3.enorm.weight"}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(data.UserError, match="model.layers.3.enorm.weight is missing"):
+        hf.load(tmp_path / "hf")
+
+
 def test_hf_load_in_bfloat16_keeps_the_gate_bias_fp32(tmp_path):
     m = family("v3")
     hf.export(m, None, tmp_path / "hf")
@@ -2549,6 +2565,8 @@ for name, folder in cases.items():
                         position_embeddings=m.model.rotary_emb(h[name], pos), cache=None)
             r["mtp"] = m.lm_head(out)
     results[name] = r
+    if name == "yarn":                           # transformers 5's own layout: rope_parameters, no MTP layer
+        m.save_pretrained(folder + "-resaved")
 texts = json.loads(sys.argv[3])
 for name, text in texts.items():
     tok = AutoTokenizer.from_pretrained(cases[name])
@@ -2563,7 +2581,8 @@ def test_hf_matches_transformers(tmp_path, text_file):
     """AutoModelForCausalLM.from_pretrained(exported folder) gives our logits within 1e-5 in fp32 and the same greedy
     tokens, for every config family (V2's softmax gate as DeepseekV2ForCausalLM) and for a folder with
     rope_interleave false; transformers' MtpLayer gives our MTP module's logits from the checkpoint's layer L
-    (eh_proj taking [embedding; h]); AutoTokenizer encodes and decodes as our tokenizers."""
+    (eh_proj taking [embedding; h]); AutoTokenizer encodes and decodes as our tokenizers; and what transformers'
+    save_pretrained writes (rope_parameters, no MTP layer) loads back with our logits."""
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("transformers is not installed (pip install -r requirements-test.txt)")
     x, prompt = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0)), torch.tensor([[5, 17, 3]])
@@ -2598,6 +2617,8 @@ def test_hf_matches_transformers(tmp_path, text_file):
             if m.mtp:
                 assert (t["mtp"] - mtp_logits(m, x)).abs().max() < 1e-5, name
             assert ("mtp" in t) == bool(m.mtp), name
+        resaved = hf.load(cases["yarn"] + "-resaved")[0]       # what transformers writes loads back
+        assert resaved.args.n_mtp == 0 and torch.equal(resaved(x)[0], ours["yarn"](x)[0])
     for name, text in texts.items():
         encode, decode = data.tokenizer_from_meta(CHAR_META if name == "v3" else
                                                   dict(tokenizer="bpe", encoding="r50k_base"))
