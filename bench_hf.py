@@ -47,11 +47,11 @@ def random_model(args, dtype=torch.bfloat16, seed=0):
 def write_release(model, folder, shards=2, fp8_weights=True, rope_interleave=True):
     """model written as DeepSeek publishes DeepSeek-V3, independently of hf.export: config.json (with
     quantization_config when fp8_weights), the linear weights inside the layers in FP8 E4M3, each with its
-    weight_scale_inv per 128 x 128 block (fp8.quantize; edge blocks partial), the embedding, head, norms, router
-    and eh_proj in the model's dtype; eh_proj taking [enorm(embedding); hnorm(h)]; with rope_interleave False the RoPE rows
-    of the query and of kv_a_proj_with_mqa stored [evens, odds]; the MTP module as layer n_layers with copies of
-    the embedding and head; `shards` files with model.safetensors.index.json. Returns the weights as they are
-    stored, dequantized, in our names (what the folder must load as)."""
+    weight_scale_inv per 128 x 128 block (fp8.quantize; edge blocks partial), the embedding, head, norms,
+    router and eh_proj in the model's dtype; eh_proj taking [enorm(embedding); hnorm(h)]; with rope_interleave
+    False the RoPE rows of the query and of kv_a_proj_with_mqa stored [evens, odds]; the MTP module as layer
+    n_layers with copies of the embedding and head; `shards` files with model.safetensors.index.json. Returns the
+    weights as they are stored, dequantized, in our names (what the folder must load as)."""
     from safetensors.torch import save
     args, state = model.args, model.state_dict()
     rope, D = args.qk_rope_head_dim, args.dim

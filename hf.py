@@ -31,8 +31,9 @@ from data import UserError, _tiktoken, one_line, write_atomic
 
 # config.json keys that are ModelArgs fields under another name
 RENAMED = dict(vocab_size="vocab_size", hidden_size="dim", intermediate_size="inter_dim",
-               moe_intermediate_size="moe_inter_dim", num_hidden_layers="n_layers", first_k_dense_replace="n_dense_layers",
-               num_attention_heads="n_heads", n_shared_experts="n_shared_experts", num_experts_per_tok="n_activated_experts",
+               moe_intermediate_size="moe_inter_dim", num_hidden_layers="n_layers",
+               first_k_dense_replace="n_dense_layers", num_attention_heads="n_heads",
+               n_shared_experts="n_shared_experts", num_experts_per_tok="n_activated_experts",
                routed_scaling_factor="route_scale", kv_lora_rank="kv_lora_rank", qk_nope_head_dim="qk_nope_head_dim",
                qk_rope_head_dim="qk_rope_head_dim", v_head_dim="v_head_dim", max_position_embeddings="max_seq_len")
 # keys a file may leave out, with the value transformers' DeepseekV3Config / DeepseekV2Config then takes
@@ -184,14 +185,16 @@ def layout(args):
         p, q = f"model.layers.{i}.", f"layers.{i}."
         if i >= args.n_layers:      # MTP module k: layer n_layers + k
             q = f"mtp.{i - args.n_layers}."
-            out += [(q + "hnorm.weight", None, p + "hnorm.weight", ""), (q + "enorm.weight", None, p + "enorm.weight", ""),
+            out += [(q + "hnorm.weight", None, p + "hnorm.weight", ""),
+                    (q + "enorm.weight", None, p + "enorm.weight", ""),
                     (q + "eh_proj.weight", None, p + "eh_proj.weight", "eh"),
                     (q + "norm.weight", None, p + "shared_head.norm.weight", ""),
                     ("embed.weight", None, p + "embed_tokens.weight", "shared"),
                     ("head.weight", None, p + "shared_head.head.weight", "shared")]
             q += "block."
         attn = [("attn_norm", "input_layernorm", ""), ("ffn_norm", "post_attention_layernorm", ""),
-                ("attn.wkv_a", "self_attn.kv_a_proj_with_mqa", "kv_rope"), ("attn.kv_norm", "self_attn.kv_a_layernorm", ""),
+                ("attn.wkv_a", "self_attn.kv_a_proj_with_mqa", "kv_rope"),
+                ("attn.kv_norm", "self_attn.kv_a_layernorm", ""),
                 ("attn.wkv_b", "self_attn.kv_b_proj", ""), ("attn.wo", "self_attn.o_proj", "")]
         attn += ([("attn.wq_a", "self_attn.q_a_proj", ""), ("attn.q_norm", "self_attn.q_a_layernorm", ""),
                   ("attn.wq_b", "self_attn.q_b_proj", "q_rope")] if args.q_lora_rank else

@@ -2255,7 +2255,8 @@ def test_hf_round_trip_is_bit_for_bit(name, tmp_path):
     assert "model.safetensors.index.json" in files and "tokenizer.json" in files
     loaded, meta = hf.load(tmp_path / "hf")
     assert same_weights(m, loaded) and meta == CHAR_META
-    changed = {f.name for f in dataclasses.fields(ds.ModelArgs) if getattr(m.args, f.name) != getattr(loaded.args, f.name)}
+    changed = {f.name for f in dataclasses.fields(ds.ModelArgs)
+               if getattr(m.args, f.name) != getattr(loaded.args, f.name)}
     assert changed == ({"n_dense_layers"} if name == "dense" else set())
     x = torch.randint(0, V, (2, 16))
     assert torch.equal(m(x)[0], loaded(x)[0])
@@ -2314,7 +2315,8 @@ def test_hf_folder_without_its_mtp_layer_loads_without_mtp(tmp_path):
     m = family("v3")
     hf.export(m, None, tmp_path / "hf")
     t = load_file(tmp_path / "hf" / "model.safetensors")
-    save_file({k: v for k, v in t.items() if not k.startswith("model.layers.3.")}, tmp_path / "hf" / "model.safetensors")
+    save_file({k: v for k, v in t.items() if not k.startswith("model.layers.3.")},
+              tmp_path / "hf" / "model.safetensors")
     loaded = hf.load(tmp_path / "hf")[0]
     x = torch.randint(0, V, (2, 16))
     assert loaded.args.n_mtp == 0 and torch.equal(loaded(x)[0], m(x)[0])
