@@ -11,6 +11,7 @@ dispatches.
     python bench.py --parts fp8          # FP8 training (report §3.3) beside fp32: loss, step time, saved activations
     python bench.py --parts ep           # expert parallelism: all-to-all volume with and without the node limit
     python bench.py --parts context      # context extension (§4.3): trained at 64, YaRN to 256; val loss by position
+    python bench.py --parts hf           # peak memory of loading a checkpoint in DeepSeek's layout vs its size
     python bench.py --gpu                # everything worth measuring on one CUDA GPU (about 8 minutes)
     python bench.py --quick              # a smoke version of every CPU part
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 # part -> "module:function" in its own file (imported when the part runs)
 PARTS = {"kernels": "bench_kernels:run", "step": "bench_step:run", "decode": "bench_decode:run",
          "ablation": "bench_ablation:run", "specialization": "bench_specialization:run", "fp8": "bench_systems:bench_fp8",
-         "ep": "bench_systems:bench_ep", "context": "bench_context:run", "gpu": "bench_gpu:run"}
+         "ep": "bench_systems:bench_ep", "context": "bench_context:run", "hf": "bench_hf:run", "gpu": "bench_gpu:run"}
 
 
 def run_part(part, args):
@@ -42,6 +43,7 @@ def main(argv=None):
                         "(default 2000, quick 200; fp8 quick 50; context: the base's, its phases run iters / 8)")
     parser.add_argument("--timing_iters", type=int, default=None, help="ablation: steps of each row's timing run (50, quick 10)")
     parser.add_argument("--step_repeats", type=int, default=None, help="step: timed steps per model (40, quick 5)")
+    parser.add_argument("--hf_gb", type=float, default=None, help="hf: size of each synthetic checkpoint in GB (1, quick 0.1)")
     parser.add_argument("--gpu", action="store_true", help="run the gpu part alone (the same as --parts gpu)")
     parser.add_argument("--gpu_minutes", type=float, default=4.0, help="gpu: training time budget in minutes")
     parser.add_argument("--out", default="out-bench", help="ablation, specialization, fp8, context: runs, logs and plots go here")

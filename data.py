@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import sys
 import sysconfig
 import urllib.request
 from pathlib import Path
@@ -29,6 +30,16 @@ MATH_SEED = 0
 
 class UserError(ValueError):
     """A mistake in the command, config or files: reported as one line `error: ...`, exit code 2."""
+
+
+def run_cli(main, argv=None):
+    """main(argv) for a command line: a UserError becomes one line `error: ...` on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def one_line(e):
@@ -59,13 +70,30 @@ def _tiktoken(encoding):
 
 
 def tokenizer_from_meta(meta):
-    """(encode, decode) for a tokenizer meta dict: {"tokenizer": "bpe", "encoding": ...} or
-    {"tokenizer": "char", "chars": ...}. The char encoder raises ValueError naming unknown characters."""
+    """(encode, decode) for a tokenizer meta dict: {"tokenizer": "bpe", "encoding": ...},
+    {"tokenizer": "char", "chars": ...} or {"tokenizer": "hf", "file": a tokenizer.json}. The char encoder raises
+    ValueError naming unknown characters."""
     if meta.get("tokenizer") == "bpe":
         enc = _tiktoken(meta["encoding"])
         return (lambda s: enc.encode(s, allowed_special="all")), enc.decode
+    if meta.get("tokenizer") == "hf":           # a folder's tokenizer.json that is neither of ours (hf.tokenizer_meta)
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError(f"{meta['file']} needs the tokenizers package: pip install tokenizers") from None
+        try:
+            tok = Tokenizer.from_file(meta["file"])
+        except Exception as e:
+            raise UserError(f"{meta['file']} is not a tokenizer the tokenizers package reads ({one_line(e)})") from None
+
+        def encode(s):
+            try:
+                return tok.encode(s).ids
+            except Exception as e:          # a character a word-level vocabulary lacks
+                raise ValueError(one_line(e)) from None
+        return encode, lambda ids: tok.decode(ids, skip_special_tokens=False)
     if meta.get("tokenizer") != "char":
-        raise ValueError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta (expected 'bpe' or 'char')")
+        raise ValueError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta (expected 'bpe', 'char' or 'hf')")
     chars = meta["chars"]
     stoi = {ch: i for i, ch in enumerate(chars)}
 

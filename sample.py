@@ -5,6 +5,8 @@ an MTP module, lossless MTP speculative decoding (report §5.4.3).
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt --temperature=0 --speculative=False --attn_impl=naive
     python sample.py --out_dir=out-domains-cpu --show_experts=1    # each token marked by its expert in layer 1
+    python sample.py --init_from=out-hf                 # a folder in DeepSeek's layout (hf.py), with its tokenizer
+    python sample.py --init_from=DeepSeek-V2-Lite --device=cuda --dtype=bfloat16 --start="The capital of France is"
 """
 import argparse
 import sys
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+import hf
 import kernels
 from configurator import pick_device
-from data import UserError, tokenizer_from_meta
+from data import UserError, run_cli, tokenizer_from_meta
 from deepseek import MoE, probs, sample
 from train import load_checkpoint
 
@@ -36,6 +39,10 @@ def boolean(s):
 def parse(argv):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
+    p.add_argument("--init_from", default="", help="a folder in DeepSeek's layout (config.json, safetensors, "
+                   "tokenizer.json; hf.py) to sample from instead of out_dir")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the weights' dtype (bfloat16 halves the memory of a large model)")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=300)
@@ -194,7 +201,16 @@ def mark_experts(pieces, experts, terminal):
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
     device = pick_device(a.device)
-    model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device, install_kernels=a.kernels)
+    dtype = getattr(torch, a.dtype)
+    if a.init_from:
+        model, meta = hf.load(a.init_from, dtype, device)
+        if meta is None:
+            raise UserError(f"{a.init_from} has no tokenizer.json to encode the prompt with")
+        if a.kernels:
+            kernels.install(model)
+    else:
+        model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device, install_kernels=a.kernels)
+        model, meta = model.to(dtype), ckpt["meta"]
     model.set_attn_impl(a.attn_impl)
     moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
     if a.show_experts is not None and not moe:
@@ -202,7 +218,7 @@ def main(argv=None):
     if a.show_experts not in moe + [None]:
         raise UserError(f"--show_experts={a.show_experts}: not an MoE layer of this model (those are "
                         f"{', '.join(map(str, moe))}; layers count from 0)")
-    encode, decode = tokenizer_from_meta(ckpt["meta"])
+    encode, decode = tokenizer_from_meta(meta)
     speculative = bool(model.mtp) if a.speculative is None else a.speculative
     if speculative and not model.mtp:
         raise UserError("--speculative=True needs a checkpoint trained with MTP (n_mtp >= 1)")
@@ -251,17 +267,12 @@ def main(argv=None):
     if speculative:
         line += (f"; acceptance {stats['accepted'] / max(stats['drafted'], 1):.1%} of {stats['drafted']} drafts, "
                  f"{stats['tokens'] / stats['forwards']:.2f} tokens per main-model forward")
-    print(f"{line}\n{kernels.describe(model, device, torch.float32)}")
+    print(f"{line}\n{kernels.describe(model, device, dtype)}")
     return stats
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The test suite: `python -m pytest -q` (conftest.py sets the environment up and holds the shared
 fixtures). Grouped as deepseek.py reads: config, norm and RoPE, MLA, gate, experts and MoE, balancing,
 MTP, model, generation; then the systems features (FP8, kernels, expert parallelism), training,
-sampling, the benchmarks."""
+sampling, DeepSeek's checkpoint format (hf.py), the benchmarks."""
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -20,11 +21,14 @@ from torch.nn.functional import ScalingType
 
 import bench
 import bench_common
+import bench_hf
 import configurator
 import data
 import deepseek as ds
 import expert_parallel
+import export
 import fp8
+import hf
 import kernels
 import sample
 import train
@@ -2207,6 +2211,429 @@ def test_sample_bad_checkpoint(tmp_path, capsys):
                           ("foreign", "not a train.py checkpoint")]:
         rc, _, err = run_sample(capsys, f"--out_dir={tmp_path / name}")
         assert rc == 2 and message in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- DeepSeek's checkpoint format (hf.py)
+
+CHAR_META = dict(tokenizer="char", chars="".join(chr(33 + i) for i in range(V)), vocab_size=V)
+# the config families the format carries; the test model otherwise: MLA with a low-rank query, 4 groups keep 2, MTP
+FAMILIES = {"v3": {}, "no q_lora": dict(q_lora_rank=0), "no groups": dict(n_expert_groups=1, n_limited_groups=1),
+            "yarn": dict(max_seq_len=64, original_seq_len=16, rope_factor=4.0, mscale=0.707, beta_fast=16, beta_slow=2),
+            "v2 softmax": dict(score_func="softmax", n_expert_groups=1, n_limited_groups=1, bias_update_speed=0.0),
+            "v2 softmax, groups": dict(score_func="softmax", bias_update_speed=0.0),
+            "no mtp": dict(n_mtp=0), "dense": dict(n_routed_experts=0)}
+# widths past 128, so that DeepSeek-V3's 128 x 128 FP8 blocks come whole and partial at the edges
+RELEASE = dict(dim=160, inter_dim=200, moe_inter_dim=136, q_lora_rank=136, kv_lora_rank=136)
+
+
+def family(name, seed=0):
+    m = model(seed, **FAMILIES[name]).eval()
+    if m.args.score_func == "softmax":           # DeepSeek-V2's gate has no balancing bias
+        for g in m.gates():
+            g.bias.zero_()
+    return m
+
+
+def mtp_logits(m, x):
+    """The first MTP module's logits for tokens x: from the main model's hidden states and the next tokens."""
+    module = m.mtp[0]
+    cos, sin, _ = m.positions(None, x.size(1) - 1)
+    return m.logits(module(m.hidden(x)[:, :-1], m.embed(x[:, 1:]), cos, sin), module.norm)
+
+
+def same_weights(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hf_round_trip_is_bit_for_bit(name, tmp_path):
+    """ours -> DeepSeek's layout (several shards and an index) -> ours: the same tensors bit for bit, the same config
+    (a dense model's first_k_dense_replace covers all its layers), the same logits; V2's softmax gate as deepseek_v2."""
+    m = family(name)
+    files = hf.export(m, CHAR_META, tmp_path / "hf", max_shard_bytes=40_000)
+    assert "model.safetensors.index.json" in files and "tokenizer.json" in files
+    loaded, meta = hf.load(tmp_path / "hf")
+    assert same_weights(m, loaded) and meta == CHAR_META
+    changed = {f.name for f in dataclasses.fields(ds.ModelArgs)
+               if getattr(m.args, f.name) != getattr(loaded.args, f.name)}
+    assert changed == ({"n_dense_layers"} if name == "dense" else set())
+    x = torch.randint(0, V, (2, 16))
+    assert torch.equal(m(x)[0], loaded(x)[0])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == ("deepseek_v2" if name.startswith("v2") else "deepseek_v3")
+    assert (config["rope_scaling"] is not None) == (name == "yarn")
+
+
+@pytest.mark.parametrize("rope_interleave", [True, False])
+def test_hf_loads_deepseek_v3_release_layout(rope_interleave, tmp_path):
+    """A folder as DeepSeek-V3 is released (bench_hf.write_release): FP8 weights with a scale per 128 x 128 block, edge
+    blocks partial, two shards and an index, the MTP module as the layer after the last with eh_proj taking
+    [embedding; h], and RoPE rows interleaved or [evens, odds]: it loads as the same weights (FP8 values times
+    their scales) loaded directly, with their logits and MTP logits."""
+    from safetensors import safe_open
+    m = model(**RELEASE).eval()
+    stored = bench_hf.write_release(m, tmp_path / "v3", shards=2, rope_interleave=rope_interleave)
+    weight_map = json.loads((tmp_path / "v3" / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.experts.0.gate_proj.weight"       # (136, 160): 2 x 2 blocks, 3 of them partial
+    with safe_open(tmp_path / "v3" / weight_map[name], "pt") as f:
+        assert f.get_tensor(name).dtype == torch.float8_e4m3fn
+    with safe_open(tmp_path / "v3" / weight_map[name + "_scale_inv"], "pt") as f:
+        assert f.get_tensor(name + "_scale_inv").shape == (2, 2)
+    assert len(set(weight_map.values())) == 2 and "model.layers.3.eh_proj.weight" in weight_map
+    loaded, _ = hf.load(tmp_path / "v3")
+    direct = model(**RELEASE).eval()
+    direct.load_state_dict(stored)
+    assert same_weights(direct, loaded) and not torch.equal(stored["layers.1.ffn.experts.w1"],
+                                                            m.state_dict()["layers.1.ffn.experts.w1"])
+    x = torch.randint(0, V, (2, 16))
+    assert torch.equal(loaded(x)[0], direct(x)[0]) and torch.equal(mtp_logits(loaded, x), mtp_logits(direct, x))
+
+
+def test_hf_reads_the_stacked_experts_transformers_5_holds(tmp_path):
+    """Each layer's experts as transformers 5 stacks them (gate_up_proj (E, 2I, D) = [gate; up], down_proj) load as
+    the per-expert tensors do."""
+    from safetensors.torch import load_file, save_file
+    m = family("v3")
+    hf.export(m, None, tmp_path / "a")
+    t = load_file(tmp_path / "a" / "model.safetensors")
+    for layer in range(1, m.args.n_layers + m.args.n_mtp):
+        p = f"model.layers.{layer}.mlp.experts."
+        w = {proj: torch.stack([t.pop(f"{p}{e}.{proj}.weight") for e in range(m.args.n_routed_experts)])
+             for proj in ("gate_proj", "up_proj", "down_proj")}
+        t[p + "gate_up_proj"], t[p + "down_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1), w["down_proj"]
+    (tmp_path / "b").mkdir()
+    save_file(t, tmp_path / "b" / "model.safetensors")
+    shutil.copy(tmp_path / "a" / "config.json", tmp_path / "b")
+    assert same_weights(m, hf.load(tmp_path / "b")[0])
+
+
+def test_hf_folder_without_its_mtp_layer_loads_without_mtp(tmp_path):
+    """transformers drops the MTP layer when it saves a model (config.json still counts it): such a folder loads as
+    the main model alone; an MTP layer with a tensor missing is an error naming it."""
+    from safetensors.torch import load_file, save_file
+    m = family("v3")
+    hf.export(m, None, tmp_path / "hf")
+    t = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({k: v for k, v in t.items() if not k.startswith("model.layers.3.")},
+              tmp_path / "hf" / "model.safetensors")
+    loaded = hf.load(tmp_path / "hf")[0]
+    x = torch.randint(0, V, (2, 16))
+    assert loaded.args.n_mtp == 0 and torch.equal(loaded(x)[0], m(x)[0])
+    save_file({k: v for k, v in t.items() if k != "model.layers.3.enorm.weight"}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(data.UserError, match="model.layers.3.enorm.weight is missing"):
+        hf.load(tmp_path / "hf")
+
+
+def test_hf_load_in_bfloat16_keeps_the_gate_bias_fp32(tmp_path):
+    m = family("v3")
+    hf.export(m, None, tmp_path / "hf")
+    loaded, meta = hf.load(tmp_path / "hf", torch.bfloat16)
+    assert meta is None and loaded.layers[1].ffn.gate.bias.dtype == torch.float32
+    state = loaded.state_dict()
+    assert all(state[k].dtype == (torch.float32 if k.endswith("gate.bias") else torch.bfloat16) and
+               torch.equal(state[k], v.to(state[k].dtype)) for k, v in m.state_dict().items())
+    assert loaded.generate(torch.tensor([[1, 2, 3]]), 4, temperature=0).shape == (1, 7)
+
+
+# DeepSeek-V2-Lite's and DeepSeek-V3's config.json as released (transformers 4.33 era, remote code)
+V2_LITE = dict(architectures=["DeepseekV2ForCausalLM"], attention_bias=False, attention_dropout=0.0,
+               auto_map={"AutoConfig": "configuration_deepseek.DeepseekV2Config"}, aux_loss_alpha=0.001,
+               bos_token_id=100000, eos_token_id=100001, first_k_dense_replace=1, hidden_act="silu", hidden_size=2048,
+               initializer_range=0.02, intermediate_size=10944, kv_lora_rank=512, max_position_embeddings=163840,
+               model_type="deepseek_v2", moe_intermediate_size=1408, moe_layer_freq=1, n_group=1,
+               n_routed_experts=64, n_shared_experts=2, norm_topk_prob=False, num_attention_heads=16,
+               num_experts_per_tok=6, num_hidden_layers=27, num_key_value_heads=16, pretraining_tp=1, q_lora_rank=None,
+               qk_nope_head_dim=128, qk_rope_head_dim=64, rms_norm_eps=1e-06,
+               rope_scaling=dict(beta_fast=32, beta_slow=1, factor=40, mscale=0.707, mscale_all_dim=0.707,
+                                 original_max_position_embeddings=4096, type="yarn"),
+               rope_theta=10000, routed_scaling_factor=1.0, scoring_func="softmax", seq_aux=True,
+               tie_word_embeddings=False, topk_group=1, topk_method="greedy", torch_dtype="bfloat16",
+               transformers_version="4.33.1", use_cache=True, v_head_dim=128, vocab_size=102400)
+V3 = dict(V2_LITE, architectures=["DeepseekV3ForCausalLM"], bos_token_id=0, eos_token_id=1, ep_size=1,
+          first_k_dense_replace=3, hidden_size=7168, intermediate_size=18432, model_type="deepseek_v3",
+          moe_intermediate_size=2048, n_group=8, n_routed_experts=256, n_shared_experts=1, norm_topk_prob=True,
+          num_attention_heads=128, num_experts_per_tok=8, num_hidden_layers=61, num_key_value_heads=128,
+          num_nextn_predict_layers=1, q_lora_rank=1536,
+          quantization_config=dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
+                                   weight_block_size=[128, 128]),
+          rope_scaling=dict(V2_LITE["rope_scaling"], mscale=1.0, mscale_all_dim=1.0), routed_scaling_factor=2.5,
+          scoring_func="sigmoid", topk_group=4, topk_method="noaux_tc", vocab_size=129280)
+
+
+def test_hf_released_configs_are_the_official_inference_configs(tmp_path):
+    """DeepSeek-V2-Lite's and DeepSeek-V3's config.json map to the ModelArgs of DeepSeek's own inference configs for
+    the same models (config_16B.json, config_671B.json), but for the context (163840 against the inference code's
+    default 16384, YaRN on in both) and V3's MTP module (the inference code drops it)."""
+    for cfg, name in ((V2_LITE, "16B"), (V3, "671B")):
+        a, interleaved, block = hf.args_from_config(cfg, "config.json")
+        b = official(tmp_path, name)
+        changed = {f.name for f in dataclasses.fields(ds.ModelArgs) if getattr(a, f.name) != getattr(b, f.name)}
+        assert changed == {"max_seq_len"} | ({"n_mtp"} if name == "671B" else set()), name
+        assert a.max_seq_len == 163840 and interleaved and block == (128 if name == "671B" else None)
+    # YaRN's attention scale: transformers' mscale_all_dim is DeepSeek's mscale (softmax scale times mscale^2)
+    a = hf.args_from_config(V2_LITE, "config.json")[0]
+    assert ds.MLA(a).softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model_type="llama"), "model_type 'llama' is not supported (deepseek_v3 or deepseek_v2)"),
+    (dict(use_sliding_window=True), "config key use_sliding_window is not supported"),
+    (dict(hidden_size=None), "config key hidden_size is missing"),
+    (dict(attention_bias=True), "attention_bias=True is not supported"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    (dict(rms_norm_eps=1e-5), "rms_norm_eps=1e-05 is not supported"),
+    (dict(moe_layer_freq=2), "moe_layer_freq=2 is not supported"),
+    (dict(scoring_func="softmax"), "scoring_func='softmax' is not supported with model_type deepseek_v3"),
+    (dict(norm_topk_prob=False), "norm_topk_prob=False is not supported"),
+    (dict(model_type="deepseek_v2", topk_method="noaux_tc", scoring_func="softmax", norm_topk_prob=False),
+     "topk_method='noaux_tc' is not supported with model_type deepseek_v2"),
+    (dict(rope_scaling=dict(V3["rope_scaling"], mscale=0.707)), "rope_scaling.mscale=0.707 with mscale_all_dim=1.0"),
+    (dict(rope_scaling=dict(V3["rope_scaling"], attention_factor=1.2)), "rope_scaling.attention_factor"),
+    (dict(rope_scaling=dict(type="dynamic", factor=2.0)), "rope type 'dynamic' is not supported"),
+    (dict(max_position_embeddings=4096), "max_position_embeddings=4096 with yarn must exceed"),
+    (dict(quantization_config=dict(quant_method="fp8", fmt="e4m3", weight_block_size=[64, 64])), "quantization_config"),
+    (dict(kv_lora_rank=0), "kv_lora_rank must be > 0"),
+])
+def test_hf_config_refuses_what_this_model_does_not_compute(change, message):
+    cfg = {k: v for k, v in {**V3, **change}.items() if v is not None}
+    with pytest.raises(data.UserError) as e:
+        hf.args_from_config(cfg, "config.json")
+    assert str(e.value).startswith("config.json: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hf_export_refuses_what_the_layout_cannot_hold(tmp_path):
+    with pytest.raises(data.UserError, match="DeepSeek's layout has MLA only"):
+        hf.export(model(attn="mha"), None, tmp_path / "mha")
+    with pytest.raises(data.UserError, match="softmax gate with a balancing bias"):
+        hf.export(model(score_func="softmax"), None, tmp_path / "v2")          # model() gives the gates a bias
+    assert not (tmp_path / "mha").exists() and not (tmp_path / "v2").exists()
+
+
+def test_hf_char_tokenizer_round_trip(tmp_path, text_file):
+    """The character vocabulary as tokenizer.json: the tokenizers package encodes and decodes as data.py does, an
+    unknown character is an error in both; hf.tokenizer_meta recognises the file as the vocabulary it came from."""
+    tokenizers = pytest.importorskip("tokenizers")
+    text = text_file.read_text()[:20000] + "\t\r\n  é😀"
+    meta = dict(tokenizer="char", chars="".join(sorted(set(text))), vocab_size=len(set(text)))
+    (tmp_path / "tokenizer.json").write_text(json.dumps(hf.tokenizer_json(meta)))
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    encode, decode = data.tokenizer_from_meta(meta)
+    ids = tok.encode(text).ids
+    assert ids == encode(text) and tok.decode(ids) == decode(ids) == text
+    with pytest.raises(Exception, match="UNK"):
+        tok.encode("\x07")
+    assert hf.tokenizer_meta(tmp_path) == meta
+
+
+@pytest.mark.skipif(not HAS_BPE, reason="no local tiktoken cache")
+def test_hf_bpe_tokenizer_round_trip(tmp_path, text_file):
+    """GPT-2's BPE (tiktoken r50k_base) as a byte-level BPE tokenizer.json: the same tokens as tiktoken on English,
+    code-like text, other scripts, emoji and the end-of-text special token; the same text back."""
+    tokenizers = pytest.importorskip("tokenizers")
+    meta = dict(tokenizer="bpe", encoding="r50k_base", vocab_size=50257)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(hf.tokenizer_json(meta)))
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    encode, decode = data.tokenizer_from_meta(meta)
+    text = (text_file.read_text()[:30000] + "\n\ndef f(x):\n\treturn x**2  # 1,000,000.5\n    \n"
+            "Ünïcödé ΑΒΓ ñ 日本語のテキスト 😀👍🏽 it's we'll I'M<|endoftext|>next  \n\n\n  end")
+    ids = tok.encode(text).ids
+    assert ids == encode(text) and tok.decode(ids, skip_special_tokens=False) == decode(ids) == text and 50256 in ids
+    assert hf.tokenizer_meta(tmp_path) == meta
+
+
+def test_hf_foreign_tokenizer_runs_with_the_tokenizers_package(tmp_path, capsys, monkeypatch):
+    """A tokenizer.json that is neither of ours (here: a chat special token in a character vocabulary) is run as it
+    is by the tokenizers package: sample.py encodes the prompt with it; without the package, one line naming it."""
+    pytest.importorskip("tokenizers")
+    hf.export(family("v3"), CHAR_META, tmp_path / "hf")
+    tok = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    tok["added_tokens"] = [dict(id=V - 1, content="<|end|>", single_word=False, lstrip=False, rstrip=False,
+                                normalized=False, special=True)]
+    tok["model"]["vocab"] = {k: v for k, v in tok["model"]["vocab"].items() if v < V - 1} | {"<|end|>": V - 1}
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(tok))
+    meta = hf.tokenizer_meta(tmp_path / "hf")
+    assert meta == dict(tokenizer="hf", file=str(tmp_path / "hf" / "tokenizer.json"))
+    encode, decode = data.tokenizer_from_meta(meta)
+    assert encode("AB<|end|>") == [32, 33, V - 1] and decode([32, 33, V - 1]) == "AB<|end|>"
+    rc, out, _ = run_sample(capsys, f"--init_from={tmp_path / 'hf'}", "--start=AB<|end|>", "--num_samples=1",
+                            "--max_new_tokens=5", "--temperature=0")
+    assert rc == 0 and out.startswith("AB<|end|>")
+    rc, _, err = run_sample(capsys, f"--init_from={tmp_path / 'hf'}", "--start=abc")     # lower case: not in it
+    assert rc == 2 and err.startswith("error: prompt: Exception: WordLevel error") and err.count("\n") == 1
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(data.UserError, match="needs the tokenizers package: pip install tokenizers"):
+        data.tokenizer_from_meta(meta)
+
+
+@pytest.mark.parametrize("case", ["truncated shard", "missing shard", "wrong shape", "unknown model_type",
+                                  "unsupported key", "export target not empty"])
+def test_hf_bad_input_one_line_exit_2(case, tmp_path, capsys):
+    """Each command that reads a folder (train.py, sample.py, export.py) stops at bad input with one line naming it
+    and exit code 2, before writing anything: no out_dir, no export folder, a non-empty target left as it was."""
+    from safetensors.torch import load_file, save_file
+    folder, out = tmp_path / "hf", tmp_path / "out"
+    hf.export(family("v3"), CHAR_META, folder, max_shard_bytes=40_000)
+    shards = sorted(folder.glob("*.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    if case == "truncated shard":
+        shards[1].write_bytes(shards[1].read_bytes()[:-100])
+        message = f"{shards[1]} is not a readable safetensors file"
+    elif case == "missing shard":
+        shards[2].unlink()
+        message = f"{shards[2]}, named in model.safetensors.index.json, is missing"
+    elif case == "wrong shape":
+        name = "model.layers.0.self_attn.kv_b_proj.weight"
+        shard = folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][name]
+        t = load_file(shard)
+        t[name] = t[name][:-1]
+        save_file(t, shard)
+        message = f"{name} has shape [63, 16], the config gives [64, 16]"
+    elif case in ("unknown model_type", "unsupported key"):
+        config.update(model_type="mixtral") if case == "unknown model_type" else config.update(sliding_window=128)
+        (folder / "config.json").write_text(json.dumps(config))
+        message = "model_type 'mixtral'" if case == "unknown model_type" else "config key sliding_window"
+    else:
+        (out / "sub").mkdir(parents=True)
+        (out / "mine.txt").write_text("keep")
+        message = f"{out} exists and is not an empty folder"
+    runs = [export.cli([str(folder), str(out)])]
+    if case != "export target not empty":
+        runs += [train.cli([f"--init_from={folder}", f"--out_dir={out}", "--device=cpu"]),
+                 sample.cli([f"--init_from={folder}", "--device=cpu"])]
+    errors = capsys.readouterr().err.splitlines()
+    assert runs == [2] * len(runs) and len(errors) == len(runs), errors
+    assert all(e.startswith("error: ") and message in e for e in errors), errors
+    if case == "export target not empty":
+        assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "sub"] and (out / "mine.txt").read_text() == "keep"
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"] if case == "export target not empty" else ["hf"]
+
+
+@pytest.mark.slow
+def test_hf_export_sample_and_fine_tune_commands(trained, tmp_path, text_file, data_dir, capsys):
+    """python export.py out/ out-hf/; sample.py --init_from=out-hf gives the greedy text that sample.py gives from
+    the checkpoint; train.py --init_from=out-hf trains as a new run from the checkpoint itself does (the same losses
+    step for step), into its own out_dir, and refuses to change the weights' shapes."""
+    out_dir, _ = trained
+    assert export.cli([str(out_dir), str(tmp_path / "hf")]) == 0
+    assert "model_type deepseek_v3" in capsys.readouterr().out
+    texts = []
+    for source in (f"--out_dir={out_dir}", f"--init_from={tmp_path / 'hf'}"):
+        rc, out, _ = run_sample(capsys, source, "--start=ROMEO:", "--temperature=0", "--num_samples=1",
+                                "--max_new_tokens=20")
+        texts.append(out.split("---------------")[0])
+    assert rc == 0 and texts[0] == texts[1] and texts[0].startswith("ROMEO:")
+    logs = [run(tmp_path, text_file, data_dir, f"--init_from={source}", out=name, max_iters=2, eval_interval=2)
+            for source, name in ((out_dir, "from-ckpt"), (tmp_path / "hf", "from-hf"))]
+    losses = [[(e["kind"], e.get("loss"), e.get("val")) for e in log if e["kind"] in ("train", "eval")] for log in logs]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert train.cli([f"--init_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'x'}", "--n_layers=3"]) == 2
+    assert "n_layers 2 -> 3 would change the shapes" in capsys.readouterr().err
+
+
+# transformers' side of test_hf_matches_transformers, run in a process of its own: transformers imports the PyPI
+# package `kernels`, which this checkout's kernels.py would shadow
+TRANSFORMERS_SIDE = '''
+import glob, json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_layers import MtpLayer
+from safetensors.torch import load_file
+cases = json.loads(sys.argv[1])
+x, prompt, h = torch.load(sys.argv[2])
+results = {}
+for name, folder in cases.items():
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        r = dict(kind=type(m).__name__, logits=m(x).logits,
+                 greedy=m.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12))
+        if name in h and m.config.num_nextn_predict_layers:    # the MTP module, layer L, by transformers' MtpLayer
+            L, E = m.config.num_hidden_layers, m.config.n_routed_experts
+            layer = MtpLayer(m.config, type(m.model.layers[-1]), type(m.model.norm), L).eval()
+            t = {k[len(f"model.layers.{L}."):]: v for f in glob.glob(folder + "/*.safetensors")
+                 for k, v in load_file(f).items() if k.startswith(f"model.layers.{L}.")}
+            if E:                                # transformers holds the experts stacked
+                w = {p: torch.stack([t.pop(f"mlp.experts.{e}.{p}.weight") for e in range(E)])
+                     for p in ("gate_proj", "up_proj", "down_proj")}
+                t["mlp.experts.gate_up_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1)
+                t["mlp.experts.down_proj"] = w["down_proj"]
+            del t["embed_tokens.weight"], t["shared_head.head.weight"]
+            t = {("post_norm.weight" if k == "shared_head.norm.weight" else k if k.split(".")[0] in
+                  ("enorm", "hnorm", "eh_proj") else "mtp_block." + k): v for k, v in t.items()}
+            layer.load_state_dict(t, strict=True)
+            pos = torch.arange(x.size(1) - 1)[None]
+            out = layer(m.model.embed_tokens(x[:, 1:]), h[name][:, :-1], attention_mask=None, position_ids=pos,
+                        position_embeddings=m.model.rotary_emb(h[name], pos), cache=None)
+            r["mtp"] = m.lm_head(out)
+    results[name] = r
+    if name == "yarn":                           # transformers 5's own layout: rope_parameters, no MTP layer
+        m.save_pretrained(folder + "-resaved")
+texts = json.loads(sys.argv[3])
+for name, text in texts.items():
+    tok = AutoTokenizer.from_pretrained(cases[name])
+    ids = tok(text)["input_ids"]
+    results["tokenizer " + name] = dict(ids=ids, text=tok.decode(ids))
+torch.save(results, sys.argv[4])
+'''
+
+
+@pytest.mark.slow
+def test_hf_matches_transformers(tmp_path, text_file):
+    """AutoModelForCausalLM.from_pretrained(exported folder) gives our logits within 1e-5 in fp32 and the same greedy
+    tokens, for every config family (V2's softmax gate as DeepseekV2ForCausalLM) and for a folder with
+    rope_interleave false; transformers' MtpLayer gives our MTP module's logits from the checkpoint's layer L
+    (eh_proj taking [embedding; h]); AutoTokenizer encodes and decodes as our tokenizers; and what transformers'
+    save_pretrained writes (rope_parameters, no MTP layer) loads back with our logits."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (pip install -r requirements-test.txt)")
+    x, prompt = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0)), torch.tensor([[5, 17, 3]])
+    ours, cases, h = {}, {}, {}
+    for name in FAMILIES:
+        m = family(name)
+        hf.export(m, CHAR_META, tmp_path / name, max_shard_bytes=40_000)
+        ours[name], cases[name] = m, str(tmp_path / name)
+    ours["rope_interleave false"] = model(1).eval()
+    bench_hf.write_release(ours["rope_interleave false"], tmp_path / "ni", fp8_weights=False, rope_interleave=False)
+    cases["rope_interleave false"] = str(tmp_path / "ni")
+    texts = {"v3": "ABC!!\"[]XYZ"}
+    if HAS_BPE:
+        hf.export(model(vocab_size=50257, n_layers=2).eval(), dict(tokenizer="bpe", encoding="r50k_base",
+                                                                  vocab_size=50257), tmp_path / "bpe")
+        cases["bpe"] = str(tmp_path / "bpe")
+        texts["bpe"] = text_file.read_text()[:2000] + " naïve café 😀<|endoftext|> it's  \n\n end"
+    with torch.no_grad():
+        h = {name: m.hidden(x) for name, m in ours.items()}
+        torch.save((x, prompt, h), tmp_path / "inputs.pt")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        (tmp_path / "side.py").write_text(TRANSFORMERS_SIDE)
+        r = subprocess.run([sys.executable, "side.py", json.dumps(cases), "inputs.pt", json.dumps(texts), "out.pt"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        theirs = torch.load(tmp_path / "out.pt", weights_only=False)
+        for name, m in ours.items():
+            t = theirs[name]
+            assert t["kind"] == ("DeepseekV2ForCausalLM" if name.startswith("v2") else "DeepseekV3ForCausalLM")
+            assert (t["logits"] - m(x)[0]).abs().max() < 1e-5, name
+            assert torch.equal(t["greedy"], m.generate(prompt, 12, temperature=0)), name
+            if m.mtp:
+                assert (t["mtp"] - mtp_logits(m, x)).abs().max() < 1e-5, name
+            assert ("mtp" in t) == bool(m.mtp), name
+        resaved = hf.load(cases["yarn"] + "-resaved")[0]       # what transformers writes loads back
+        assert resaved.args.n_mtp == 0 and torch.equal(resaved(x)[0], ours["yarn"](x)[0])
+    for name, text in texts.items():
+        encode, decode = data.tokenizer_from_meta(CHAR_META if name == "v3" else
+                                                  dict(tokenizer="bpe", encoding="r50k_base"))
+        assert theirs["tokenizer " + name] == dict(ids=encode(text), text=text), name
+
+
+@pytest.mark.slow
+def test_bench_hf_smoke(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_hf, "SHAPE", dict(bench_hf.SHAPE, vocab_size=2048, dim=256, inter_dim=512))
+    rows = bench_hf.run(types.SimpleNamespace(hf_gb=0.03, quick=True, out=str(tmp_path)))
+    out = capsys.readouterr().out
+    assert "| bf16 (V2-Lite's release) |" in out and "| FP8 + block scales (V3's release) |" in out
+    assert all(m["peak"] > 0 and m["model"] > 0 for _, _, m in rows)
 
 
 # ----------------------------------------------------------------------------- bench

@@ -6,6 +6,7 @@
     python train.py --text=my_book.txt --tokenizer=bpe  # your own text (a .txt file or a folder of them)
     python train.py --init_from=resume --out_dir=out    # continue the run saved in out/ckpt.pt
     python train.py config/shakespeare_char_cpu_256.py  # a new run from its weights: context 64 -> 256 with YaRN
+    python train.py --init_from=out-hf --out_dir=out-ft # fine-tune a folder in DeepSeek's layout (hf.py, export.py)
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
     torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: expert_parallel.py
 
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fp8
+import hf
 import kernels
 from configurator import MODEL_KEYS, check_config, model_args_from, parse_config, pick_device
 from data import UserError, batch_seed, get_batch, load_data, one_line, tokenizer_meta, write_atomic
@@ -48,7 +50,8 @@ DEFAULTS = dict(
     # I/O: evaluate (and checkpoint) every eval_interval steps and at the end, on eval_iters batches per split
     out_dir="out", eval_interval=250, eval_iters=200, log_interval=10, eval_only=False,
     always_save_checkpoint=False,  # False: save only when val loss improves (the run overfits late); True: always
-    init_from="scratch",          # "scratch" | "resume" (out_dir/ckpt.pt) | a folder: a new run from its ckpt.pt's weights
+    init_from="scratch",          # "scratch" | "resume" (out_dir/ckpt.pt) | a folder: a new run from its ckpt.pt's
+                                  # weights, or from a folder in DeepSeek's layout (config.json + safetensors: hf.py)
     # data: Tiny Shakespeare or your text (a .txt file or a folder of them), tokenised once into data_dir/NAME/TOKENIZER/
     text="", dataset="", data_dir="data",  # NAME: dataset, else "shakespeare" or the text file's name
     tokenizer="char", encoding="r50k_base",  # "char" | "bpe" (tiktoken's encoding; r50k_base is GPT-2's)
@@ -161,6 +164,8 @@ def save_checkpoint(ckpt, path):
 def read_checkpoint(path):
     """The checkpoint dict at path, in CPU memory; a one-line UserError if it is missing, unreadable or foreign."""
     path = Path(path)
+    if path.is_dir():                        # a folder in DeepSeek's layout (config.json, safetensors): hf.py
+        return hf.checkpoint(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
@@ -175,9 +180,12 @@ def read_checkpoint(path):
 
 
 def init_path(cfg):
-    """The checkpoint a run starts from: out_dir's on resume, the init_from folder's, None from scratch."""
-    return None if cfg["init_from"] == "scratch" else Path(
-        cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]) / "ckpt.pt"
+    """The checkpoint a run starts from: out_dir's on resume, the init_from folder's (its ckpt.pt, or the folder itself
+    when it holds DeepSeek's layout: config.json and safetensors), None from scratch."""
+    if cfg["init_from"] in ("scratch", "resume"):
+        return None if cfg["init_from"] == "scratch" else Path(cfg["out_dir"]) / "ckpt.pt"
+    folder = Path(cfg["init_from"])
+    return folder if hf.is_folder(folder) and not (folder / "ckpt.pt").exists() else folder / "ckpt.pt"
 
 
 def load_state(model, state, path):
