@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bench import pyplot, spread, train_run
+from bench_common import pyplot, spread, train_run
 
 # the ladder: each row is config/shakespeare_char_cpu.py (nanoGPT's CPU budget) plus these overrides
 ABLATION = [

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import bench_decode
-from bench import pyplot, spread, train_run
+from bench_common import pyplot, spread, train_run
 from data import load_split, prepare_data
-from train import load_checkpoint, parse_config, read_checkpoint
+from train import DEFAULTS, load_checkpoint, parse_config, read_checkpoint
 
 BASE, PHASE = "shakespeare_char_cpu", "shakespeare_char_cpu_256"     # presets: pretraining at 64, the phase at 256
 WINDOW, BUCKETS = 512, (0, 64, 128, 256, 384, 512)
@@ -37,8 +37,8 @@ def run(args):
     --repeats seeds (iters / 8 steps: 250 of 2000), then measure the four variants on the same windows."""
     root = Path(args.out)
     data = ["--device=cpu", f"--data_dir={args.data_dir}"] + ([f"--text={args.text}"] if args.text else [])
-    phase = parse_config([PHASE])[0]
-    base = root / "context_base" if args.quick else Path(parse_config([BASE])[0]["out_dir"])
+    phase = parse_config([PHASE], DEFAULTS)[0]
+    base = root / "context_base" if args.quick else Path(parse_config([BASE], DEFAULTS)[0]["out_dir"])
     if not (base / "ckpt.pt").exists():
         print(f"context: training the base model into {base} ...", file=sys.stderr, flush=True)
         train_run(args, base, [BASE, *data, f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}"],

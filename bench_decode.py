@@ -7,8 +7,17 @@ from pathlib import Path
 import torch
 
 import deepseek as ds
-from bench import V3_CONFIG, timed
+import kernels
+from bench_common import V3_CONFIG, preset_args, timed
 from sample import generate_speculative
+
+
+def cache_numbers_per_token(args, attn_impl="absorb"):
+    """Numbers one layer caches per token at decode: the absorbed MLA latent + shared RoPE key,
+    or full per-head K and V (MHA, or MLA in naive mode)."""
+    if args.attn == "mla" and attn_impl == "absorb":
+        return args.kv_lora_rank + args.qk_rope_head_dim
+    return args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
 
 
 @torch.no_grad()
@@ -75,14 +84,15 @@ def step_profile(name, model, repeats, calls=20):
     S, mtp = model.args.max_seq_len // 2, model.mtp[0]
     t = torch.randint(0, model.args.vocab_size, (1, S + 3))
     model.hidden(t[:, :S], 0)
-    h = model.hidden(t[:, S:S + 2], S)[0]
+    h = model.hidden(t[:, S:S + 2], S)
 
     def draft(n):
-        hm = mtp(h[:, :n], model.embed(t[:, S + 1:S + 1 + n]), **model.positions(S, n))[0]
+        cos, sin, mask = model.positions(S, n)
+        hm = mtp(h[:, :n], model.embed(t[:, S + 1:S + 1 + n]), cos, sin, S, mask)
         return model.logits(hm[:, -1], mtp.norm).argmax(-1)
 
     def main(n):
-        return model.logits(model.hidden(t[:, S:S + n], S)[0][0]).argmax(-1)
+        return model.logits(model.hidden(t[:, S:S + n], S)[0]).argmax(-1)
     parts = [("main model, 1 token (a plain step)", lambda: main(1)),
              ("main model, 2 tokens (verify [y, d])", lambda: main(2)),
              ("MTP draft, 1 position (after a rejection)", lambda: draft(1)),
@@ -118,15 +128,16 @@ def run(args):
         idx = torch.tensor([encode("ROMEO:\n")])
         row(out_dir, model, idx, model.args.max_seq_len - idx.size(1), args.timing_repeats)
         step_profile(out_dir, model, args.timing_repeats)
-    # long context: the default model shape (random weights: speed does not depend on training)
-    long = ds.Transformer(ds.ModelArgs(max_seq_len=1024))
+    # long context: the GPU preset's shape (random weights: speed does not depend on training)
+    long = kernels.install(ds.Transformer(dataclasses.replace(preset_args("shakespeare_char"), max_seq_len=1024)))
     idx = torch.randint(0, long.args.vocab_size, (1, 512))
-    row("default shape, untrained, 512 context", long, idx, args.long_tokens, args.timing_repeats)
+    row("GPU preset's shape, untrained, 512 context", long, idx, args.long_tokens, args.timing_repeats)
 
     print("\n| attention | numbers cached per token per layer | KiB per token, all layers (bf16) | vs MLA absorb |")
     print("|---|---:|---:|---:|")
-    for name, a in [("nano (default ModelArgs)", ds.ModelArgs()), ("DeepSeek-V3 671B", ds.ModelArgs.from_json(V3_CONFIG))]:
-        base = ds.cache_numbers_per_token(a)
+    for name, a in [("CPU preset", preset_args("shakespeare_char_cpu")), ("GPU preset", preset_args("shakespeare_char")),
+                    ("DeepSeek-V3 671B", ds.ModelArgs.from_json(V3_CONFIG))]:
+        base = cache_numbers_per_token(a)
         for label, attn, impl in [("MLA absorb", "mla", "absorb"), ("MLA naive", "mla", "naive"), ("MHA", "mha", "absorb")]:
-            n = ds.cache_numbers_per_token(dataclasses.replace(a, attn=attn), impl)
+            n = cache_numbers_per_token(dataclasses.replace(a, attn=attn), impl)
             print(f"| {name}: {label} | {n:,} | {n * a.n_layers * 2 / 1024:,.1f} | {n / base:.1f}x |")

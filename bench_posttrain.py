@@ -15,9 +15,10 @@ import torch
 import chat
 import grpo
 import sft
-from bench import pyplot, read_log, timed, train_run
-from data import MATH_KINDS, batch_seed, math_text, prepare_data
-from train import load_checkpoint, parse_config, read_checkpoint
+from bench_common import pyplot, read_log, timed, train_run
+from configurator import parse_config
+from data import MATH_KINDS, batch_seed, math_text, prepare_data, run_cli
+from train import load_checkpoint, read_checkpoint
 
 BASE, SFT, GRPO = "domains_cpu", "sft_cpu", "grpo_cpu"      # the presets
 QUICK = dict(sft=["--pairs=48", "--batch_size=16", "--epochs=1"], grpo=["--max_iters=2", "--questions=2", "--group_size=4",
@@ -30,7 +31,7 @@ def stage(module, argv, out, quiet_log):
     if (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
     with open(quiet_log, "w") as log, contextlib.redirect_stdout(log):
-        if chat.cli(module.main, [*argv, f"--out_dir={out}"]) != 0:
+        if run_cli(module.main, [*argv, f"--out_dir={out}"]) != 0:
             raise SystemExit(f"bench: {module.__name__} failed, see {quiet_log}")
     return read_log(out)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from bench import pyplot, spread
+from bench_common import pyplot, spread
 from bench_ablation import ABLATION, run_val, train_row
 from sample import routing
 

@@ -9,7 +9,7 @@ import torch
 
 import deepseek as ds
 import fp8
-from bench import gpu_speed
+from bench_common import gpu_speed, preset_args
 from bench_ablation import train_row
 
 
@@ -52,7 +52,7 @@ def bench_fp8(args):
 
 def fp8_gpu_speed(args):
     """Tokens/s of config/shakespeare_char.py on this GPU in bf16 autocast and with fp8=True, eager and compiled
-    (where the two combine: fp8.check_compile), 60 steps each; labelled with the GEMM path FP8 took."""
+    (where the two combine: configurator.check_config), 60 steps each; labelled with the GEMM path FP8 took."""
     if not torch.cuda.is_available():
         print("fp8: no CUDA GPU here: FP8 vs bf16 tokens/s not measured")
         return
@@ -62,8 +62,10 @@ def fp8_gpu_speed(args):
         runs.append(("fp8, compiled", ["--fp8=True", "--compile=True"]))
     speed = {name: gpu_speed(args, name.replace(", ", "-"), ["--dtype=bfloat16", *extra])["tokens_per_s"]
              for name, extra in runs}
+    with torch.device("meta"):                                    # the preset's model, as train.py builds it
+        model = kernels.install(ds.Transformer(preset_args("shakespeare_char")))
     print(f"fp8: {torch.cuda.get_device_name()}, config/shakespeare_char.py, 60 steps each; "
-          f"{kernels.describe('cuda', torch.bfloat16)}; {fp8.describe('cuda')}")
+          f"{kernels.describe(model, 'cuda', torch.bfloat16)}; {fp8.describe('cuda')}")
     print("| run | tokens/s | vs bf16 |\n|---|---:|---:|")
     for name, v in speed.items():
         print(f"| {name} | {v:,.0f} | {v / speed['bf16']:.2f}x |")
@@ -71,14 +73,17 @@ def fp8_gpu_speed(args):
 
 # ----------------------------------------------------------------------------- expert parallelism
 
-# the nano model's MoE (16 experts, top-4, dim 256) with one expert group per rank
-EP_MODEL = dict(vocab_size=256, n_layers=3, n_dense_layers=1, n_mtp=0, n_routed_experts=16, n_activated_experts=4)
+# a nano model's MoE (16 experts, top-4, dim 256) with one expert group per rank
+EP_MODEL = dict(vocab_size=256, dim=256, inter_dim=768, moe_inter_dim=128, n_layers=3, n_dense_layers=1, n_heads=8,
+                n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, q_lora_rank=96, kv_lora_rank=64,
+                qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_mtp=0)
 
 
 def ep_volume(rank, world, store, out, batches):
     """One rank (gloo on CPU): the same weights run with every node limit M = world .. 1 over the same
     random tokens; rank 0 writes the all-to-all volume summed over the ranks to `out`."""
     import expert_parallel
+    import train
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     rows = []
@@ -90,7 +95,7 @@ def ep_volume(rank, world, store, out, batches):
         with torch.no_grad():                   # training mode: the layers count their traffic
             for _ in range(batches):
                 model(torch.randint(EP_MODEL["vocab_size"], (8, 64), generator=g))
-        v, _ = expert_parallel.all_to_all_volume(model, batches, "cpu")
+        v, _ = train.all_to_all_volume(model, batches, "cpu")
         rows.append(dict(M=M, sends=v["a2a_sends_per_token"], copies=v["a2a_copies_per_token"],
                          bytes_per_token=v["a2a_bytes_per_step"] / (world * 8 * 64)))
     if rank == 0:

@@ -18,8 +18,10 @@ from types import SimpleNamespace
 import torch
 
 import deepseek as ds
+import kernels
+from configurator import parse_config, pick_device
 from data import MATH_KINDS, UserError, math_problems, tokenizer_from_meta
-from train import load_state, parse_config, pick_device, read_checkpoint
+from train import load_state, read_checkpoint
 
 # <｜begin▁of▁sentence｜><｜User｜>{question}<｜Assistant｜>{answer}<｜end▁of▁sentence｜>, ids after the base vocabulary
 SPECIAL = ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>")
@@ -60,10 +62,11 @@ class Template:
 
 
 def chat_model(ckpt, path, max_seq_len, device="cpu"):
-    """(model in training mode, tokenizer meta) from a train.py-style checkpoint dict read from `path`: a chat checkpoint as
-    it is; a pretrained one with SPECIAL added to its vocabulary (new embedding and output-head rows drawn as the model's
-    init, N(0, 0.02); the old rows kept bit for bit). max_seq_len sets the RoPE tables only (room for generate's left
-    padding); the routing bias stays as trained (bias_update_speed 0: the balance counts would include padding)."""
+    """(model in training mode, kernels.py's MoE paths installed; tokenizer meta) from a train.py-style checkpoint dict
+    read from `path`: a chat checkpoint as it is; a pretrained one with SPECIAL added to its vocabulary (new embedding and
+    output-head rows drawn as the model's init, N(0, 0.02); the old rows kept bit for bit). max_seq_len sets the RoPE
+    tables only (room for generate's left padding); the routing bias stays as trained (bias_update_speed 0: the balance
+    counts would include padding)."""
     meta, args, state = dict(ckpt["meta"]), dict(ckpt["model_args"]), dict(ckpt["model"])
     if "special" not in meta:
         n = args["vocab_size"]
@@ -80,7 +83,7 @@ def chat_model(ckpt, path, max_seq_len, device="cpu"):
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: bad model_args ({e})") from None
     load_state(model, state, path)
-    return model.to(device).train(), meta
+    return kernels.install(model).to(device).train(), meta
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -150,7 +153,7 @@ def generate(model, prompts, max_new_tokens, stop, group=1, temperature=0.0, top
         idx[i, P - len(p):], keep[i, P - len(p):] = torch.tensor(p, dtype=torch.long), True
     idx, keep = idx.to(device), keep.to(device)
     attn = [layer.attn for layer in model.layers]
-    logits = model.logits(model.hidden(idx, 0, padded_mask(keep, 0, P))[0][:, -1]).repeat_interleave(group, 0)
+    logits = model.logits(model.hidden(idx, 0, padded_mask(keep, 0, P))[:, -1]).repeat_interleave(group, 0)
     for a in attn:
         a.cache = {name: t.repeat_interleave(group, 0) for name, t in a.cache.items()}
     keep, rows = keep.repeat_interleave(group, 0), torch.arange(len(prompts) * group, device=device)
@@ -170,7 +173,7 @@ def generate(model, prompts, max_new_tokens, stop, group=1, temperature=0.0, top
             for a in attn:
                 a.cache = {name: t[alive] for name, t in a.cache.items()}
         keep = torch.cat([keep, keep.new_ones(len(rows), 1)], dim=1)
-        logits = model.logits(model.hidden(nxt, pos, padded_mask(keep, pos, 1))[0][:, -1])
+        logits = model.logits(model.hidden(nxt, pos, padded_mask(keep, pos, 1))[:, -1])
     model.train(was_training)
     return list(zip(out, stopped))
 
@@ -259,13 +262,3 @@ def held_out_eval(model, meta, problems, step, record, train_s):
     print(f"eval step {step}: held-out {describe(acc)}")
     record(kind="eval", step=step, accuracy=acc, train_s=train_s)
     return acc
-
-
-def cli(main, argv=None):
-    """main(argv) with user errors as one line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import re
+import sys
 import sysconfig
 import urllib.request
 from pathlib import Path
@@ -31,6 +32,16 @@ MATH_SEED = 0
 
 class UserError(ValueError):
     """A mistake in the command, config or files: reported as one line `error: ...`, exit code 2."""
+
+
+def run_cli(main, argv=None):
+    """main(argv) for a command line: a UserError becomes one line `error: ...` on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def one_line(e):
@@ -61,24 +72,11 @@ def _tiktoken(encoding):
 
 
 def tokenizer_from_meta(meta):
-    """(encode, decode) for a tokenizer meta dict: {"tokenizer": "bpe", "encoding": ...} or
-    {"tokenizer": "char", "chars": ...}, plus "special": a list of strings (a chat template's tokens, chat.py) whose
-    ids follow the base vocabulary, each encoded whole wherever it occurs. The char encoder raises ValueError naming
-    unknown characters."""
-    if meta.get("tokenizer") == "bpe":
-        enc = _tiktoken(meta["encoding"])
-        encode, decode, n = (lambda s: enc.encode(s, allowed_special="all")), enc.decode, enc.n_vocab
-    elif meta.get("tokenizer") == "char":
-        chars = meta["chars"]
-        stoi = {ch: i for i, ch in enumerate(chars)}
-
-        def encode(s):
-            if unknown := sorted(set(s) - stoi.keys()):
-                raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
-            return [stoi[ch] for ch in s]
-        decode, n = (lambda ids: "".join(chars[i] for i in ids)), len(chars)
-    else:
-        raise ValueError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta (expected 'bpe' or 'char')")
+    """(encode, decode) for a tokenizer meta dict: {"tokenizer": "bpe", "encoding": ...},
+    {"tokenizer": "char", "chars": ...} or {"tokenizer": "hf", "file": a tokenizer.json}; plus "special": a list of
+    strings (a chat template's tokens, chat.py) whose ids follow the base vocabulary, each encoded whole wherever it
+    occurs. The char encoder raises ValueError naming unknown characters."""
+    encode, decode, n = _base_tokenizer(meta)
     special = meta.get("special", [])
     if not special:
         return encode, decode
@@ -91,6 +89,39 @@ def tokenizer_from_meta(meta):
         return "".join("".join(special[t - n] for t in run) if is_special else decode(list(run))
                        for is_special, run in itertools.groupby(tokens, lambda t: t >= n))
     return encode_special, decode_special
+
+
+def _base_tokenizer(meta):
+    """(encode, decode, vocabulary size) of tokenizer_from_meta's three tokenizers."""
+    if meta.get("tokenizer") == "bpe":
+        enc = _tiktoken(meta["encoding"])
+        return (lambda s: enc.encode(s, allowed_special="all")), enc.decode, enc.n_vocab
+    if meta.get("tokenizer") == "hf":           # a folder's tokenizer.json that is neither of ours (hf.tokenizer_meta)
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError(f"{meta['file']} needs the tokenizers package: pip install tokenizers") from None
+        try:
+            tok = Tokenizer.from_file(meta["file"])
+        except Exception as e:
+            raise UserError(f"{meta['file']} is not a tokenizer the tokenizers package reads ({one_line(e)})") from None
+
+        def encode(s):
+            try:
+                return tok.encode(s).ids
+            except Exception as e:          # a character a word-level vocabulary lacks
+                raise ValueError(one_line(e)) from None
+        return encode, lambda ids: tok.decode(ids, skip_special_tokens=False), tok.get_vocab_size()
+    if meta.get("tokenizer") != "char":
+        raise ValueError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta (expected 'bpe', 'char' or 'hf')")
+    chars = meta["chars"]
+    stoi = {ch: i for i, ch in enumerate(chars)}
+
+    def encode(s):
+        if unknown := sorted(set(s) - stoi.keys()):
+            raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
+        return [stoi[ch] for ch in s]
+    return encode, lambda ids: "".join(chars[i] for i in ids), len(chars)
 
 
 def _source_files(text, shakespeare, log):

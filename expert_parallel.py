@@ -1,8 +1,8 @@
 """Expert parallelism (report §3.2): shard_experts(model, world) turns every MoE layer of a built
 deepseek.Transformer into a ParallelMoE, whose rank holds a slice of the routed experts and reaches
-them by all-to-all. Here too, for train.py: the config checks, the slices' gradient scale, gathering
-them into one ordinary checkpoint and re-sharding it on resume, the whole model's gradient norm for
-clipping, and the all-to-all volume for the log.
+them by all-to-all (sorted and multiplied by kernels.py's paths). train.py holds what training needs
+around it: the config checks, gathering the slices into one ordinary checkpoint and re-sharding it on
+resume, the whole model's gradient norm for clipping, and the all-to-all volume for the log.
 """
 import torch
 import torch.distributed as dist
@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from data import UserError
-from deepseek import MoE, dispatch
+from deepseek import MoE
 
 
 class ParallelMoE(MoE):
@@ -46,7 +45,7 @@ class ParallelMoE(MoE):
         sizes, got = torch.stack([sizes, got]).tolist()
         send, recv, copies = [s[0] for s in sizes], [s[0] for s in got], sum(s[1] for s in got)
         dest, tok = torch.nonzero_static(to.t(), size=sum(send)).unbind(1)      # sends, by rank then token
-        local = torch.where(ids[tok] // n == dest[:, None], ids[tok] % n, n)    # expert there, n: elsewhere
+        local = torch.where(ids[tok] // n == dest[:, None], ids[tok] % n, n).int()   # expert there, n: elsewhere
         local_in = local.new_empty(sum(recv), K)
         dist.all_to_all_single(local_in, local, recv, send, group=g)
         xw = AllToAll.apply(torch.cat([x[tok], weights[tok].type_as(x)], dim=1), send, recv, g)
@@ -63,9 +62,9 @@ class ParallelMoE(MoE):
         """MoE.routed over the experts held here. An id equal to their number n marks a slot whose expert
         is on another rank: it sorts last and is skipped (output 0), so only the first `copies` pairs run."""
         (N, D), K, n = x.shape, ids.size(1), self.experts.w1.size(0)
-        counts, perm, inv = (kernels.dispatch_triton if kernels.enabled(ids) else dispatch)(ids, n + 1)
-        ys = self.experts(x[perm[:copies] // K], counts[:n])
-        ys = torch.cat([ys, ys.new_zeros(N * K - copies, D)])[inv].view(N, K, D)
+        counts, perm = kernels.dispatch(ids, n + 1)
+        ys = kernels.run_experts(self.experts, x[perm[:copies] // K], counts[:n])
+        ys = ys.new_zeros(N * K, D).index_copy(0, perm[:copies], ys).view(N, K, D)   # back in (token, slot) order
         return (weights.type_as(ys).unsqueeze(-1) * ys).sum(1), counts[:n]
 
 
@@ -85,17 +84,6 @@ class AllToAll(torch.autograd.Function):
         return AllToAll.apply(grad, *ctx.args), None, None, None
 
 
-def check_expert_parallel(c, world):
-    """One-line UserErrors for expert_parallel=True where it cannot run; world: torchrun's world size, None without."""
-    if c.expert_parallel and world is None:
-        raise UserError("expert_parallel=True needs torchrun (one process per device), e.g. "
-                        "torchrun --standalone --nproc_per_node=2 train.py --expert_parallel=True")
-    if c.expert_parallel and c.n_routed_experts % world:
-        raise UserError(f"expert_parallel=True: the world size {world} must divide n_routed_experts={c.n_routed_experts}")
-    if c.expert_parallel and c.dtype == "float16":     # its loss scaler would skip steps on some ranks only
-        raise UserError("expert_parallel=True needs dtype bfloat16 or float32, not float16")
-
-
 def shard_experts(model, world):
     """Make every MoE layer a ParallelMoE over all ranks holding its slice of the routed experts. Their
     gradients come through the all-to-all backward summed over the ranks' losses: 1/world makes them the
@@ -109,50 +97,3 @@ def shard_experts(model, world):
                 p.register_hook(lambda g: g / world)
     return {f"{n}.experts.{k}": p for n, m in model.named_modules() if isinstance(m, MoE)
             for k, p in m.experts.named_parameters()}
-
-
-def map_experts(optimizer, sharded, state, opt_state, fn):
-    """Replace the expert weights and their AdamW moments in a model and an optimizer state dict by fn
-    of them: gather (saving) or slice (resuming) along the expert dimension."""
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    for name, p in sharded.items():
-        state[name] = fn(state[name])
-        i = index[id(p)]
-        if i in opt_state["state"]:     # a fresh dict: optimizer.state_dict() shares the live one
-            opt_state["state"][i] = {k: fn(v) if k in ("exp_avg", "exp_avg_sq") else v
-                                     for k, v in opt_state["state"][i].items()}
-
-
-def gather(t, world):
-    """The ranks' slices of a tensor, concatenated in rank order (a collective: every rank calls it)."""
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def grad_norm(model, sharded):
-    """The norm of the whole model's gradient; with expert slices their squared norms are summed over the
-    ranks, so every rank clips by the same factor."""
-    norm = lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None])   # noqa: E731
-    if not sharded:
-        return norm(model.parameters())
-    experts = norm(sharded.values()) ** 2
-    dist.all_reduce(experts)
-    return (norm(p for n, p in model.named_parameters() if n not in sharded) ** 2 + experts).sqrt()
-
-
-def all_to_all_volume(model, steps, device):
-    """All ranks' training forwards since the last call (then cleared): per MoE layer, sends of a token
-    to another rank per token (once to each rank holding any of its experts) and the expert copies they
-    carry per token (what one send per copy would cost); bytes per step (dispatch and combine, forward;
-    the backward moves as much again). -> (those figures, their text for the log line)"""
-    moes = [m for m in model.modules() if isinstance(m, ParallelMoE)]
-    t = torch.tensor([[m.tokens, m.sends, m.copies, m.bytes] for m in moes], dtype=torch.float64, device=device)
-    dist.all_reduce(t)                  # logging only
-    for m in moes:
-        m.tokens = m.sends = m.copies = m.bytes = 0
-    per_token = lambda i: [round(v, 3) for v in (t[:, i] / t[:, 0].clamp(min=1)).tolist()]   # noqa: E731
-    v = dict(a2a_sends_per_token=per_token(1), a2a_copies_per_token=per_token(2),
-             a2a_bytes_per_step=t[:, 3].sum().item() / steps)
-    return v, (f" | a2a sends/token {' '.join(f'{s:.2f}' for s in v['a2a_sends_per_token'])}, "
-               f"{v['a2a_bytes_per_step'] / 1e6:.2f} MB/step")

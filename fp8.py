@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import deepseek
-from data import UserError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -131,23 +130,40 @@ FOUND = {}      # device -> what gemm_ops found there
 
 @torch.compiler.assume_constant_result     # torch.compile: a constant, not traced
 def gemm_ops(device):
-    """For each op of candidates(device), the first output dtype with which it runs here (tried once, on 128 x 128)."""
+    """For each op of candidates(device), the first output dtype with which it runs here and gives the emulation's
+    product (tried once; probe says how)."""
     if OPS is not None:
         return OPS
     if device not in FOUND:
         cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-        x = torch.ones(TILE, TILE, device=device)
         found = {}
         for op, dtype in candidates(device.type, cc):
-            if op in found:
-                continue
-            try:
-                (blockwise_mm if op == "blockwise" else chunked_mm)(*quantize(x), *quantize(x, TILE), TILE, dtype)
+            if op not in found and probe(op, dtype, device):
                 found[op] = dtype
-            except (RuntimeError, ValueError, NotImplementedError):   # not on this device, cuBLAS or torch
-                pass
         FOUND[device] = tuple(found.items())
     return FOUND[device]
+
+
+def probe(op, dtype, device):
+    """Whether op with this output dtype runs on device and equals the emulated GEMM (within bf16 rounding), with
+    weight blocks (Fprop) and with 1x128 tiles (Wgrad). The operands' magnitudes vary by row and by 128-wide block
+    (1e-2 to 1e2), so every tile has its own scale and a transposed or mis-strided scale gives another product."""
+    g = torch.Generator().manual_seed(0)
+    mags = lambda n: torch.logspace(-2, 2, n)[torch.randperm(n, generator=g)]    # noqa: E731
+    a = torch.randn(2 * TILE, 3 * TILE, generator=g) * mags(2 * TILE)[:, None] * mags(3).repeat_interleave(TILE)
+    b = torch.randn(2 * TILE, 3 * TILE, generator=g) * mags(2).repeat_interleave(TILE)[:, None] * mags(3 * TILE)
+    a, b, mm = a.to(device), b.to(device), blockwise_mm if op == "blockwise" else chunked_mm
+    try:
+        for rows in (TILE, 1):
+            (qa, sa), (qb, sb) = quantize(a), quantize(b, rows)
+            out = mm(qa, sa, qb, sb, rows, dtype).float()
+            with full_fp32(device):
+                want = dequantize(qa, sa) @ dequantize(qb, sb, rows).t()
+            if not (out - want).norm() <= 1e-2 * want.norm():
+                return False
+    except (RuntimeError, ValueError, NotImplementedError):   # not on this device, cuBLAS or torch
+        return False
+    return True
 
 
 def describe(device):
@@ -157,14 +173,6 @@ def describe(device):
     ops = [f"{names[op]}, {str(dtype).removeprefix('torch.')} out" for op, dtype in gemm_ops(torch.device(device))]
     return "FP8 GEMMs: " + "".join(f"{o}; other shapes: " for o in ops) + \
         "emulated (dequantized operands, one fp32 matmul, TF32 off)"
-
-
-def check_compile(c, device):
-    """compile=True with fp8=True on CUDA below compute capability 8.9 is a one-line UserError: Inductor fuses the
-    cast to E4M3 into a Triton kernel, and Triton stores E4M3 only from 8.9 (it fails at the first step)."""
-    if c.compile and c.fp8 and device.startswith("cuda") and torch.cuda.get_device_capability(device) < FP8_CC:
-        raise UserError("compile=True with fp8=True needs compute capability 8.9 or newer (Triton cannot store E4M3 "
-                        "below it): drop one of the two")
 
 
 class LinearFunction(torch.autograd.Function):
@@ -201,13 +209,10 @@ class Linear(nn.Linear):
 
 
 class Experts(deepseek.Experts):
-    """Routed experts whose projections run in FP8: one expert at a time (one host sync for the slice sizes)."""
+    """Routed experts whose projections run in FP8, one expert at a time."""
 
-    def expert(self, e, x):
-        return linear(F.silu(linear(x, self.w1[e])) * linear(x, self.w3[e]), self.w2[e])
-
-    def forward(self, x, counts):
-        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts.tolist()))])
+    def forward(self, x, i):
+        return linear(F.silu(linear(x, self.w1[i])) * linear(x, self.w3[i]), self.w2[i])
 
 
 def convert(model):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import chat
-from data import batch_seed
+from data import batch_seed, run_cli
 from train import configure_optimizer, get_lr, save_checkpoint
 
 DEFAULTS = dict(
@@ -176,4 +176,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     import sys
-    sys.exit(chat.cli(main))
+    sys.exit(run_cli(main))

@@ -1,15 +1,16 @@
-"""The fast paths of DeepSeek-V3's MoE layer. Each computes exactly what a plain PyTorch function of
-deepseek.py defines (and what runs wherever it does not):
+"""The fast paths of DeepSeek-V3's MoE layer. install(model) puts them into a built deepseek.Transformer (as
+fp8.convert does FP8), and each computes what deepseek.py's reference computes:
 
-    route_triton(logits, bias, ...) -> ids (T, k)             deepseek.Gate.route, eqs. 14-16 (Triton, CUDA)
-    dispatch_triton(ids, n_experts) -> counts, perm, inv      deepseek.dispatch (Triton, CUDA)
-    grouped_experts / padded_experts(x, counts, w1, w2, w3)  deepseek.Experts' loop (torch._grouped_mm / bmm)
+    Gate.route: route_triton(s, bias, ...) -> ids      the top-k of eqs. 14-16 in one Triton kernel (CUDA)
+    MoE.routed: dispatch(ids, E) -> counts, perm       the (token, expert) pairs sorted by expert (Triton on CUDA)
+                run_experts(experts, x, counts)        each projection of all experts as one GEMM, by the path
+                                                       expert_gemm chooses per device (torch._grouped_mm / bmm)
 
-Same ids and permutations, bit for bit (up to fp32 near-ties in the gate); which expert GEMM runs where
-is expert_gemm's decision, and describe says what a device runs. The Triton kernels are torch ops
-(torch.library.triton_op), so torch.compile sees through them. Without a GPU they run under
-TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them, and
-compile_launches compiles them for any CUDA target (no GPU needed either).
+The reference loops over experts, one host sync each; this path has none where the fused GEMM runs. Ties: the
+kernel takes the lower expert (and group) index among exactly equal scores, where the reference's torch.topk may
+take any. The Triton kernels are torch ops (torch.library.triton_op), so torch.compile sees through them. Without
+a GPU they run under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them, and
+compile_launches compiles them for any CUDA target (no GPU needed either). describe says what a device runs.
 """
 import functools
 import sys
@@ -17,15 +18,51 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import deepseek
+
 try:
     import triton
     import triton.language as tl
     HAS_TRITON = True
-except ImportError:  # e.g. Mac / Windows: the references are used
+except ImportError:  # e.g. Mac / Windows: the PyTorch paths are used
     HAS_TRITON = False
 
 MIN_CC = (7, 0)     # Volta on: the kernels compile for sm_70 up (tested), PyTorch's own floor for Triton
 GATE_TILE = 1024    # token rows x padded experts per gate program: 8 values a thread at 4 warps
+
+
+def install(model):
+    """The fast paths in every gate and MoE layer of a built deepseek.Transformer (the same modules, weights and
+    names; a checkpoint loads either way). Returns model."""
+    for m in model.modules():
+        if type(m) is deepseek.Gate:
+            m.__class__ = Gate
+        elif type(m) is deepseek.MoE:
+            m.__class__ = MoE
+    return model
+
+
+class Gate(deepseek.Gate):
+    """deepseek.Gate choosing by one Triton kernel on a CUDA GPU that can run it (elsewhere by the reference)."""
+
+    def route(self, s):
+        if not enabled(s):
+            return super().route(s)
+        return route_triton(s, self.bias, self.topk, self.n_groups, self.topk_groups, self.score_func).long()
+
+
+class MoE(deepseek.MoE):
+    """deepseek.MoE with its (token, expert) pairs sorted by expert: one gather of the tokens into expert order,
+    each projection of all experts as one GEMM, the outputs added back into their rows times their gate values
+    (index_select and index_add: each the other's backward)."""
+
+    def routed(self, x, g, ids):
+        (N, D), K = x.shape, ids.size(1)
+        counts, perm = dispatch(ids, self.args.n_routed_experts)
+        rows = perm // K                                            # the row of each pair, in expert order
+        ys = run_experts(self.experts, x.index_select(0, rows), counts)
+        gp = g.flatten()[perm].type_as(ys).unsqueeze(-1)            # and its gate value
+        return ys.new_zeros(N, D).index_add(0, rows, gp * ys), counts
 
 
 def fallback_reason(has_triton, capability):
@@ -51,20 +88,33 @@ def enabled(t):
     return t.is_cuda and _runs_on(t.device)
 
 
+# ----------------------------------------------------------------------------- dispatch
+
+def dispatch(ids, n_experts):
+    """Group the (token, slot) pairs by expert: ids (T, k) -> counts (E,), perm (T*k,), int64: pair perm[j] (a flat
+    index t*k + slot) is the j-th in expert order, expert 0's first, pairs of one expert in token order (a stable
+    sort). dispatch_triton on a GPU that runs the kernels; counts of a fixed size (torch.compile: no bincount)."""
+    if enabled(ids):
+        return dispatch_triton(ids, n_experts)
+    flat = ids.flatten().long()
+    counts = flat.new_zeros(n_experts).index_add_(0, flat, torch.ones_like(flat))
+    return counts, torch.argsort(flat, stable=True)
+
+
 # ----------------------------------------------------------------------------- the routed experts' GEMMs
 
 EXPERT_GEMM = None   # None: expert_gemm decides per device; "grouped_mm", "padded" or "loop" forces one (tests, bench)
 
 
 def expert_gemm(device_type, capability, dtype, version):
-    """How deepseek.Experts multiplies on a device (compute capability, compute dtype, torch version (major, minor)):
+    """How run_experts multiplies on a device (compute capability, compute dtype, torch version (major, minor)):
       "grouped_mm": one torch._grouped_mm per projection, no host sync: on CUDA where it is one fused kernel
                     (bf16 on compute capability 9.x from torch 2.8, 10.x from 2.9), and on a CPU from torch 2.9
                     in 32 and 16 bits (bench.py --parts step: it beats both others there);
       "padded":     three batched matmuls over the experts' rows padded to the fullest expert, one host sync (its
                     size): elsewhere on CUDA, where _grouped_mm is a loop that reads its offsets on the host in
                     every call (9 host syncs per MoE layer and step) or raises (torch 2.8);
-      "loop":       Experts' own loop, one matmul per expert and one host sync (MPS, and torch without either op)."""
+      "loop":       one expert at a time (deepseek.Experts), one host sync (MPS, and torch without either op)."""
     if device_type == "cpu":
         return "grouped_mm" if version >= (2, 9) and dtype in (torch.float32, torch.bfloat16, torch.float16) else "loop"
     fused = dtype == torch.bfloat16 and (capability[0] == 9 and version >= (2, 8) or capability[0] == 10 and version >= (2, 9))
@@ -81,24 +131,35 @@ def expert_gemm_here(device, dtype):
     return path, path == "grouped_mm" and cc[0] == 10
 
 
-def experts_impl(x, w):
-    """The function that runs deepseek.Experts.forward for input x and stacked weights w (E, out, in) here
-    (None: its own loop), in the autocast dtype when autocast is on, as F.linear would run."""
+def run_experts(experts, x, counts):
+    """Each expert of a deepseek.Experts on its rows of x (N, dim), sorted by expert, counts (E,) rows each, by the
+    path expert_gemm chooses for this device and compute dtype (the autocast one when autocast is on, as F.linear
+    would run). Experts of another kind (fp8.Experts) run one at a time, each by its own forward."""
     dtype = compute_dtype(x)
     path, zero_empty = (EXPERT_GEMM, False) if EXPERT_GEMM else expert_gemm_here(x.device, dtype)
-    if path == "grouped_mm" and any(d * dtype.itemsize % 16 for d in w.shape[1:]):   # _grouped_mm: 16-byte rows
+    if path == "grouped_mm" and any(d * dtype.itemsize % 16 for d in experts.w1.shape[1:]):  # 16-byte rows
         path = "padded"
+    if type(experts) is not deepseek.Experts or path == "loop":
+        return torch.cat([experts(xe, i) for i, xe in enumerate(x.split(counts.tolist()))])
     if path == "grouped_mm":
-        return functools.partial(grouped_experts, zero_empty=True) if zero_empty else grouped_experts
-    return padded_experts if path == "padded" else None
+        return grouped_experts(x, counts, experts.w1, experts.w2, experts.w3, zero_empty)
+    return padded_experts(x, counts, experts.w1, experts.w2, experts.w3)
 
 
-def describe(device, dtype):
-    """Which implementation the MoE layers run on device with this compute dtype, in words (train.py logs it)."""
+def describe(model, device, dtype):
+    """Which implementation the MoE layers of model run on device with this compute dtype, in words (train.py and
+    sample.py print it): deepseek.py's reference, or install's paths."""
+    moes = [m for m in model.modules() if isinstance(m, deepseek.MoE)]
+    if not moes:
+        return "MoE: none (a dense model)"
+    if all(type(m) is deepseek.MoE for m in moes):
+        return "MoE: deepseek.py's reference (a loop over experts, one host sync each)"
     device = torch.device(device)
     routing = "Triton kernels" if enabled(torch.empty(0, device=device)) else "PyTorch"
     path = EXPERT_GEMM or expert_gemm_here(device, dtype)[0]
-    return f"MoE routing by {routing}; routed experts by " + dict(
+    if any(type(m.experts) is not deepseek.Experts for m in moes):     # fp8.Experts: run_experts' loop
+        path = "loop"
+    return f"MoE (kernels.py): routing by {routing}; routed experts by " + dict(
         grouped_mm=f"torch._grouped_mm{', one fused kernel a projection' if device.type == 'cuda' else ''}",
         padded="batched GEMMs over padded rows (one host sync a layer)",
         loop="a loop over experts (one host sync a layer)")[path]
@@ -110,17 +171,32 @@ def compute_dtype(x):
 
 
 def grouped_experts(x, counts, w1, w2, w3, zero_empty=False):
-    """deepseek.Experts.forward with one torch._grouped_mm per projection over all experts: x (N, dim) sorted
-    by expert, counts (E,) rows each; the group ends stay on the device. zero_empty: the weights of experts with
-    no rows get a zero gradient whatever _grouped_mm reports (on B200 it reports others: pytorch#172439)."""
+    """The experts with one torch._grouped_mm per projection over all of them: x (N, dim) sorted by expert,
+    counts (E,) rows each; the group ends stay on the device. zero_empty: the weights of experts with no rows get
+    a zero gradient whatever _grouped_mm reports there (on B200 it leaves memory unset: pytorch#172439)."""
     dtype, ends = compute_dtype(x), counts.cumsum(0).int()
     if zero_empty:
-        keep = (counts > 0).to(w1.dtype).view(-1, 1, 1)
-        w1, w2, w3 = w1 * keep, w2 * keep, w3 * keep
+        empty = counts == 0
+        w1, w2, w3 = (ZeroGradWhere.apply(w, empty) for w in (w1, w2, w3))
     grouped_mm = torch._grouped_mm if dtype == torch.bfloat16 else grouped_mm_eager
     mm = lambda a, w: grouped_mm(a, w.to(dtype).transpose(-2, -1), offs=ends)   # noqa: E731
     x = x.to(dtype)
     return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
+
+
+class ZeroGradWhere(torch.autograd.Function):
+    """w itself forward; backward its gradient with the experts where `empty` is set replaced by zeros: a
+    selection, so NaN or Inf left there becomes 0 (a product with a 0/1 mask would keep NaN), and no copy of w."""
+
+    @staticmethod
+    def forward(ctx, w, empty):
+        ctx.save_for_backward(empty)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (empty,) = ctx.saved_tensors
+        return grad.masked_fill(empty.view(-1, 1, 1), 0), None
 
 
 @torch.compiler.disable     # torch.compile: the meta function of _grouped_mm takes bf16 only
@@ -129,8 +205,8 @@ def grouped_mm_eager(a, b, offs):
 
 
 def padded_experts(x, counts, w1, w2, w3):
-    """deepseek.Experts.forward as three batched matmuls: expert e's rows at e * C.., C the largest count (the
-    one host sync), zeros after them."""
+    """The experts as three batched matmuls: expert e's rows at e * C.., C the largest count (the one host sync),
+    zeros after them."""
     (N, D), E, C = x.shape, counts.numel(), int(counts.max())
     dtype, starts = compute_dtype(x), counts.cumsum(0) - counts
     expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=N)
@@ -146,7 +222,7 @@ def padded_experts(x, counts, w1, w2, w3):
 if HAS_TRITON:
 
     @triton.jit
-    def _route_kernel(logits_ptr, bias_ptr, ids_ptr, T, stride_t, stride_e,
+    def _route_kernel(s_ptr, bias_ptr, ids_ptr, T, stride_t, stride_e,
                       G: tl.constexpr, S: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr,
                       K: tl.constexpr, KP: tl.constexpr, KG: tl.constexpr,
                       SIGMOID: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -159,20 +235,14 @@ if HAS_TRITON:
         j = tl.arange(0, SP)[None, None, :]                            # (1, 1, SP) expert in group
         real = (g < G) & (j < S)                                       # not padding
         eid = tl.where(real, g * S + j, NONE)                          # expert index
-        # 1. scores s = sigmoid / softmax of the logits, in fp32; padding gets -inf logits -> s = 0
-        x = tl.load(logits_ptr + r * stride_t + (g * S + j) * stride_e, mask=real & (r < T), other=0.0)
-        x = tl.where(real, x.to(tl.float32), float("-inf"))
-        if SIGMOID:
-            s = tl.sigmoid(x)
-        else:
-            p = tl.exp(x - tl.max(tl.max(x, 2), 1)[:, None, None])
-            s = p / tl.sum(tl.sum(p, 2), 1)[:, None, None]
-        # 2. the bias only chooses: sel = s + b, made finite (NaN lowest; a sum of two stays finite) so
-        #    that -inf marks only padding, dropped groups and taken experts: each pick is real and new
-        sel = s + tl.load(bias_ptr + g * S + j, mask=real, other=0.0).to(tl.float32)
+        # 1. the bias only chooses: sel = s + b in fp32, made finite (NaN lowest; a sum of two stays
+        #    finite) so that -inf marks only padding, dropped groups and taken experts: each pick is
+        #    real and new
+        s = tl.load(s_ptr + r * stride_t + (g * S + j) * stride_e, mask=real & (r < T), other=0.0)
+        sel = s.to(tl.float32) + tl.load(bias_ptr + g * S + j, mask=real, other=0.0).to(tl.float32)
         sel = tl.where(sel == sel, tl.minimum(tl.maximum(sel, -1e30), 1e30), -1e30)
         sel = tl.where(real, sel, float("-inf"))
-        # 3. group-limited routing: group score = sum of its two best biased scores (V3, sigmoid),
+        # 2. group-limited routing: group score = sum of its two best biased scores (V3, sigmoid),
         #    or its best score (V2, softmax)
         if G > 1:
             gscore = tl.max(sel, 2)                                                    # (BT, GP)
@@ -188,7 +258,7 @@ if HAS_TRITON:
                 keep = tl.where(gid == pick[:, None], 1, keep)
                 gscore = tl.where(gid == pick[:, None], float("-inf"), gscore)
             sel = tl.where(keep[:, :, None] != 0, sel, float("-inf"))  # -inf, never 0 (see Gate.route)
-        # 4. top-k by repeated argmax; ties -> lower expert index
+        # 3. top-k by repeated argmax; ties -> lower expert index
         kid = tl.arange(0, KP)[None, :]
         ids = tl.zeros((BLOCK_T, KP), tl.int32)
         for i in tl.static_range(K):
@@ -220,7 +290,7 @@ if HAS_TRITON:
             tl.store(bc_ptr + col * NB + b, h, mask=col < E)
 
     @triton.jit
-    def _scatter_kernel(ids_ptr, start_ptr, perm_ptr, inv_ptr, N, NB, E: tl.constexpr, BLOCK: tl.constexpr):
+    def _scatter_kernel(ids_ptr, start_ptr, perm_ptr, N, NB, E: tl.constexpr, BLOCK: tl.constexpr):
         """Pair p (expert e, block b) lands at start[e, b] + (# earlier pairs of its block with
         expert e). start[e, b] already counts expert < e and same expert in blocks < b: stable."""
         b = tl.program_id(0)
@@ -231,7 +301,6 @@ if HAS_TRITON:
         earlier_same = (e[:, None] == e[None, :]) & (i[None, :] < i[:, None])   # (BLOCK, BLOCK)
         rank = tl.sum(earlier_same.to(tl.int32), 1)
         pos = tl.load(start_ptr + e * NB + b, mask=ok, other=0) + rank
-        tl.store(inv_ptr + offs, pos, mask=ok)
         tl.store(perm_ptr + pos, offs.to(tl.int64), mask=ok)
 
 
@@ -251,28 +320,28 @@ def gate_config(n_experts, topk, n_groups, topk_groups, score_func):
 
 
 @torch.library.triton_op("deepseek::route", mutates_args=())
-def route_triton(logits: torch.Tensor, bias: torch.Tensor, topk: int, n_groups: int = 1, topk_groups: int = 1,
+def route_triton(s: torch.Tensor, bias: torch.Tensor, topk: int, n_groups: int = 1, topk_groups: int = 1,
                  score_func: str = "sigmoid") -> torch.Tensor:
-    """The experts chosen by deepseek.Gate.route, one kernel launch: ids (T, topk) int32, in [0, E)
-    and distinct whatever the logits (NaN, +-inf)."""
-    T, E = logits.shape
+    """The experts deepseek.Gate.route chooses from the affinities s (T, E), one kernel launch: ids (T, topk)
+    int32, in [0, E) and distinct whatever the scores (NaN, +-inf); among equal scores the lower index."""
+    T, E = s.shape
     kept = topk_groups * E // n_groups if n_groups > 1 else E   # experts left after the group limit
     assert E % n_groups == 0 and topk_groups <= n_groups and topk <= kept
-    ids = torch.empty(T, topk, dtype=torch.int32, device=logits.device)
+    ids = torch.empty(T, topk, dtype=torch.int32, device=s.device)
     cfg = gate_config(E, topk, n_groups, topk_groups, score_func)
     if T > 0:
-        _launch(_route_kernel, (triton.cdiv(T, cfg["BLOCK_T"]),), logits, bias.contiguous(), ids, T,
-                logits.stride(0), logits.stride(1), **cfg)
+        _launch(_route_kernel, (triton.cdiv(T, cfg["BLOCK_T"]),), s, bias.contiguous(), ids, T,
+                s.stride(0), s.stride(1), **cfg)
     return ids
 
 
 @torch.library.triton_op("deepseek::dispatch", mutates_args=())
-def dispatch_triton(ids: torch.Tensor, n_experts: int, BLOCK: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same outputs as deepseek.dispatch (counts, perm, inv; int64), bit-identical, deterministic (no atomics):
-    1) per-block counts bc[e, b]; 2) exclusive prefix sum over bc in (expert, block) order =
-    where each block starts writing each expert; 3) each pair goes to its start + rank in block.
-    Ids outside [0, E) count as the nearest expert: no input makes it write outside its buffers."""
-    flat = ids.flatten().int()  # no copy for the int32 ids of route
+def dispatch_triton(ids: torch.Tensor, n_experts: int, BLOCK: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """dispatch's outputs (counts, perm; int64), bit-identical, deterministic (no atomics): 1) per-block counts
+    bc[e, b]; 2) exclusive prefix sum over bc in (expert, block) order = where each block starts writing each
+    expert; 3) each pair goes to its start + rank in block. Ids outside [0, E) count as the nearest expert: no
+    input makes it write outside its buffers."""
+    flat = ids.flatten().int()  # no copy for the kernel's int32 ids
     N, E = flat.numel(), n_experts
     NB = triton.cdiv(N, BLOCK)
     bc = torch.zeros(E, NB, dtype=torch.int32, device=flat.device)
@@ -282,10 +351,9 @@ def dispatch_triton(ids: torch.Tensor, n_experts: int, BLOCK: int = 128) -> tupl
     start = bc.cumsum(0) - bc                    # int64, exclusive prefix sum in (expert, block) order
     counts = bc.view(E, NB).sum(1)
     perm = torch.empty(N, dtype=torch.int64, device=flat.device)
-    inv = torch.empty(N, dtype=torch.int64, device=flat.device)
     if NB > 0:
-        _launch(_scatter_kernel, (NB,), flat, start, perm, inv, N, NB, E=E, BLOCK=BLOCK)
-    return counts, perm, inv
+        _launch(_scatter_kernel, (NB,), flat, start, perm, N, NB, E=E, BLOCK=BLOCK)
+    return counts, perm
 
 
 def compile_launches(cc, fn, *args):

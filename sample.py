@@ -5,6 +5,8 @@ an MTP module, lossless MTP speculative decoding (report §5.4.3).
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt --temperature=0 --speculative=False --attn_impl=naive
     python sample.py --out_dir=out-domains-cpu --show_experts=1    # each token marked by its expert in layer 1
+    python sample.py --init_from=out-hf                 # a folder in DeepSeek's layout (hf.py), with its tokenizer
+    python sample.py --init_from=DeepSeek-V2-Lite --device=cuda --dtype=bfloat16 --start="The capital of France is"
     python sample.py --out_dir=out-grpo-cpu --chat="What is 12 times 7?"   # a chat checkpoint's answer (greedy)
     python sample.py --out_dir=out-grpo-cpu --chat=FILE:questions.txt     # one answer per line of the file, batched
 """
@@ -16,10 +18,12 @@ from pathlib import Path
 import torch
 
 import chat
+import hf
 import kernels
-from data import UserError, tokenizer_from_meta
+from configurator import pick_device
+from data import UserError, run_cli, tokenizer_from_meta
 from deepseek import MoE, probs, sample
-from train import load_checkpoint, pick_device
+from train import load_checkpoint
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,6 +42,10 @@ def boolean(s):
 def parse(argv):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
+    p.add_argument("--init_from", default="", help="a folder in DeepSeek's layout (config.json, safetensors, "
+                   "tokenizer.json; hf.py) to sample from instead of out_dir")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the weights' dtype (bfloat16 halves the memory of a large model)")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=300)
@@ -48,6 +56,8 @@ def parse(argv):
     p.add_argument("--speculative", type=boolean, default=None, help="MTP drafts; default: on when the checkpoint has MTP")
     p.add_argument("--attn_impl", choices=["absorb", "naive"], default="absorb",
                    help="MLA decode cache: latent + RoPE key (absorb) or full per-head K/V (naive)")
+    p.add_argument("--kernels", type=boolean, default=True,
+                   help="kernels.py's MoE paths (False: deepseek.py's reference loop over experts)")
     p.add_argument("--show_experts", type=int, default=None, metavar="LAYER",
                    help="mark each token with its top routed expert in MoE layer LAYER (an index into model.layers)")
     p.add_argument("--chat", default=None, metavar="QUESTION", help="a chat checkpoint (sft.py, grpo.py) answers QUESTION "
@@ -119,13 +129,14 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
     def main(chunk, pos):
         """The main model over chunk at pos: hidden states, next-token logits."""
         stats["forwards"] += 1
-        h = model.hidden(chunk, pos)[0]
+        h = model.hidden(chunk, pos)
         return h, model.logits(h[0])
 
     def draft(h, nxt, pos):
         """MTP over positions pos.. from their main hidden states h and the tokens after them (nxt):
         a draft for the token after nxt's last, and its distribution q (None when greedy)."""
-        hm = mtp(h, model.embed(nxt), **model.positions(pos, nxt.size(1)))[0]
+        cos, sin, mask = model.positions(pos, nxt.size(1))
+        hm = mtp(h, model.embed(nxt), cos, sin, pos, mask)
         logits = model.logits(hm[:, -1], mtp.norm)
         if temperature == 0:
             return sample(logits, 0), None
@@ -186,7 +197,7 @@ def routing(model, idx):
     hooks = [layer.ffn.gate.register_forward_hook(lambda gate, x, out, i=i: chosen.update({i: out[1:]}))
              for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
     try:
-        h = model.hidden(idx)[0]
+        h = model.hidden(idx)
     finally:
         for hook in hooks:
             hook.remove()
@@ -220,17 +231,26 @@ def mark_experts(pieces, experts, terminal):
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
     device = pick_device(a.device)
-    model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device)
+    dtype = getattr(torch, a.dtype)
+    if a.init_from:
+        model, meta = hf.load(a.init_from, dtype, device)
+        if meta is None:
+            raise UserError(f"{a.init_from} has no tokenizer.json to encode the prompt with")
+        if a.kernels:
+            kernels.install(model)
+    else:
+        model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device, install_kernels=a.kernels)
+        model, meta = model.to(dtype), ckpt["meta"]
     model.set_attn_impl(a.attn_impl)
     if a.chat is not None:
-        return answer(model, chat.Template(ckpt["meta"], Path(a.out_dir) / "ckpt.pt"), a.chat, a)
+        return answer(model, chat.Template(meta, a.init_from or Path(a.out_dir) / "ckpt.pt"), a.chat, a)
     moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
     if a.show_experts is not None and not moe:
         raise UserError("--show_experts: the checkpoint's model is dense (n_routed_experts=0): no routed experts")
     if a.show_experts not in moe + [None]:
         raise UserError(f"--show_experts={a.show_experts}: not an MoE layer of this model (those are "
                         f"{', '.join(map(str, moe))}; layers count from 0)")
-    encode, decode = tokenizer_from_meta(ckpt["meta"])
+    encode, decode = tokenizer_from_meta(meta)
     speculative = bool(model.mtp) if a.speculative is None else a.speculative
     if speculative and not model.mtp:
         raise UserError("--speculative=True needs a checkpoint trained with MTP (n_mtp >= 1)")
@@ -279,12 +299,12 @@ def main(argv=None):
     if speculative:
         line += (f"; acceptance {stats['accepted'] / max(stats['drafted'], 1):.1%} of {stats['drafted']} drafts, "
                  f"{stats['tokens'] / stats['forwards']:.2f} tokens per main-model forward")
-    print(f"{line}\n{kernels.describe(device, torch.float32)}")
+    print(f"{line}\n{kernels.describe(model, device, dtype)}")
     return stats
 
 
 def cli(argv=None):
-    return chat.cli(main, argv)
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import chat
-from data import UserError, batch_seed
+from data import UserError, batch_seed, run_cli
 from train import configure_optimizer, get_lr, save_checkpoint
 
 DEFAULTS = dict(
@@ -111,4 +111,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     import sys
-    sys.exit(chat.cli(main))
+    sys.exit(run_cli(main))

@@ -3,18 +3,19 @@
     python train.py                                     # Tiny Shakespeare's characters, nanoGPT's budget (GPU or CPU)
     python train.py config/shakespeare_char.py          # a preset ...
     python train.py config/shakespeare_char_cpu.py --device=cpu --max_iters=500   # ... then overrides
-    python train.py --text=my_book.txt --tokenizer=char # your own text (a .txt file or a folder of them)
+    python train.py --text=my_book.txt --tokenizer=bpe  # your own text (a .txt file or a folder of them)
     python train.py --init_from=resume --out_dir=out    # continue the run saved in out/ckpt.pt
     python train.py config/shakespeare_char_cpu_256.py  # a new run from its weights: context 64 -> 256 with YaRN
+    python train.py --init_from=out-hf --out_dir=out-ft # fine-tune a folder in DeepSeek's layout (hf.py, export.py)
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
     torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: expert_parallel.py
 
 Batches and dropout masks are a pure function of (seed, rank, step), so a resumed run repeats an uninterrupted
-one. Under torchrun every rank draws its own batches, DistributedDataParallel averages the gradients, and the
-experts' token counts are summed over micro-batches and ranks before each bias update: every rank applies the same.
+one (bit for bit on a CPU; on CUDA, index_add and the attention backward accumulate with atomics in whatever order
+the threads run, so expect the same run statistically, not bitwise). Under torchrun every rank draws its own
+batches, DistributedDataParallel averages the gradients, and the experts' token counts are summed over
+micro-batches and ranks before each bias update: every rank applies the same.
 """
-import ast
-import difflib
 import gc
 import inspect
 import json
@@ -25,7 +26,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,40 +34,47 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import UserError, batch_seed, get_batch, load_data, one_line, tokenizer_meta, write_atomic
 import fp8
+import hf
 import kernels
+from configurator import MODEL_KEYS, check_config, model_args_from, parse_config, pick_device
+from data import UserError, batch_seed, get_batch, load_data, one_line, tokenizer_meta, write_atomic
 from deepseek import ModelArgs, Transformer
-from expert_parallel import all_to_all_volume, check_expert_parallel, gather, grad_norm, map_experts, shard_experts
+from expert_parallel import ParallelMoE, shard_experts
 
-# ----------------------------------------------------------------------------- defaults (presets and --key=value change them)
+# ----------------------------------------------------------------------------- defaults
+# What `python train.py` runs on a CUDA GPU: nanoGPT's train_shakespeare_char budget (its best val loss 1.4697) with
+# our architecture. Without a GPU and with no preset, config/shakespeare_char_cpu.py's changes apply on top (nanoGPT's
+# CPU recipe). Preset files (config/*.py) and --key=value change any key (configurator.py).
 DEFAULTS = dict(
     # I/O: evaluate (and checkpoint) every eval_interval steps and at the end, on eval_iters batches per split
-    out_dir="out", eval_interval=250, eval_iters=100, log_interval=10, eval_only=False,
-    always_save_checkpoint=True,  # False: save only when val loss improves
-    init_from="scratch",          # "scratch" | "resume" (out_dir/ckpt.pt) | a folder: a new run from its ckpt.pt's weights
+    out_dir="out", eval_interval=250, eval_iters=200, log_interval=10, eval_only=False,
+    always_save_checkpoint=False,  # False: save only when val loss improves (the run overfits late); True: always
+    init_from="scratch",          # "scratch" | "resume" (out_dir/ckpt.pt) | a folder: a new run from its ckpt.pt's
+                                  # weights, or from a folder in DeepSeek's layout (config.json + safetensors: hf.py)
     # data: Tiny Shakespeare or your text (a .txt file or a folder of them), tokenised once into data_dir/NAME/TOKENIZER/
     text="", dataset="", data_dir="data",  # NAME: dataset, else "shakespeare" or the text file's name
-    tokenizer="bpe", encoding="r50k_base",  # "bpe" (tiktoken's encoding; r50k_base is GPT-2's) | "char"
+    tokenizer="char", encoding="r50k_base",  # "char" | "bpe" (tiktoken's encoding; r50k_base is GPT-2's)
     # per micro-batch and process: batch_size sequences of block_size tokens (the model's max_seq_len)
-    batch_size=32, block_size=256, gradient_accumulation_steps=1,
-    # model: each deepseek.ModelArgs field is a key, its default there (6 layers, dim 256, MLA, 16 experts top-4), except:
+    batch_size=64, block_size=256, gradient_accumulation_steps=1,
+    # model: each deepseek.ModelArgs field is a key, its default there (6 layers, dim 384, MLA, 16 experts top-2), and
     dropout=0.2,
-    # MTP loss weight: mtp_lambda (a ModelArgs key, 0.3), mtp_lambda_late from step mtp_lambda_step on (-1: never)
-    mtp_lambda_late=0.1, mtp_lambda_step=-1,
+    # MTP loss weight: mtp_lambda (a ModelArgs key, 0.3), mtp_lambda_late from step mtp_lambda_step on (-1: never);
+    # the report lowers it for the last part of training
+    mtp_lambda_late=0.1, mtp_lambda_step=3500,
     # AdamW (weight decay on matrices only), linear warmup then cosine decay to min_lr; grad_clip 0: none
-    learning_rate=1e-3, max_iters=1500, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    decay_lr=True, warmup_iters=100, lr_decay_iters=1500, min_lr=1e-4,
+    learning_rate=1e-3, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+    decay_lr=True, warmup_iters=100, lr_decay_iters=5000, min_lr=1e-4,
     # system; compile: torch.compile the model; peak_flops: per-device peak FLOP/s for MFU (0: PEAK_BF16)
     device="auto",                # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (CUDA: bf16 where native, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
     compile=False, seed=1337, peak_flops=0.0,
+    kernels=True,                 # kernels.py's MoE paths (False: deepseek.py's reference, a loop over experts)
     fp8=False,                    # the blocks' linear layers and experts train in FP8 (report §3.3, fp8.py)
     expert_parallel=False,        # the routed experts sharded over the ranks (report §3.2, expert_parallel.py)
 )
-MODEL_KEYS = [f.name for f in fields(ModelArgs) if f.name not in ("vocab_size", "max_seq_len")]
-DEFAULTS.update({f.name: f.default for f in fields(ModelArgs) if f.name in MODEL_KEYS and f.name not in DEFAULTS})
-PRESETS = dict(cuda="shakespeare_char", cpu="shakespeare_char_cpu")   # no preset: by device (MPS: the CPU one)
+DEFAULTS.update({k: ModelArgs.__dataclass_fields__[k].default for k in MODEL_KEYS if k not in DEFAULTS})
+CPU_PRESET = "shakespeare_char_cpu"   # no preset and no CUDA device: nanoGPT's CPU budget
 CKPT_KEYS = ("model", "model_args", "meta", "optimizer", "iter_num", "config")
 # the ModelArgs keys that set the weights' shapes: a run from a checkpoint keeps them
 SHAPE_KEYS = ("dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads", "n_routed_experts",
@@ -74,96 +82,10 @@ SHAPE_KEYS = ("dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers",
               "n_mtp", "attn")
 
 
-# ----------------------------------------------------------------------------- configuration
-
-def parse_config(argv, defaults=None):
-    """The defaults (DEFAULTS, or another script's: sft.py, grpo.py), then each preset file (config/NAME.py, or just
-    NAME: plain Python assignments, which see the values so far and __file__), then --key=value (--flag alone sets a
-    bool), in argv order. An unknown key or a wrong type is a UserError naming the valid keys. Returns (config, keys
-    set, preset files)."""
-    defaults = DEFAULTS if defaults is None else defaults
-    cfg, explicit, presets, here = dict(defaults), set(), [], Path(__file__).parent
-
-    def put(key, value, shown, where=""):
-        if key not in defaults:
-            near = difflib.get_close_matches(key, defaults, n=1)
-            raise UserError(f"unknown config key {key!r}{where}{f' (did you mean {near[0]}?)' if near else ''}; "
-                            f"valid keys: {', '.join(sorted(defaults))}")
-        want = type(defaults[key])
-        cfg[key] = float(value) if want is float and type(value) is int else value
-        if type(cfg[key]) is not want:
-            raise UserError(f"{key} must be {want.__name__}, not {shown!r}")
-        explicit.add(key)
-
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, raw = arg[2:].partition("=")
-            want = type(defaults.get(key))
-            if key in defaults and not eq and want is not bool:
-                raise UserError(f"--{key} needs a value: --{key}=VALUE")
-            try:   # a Python literal, else true/false in any case, else the text itself
-                value = True if not eq else raw if want is str else ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = {"true": True, "false": False}.get(raw.lower(), raw)
-            put(key, value, raw)
-            continue
-        path = next((p for p in (Path(arg), here / arg, here / "config" / f"{arg}.py") if p.is_file()), None)
-        if path is None:
-            names = ", ".join(sorted(p.stem for p in (here / "config").glob("*.py")))
-            raise UserError(f"config file {arg} not found (presets: {names})")
-        assigned = {}
-        try:
-            exec(path.read_text(), dict(cfg, __file__=str(path)), assigned)
-        except Exception as e:
-            raise UserError(f"{path}: {one_line(e)}") from None
-        for key, value in assigned.items():
-            if not (key.startswith("_") or callable(value) or type(value).__name__ == "module"):
-                put(key, value, value, f" in {path}")
-        presets.append(str(path))
-    return cfg, explicit, presets
-
-
-def check_config(c):
-    """Value checks that need no data: ranges, choices, out_dir, and the model's own (ModelArgs) checks."""
-    for key, least in dict(batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_interval=1, eval_iters=1,
-                           log_interval=1, max_iters=0).items():
-        if getattr(c, key) < least:
-            raise UserError(f"{key} must be at least {least}, not {getattr(c, key)}")
-    for key, allowed in dict(tokenizer=("bpe", "char"), dtype=("auto", "float32", "bfloat16", "float16")).items():
-        if getattr(c, key) not in allowed:
-            raise UserError(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
-    if blocked := next((p for p in (Path(c.out_dir), *Path(c.out_dir).parents) if p.exists() and not p.is_dir()), None):
-        raise UserError(f"out_dir {c.out_dir}: {blocked} is a file, not a folder")
-    model_args_from(vars(c), vocab_size=1)
-
-
-def pick_device(spec):
-    """'auto' -> cuda, then mps, then cpu; anything else is checked against this machine. A CUDA device
-    comes back as cuda:N and is made current: Triton launches, RNG states and capability queries use it."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if dev.type == "cuda" and n == 0 or dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {spec!r}: {dev.type.upper()} is not available on this machine")
-    if dev.type != "cuda":
-        return str(dev)
-    if (dev.index or 0) >= n:
-        raise UserError(f"device {spec!r} does not exist: this machine has {n} CUDA device(s)")
-    index = torch.cuda.current_device() if dev.index is None else dev.index
-    torch.cuda.set_device(index)
-    return f"cuda:{index}"
-
-
 def configure(argv, world=None, log=print):
     """(config, checkpoint to start from or None, device); world: torchrun's world size, None without. From a
-    checkpoint its config is the base and only keys given again change; with no preset, PRESETS' first."""
-    cfg, explicit, presets = parse_config(argv)
+    checkpoint its config is the base and only keys given again change; with no preset on a CPU, CPU_PRESET."""
+    cfg, explicit, presets = parse_config(argv, DEFAULTS)
     ckpt, path = None, init_path(cfg)
     if path:
         ckpt = read_checkpoint(path)
@@ -176,33 +98,22 @@ def configure(argv, world=None, log=print):
     device = pick_device(cfg["device"])
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:     # torchrun: one GPU per process
         device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}")
-    default = None if presets or ckpt else PRESETS["cuda" if device.startswith("cuda") else "cpu"]
-    if default:
-        cfg = {**parse_config([default, *argv])[0], "out_dir": cfg["out_dir"]}   # still "out" (sample.py's)
+    cpu_default = not (presets or ckpt or device.startswith("cuda"))
+    if cpu_default:
+        cfg = {**parse_config([CPU_PRESET, *argv], DEFAULTS)[0], "out_dir": cfg["out_dir"]}   # still "out" (sample.py's)
     c = SimpleNamespace(**cfg)
-    check_config(c)
     if c.dtype == "auto":   # bf16 where the GPU has it natively (emulated bf16 is slow), else fp16
         native = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
         c.dtype = ("bfloat16" if native else "float16") if device.startswith("cuda") else "float32"
-    if c.dtype == "float16" and not device.startswith("cuda"):
-        raise UserError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
-    check_expert_parallel(c, world)
-    fp8.check_compile(c, device)
-    if default:
-        log(f"no preset: config/{default}.py, nanoGPT's {'GPU' if default == PRESETS['cuda'] else 'CPU'} budget "
-            f"({c.max_iters} steps), into {c.out_dir}; a preset or --key=value changes any key (GPT-2 BPE: --tokenizer=bpe)")
+    check_config(c, device, world)
+    if not presets and not ckpt:
+        log(f"no preset: {f'config/{CPU_PRESET}.py on DEFAULTS' if cpu_default else 'DEFAULTS'}, nanoGPT's "
+            f"{'CPU' if cpu_default else 'GPU'} budget ({c.max_iters} steps), into {c.out_dir}; a preset or --key=value "
+            f"changes any key (GPT-2 BPE: --tokenizer=bpe)")
     return c, ckpt, device
 
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule
-
-def model_args_from(cfg, vocab_size):
-    """ModelArgs from a config dict: its model keys, the data's vocabulary, block_size as max_seq_len."""
-    try:
-        return ModelArgs(vocab_size=vocab_size, max_seq_len=cfg["block_size"], **{k: cfg[k] for k in MODEL_KEYS})
-    except (ValueError, TypeError) as e:
-        raise UserError(f"bad model config: {e}") from None
-
 
 def configure_optimizer(model, learning_rate, weight_decay, betas, device_type):
     """AdamW with weight decay on matrices (linear and embedding weights, the router's e_i) only; norms
@@ -244,8 +155,6 @@ def peak_flops(name):
     return next((PEAK_BF16[k] for k in sorted(PEAK_BF16, key=len, reverse=True) if re.search(rf"\b{k}\b", name, re.I)), 0.0)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
 def save_checkpoint(ckpt, path):
     """Atomic (via path.tmp, synced to disk): a crash mid-save leaves the previous checkpoint intact; rank 0 writes."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -255,6 +164,8 @@ def save_checkpoint(ckpt, path):
 def read_checkpoint(path):
     """The checkpoint dict at path, in CPU memory; a one-line UserError if it is missing, unreadable or foreign."""
     path = Path(path)
+    if path.is_dir():                        # a folder in DeepSeek's layout (config.json, safetensors): hf.py
+        return hf.checkpoint(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
@@ -269,9 +180,12 @@ def read_checkpoint(path):
 
 
 def init_path(cfg):
-    """The checkpoint a run starts from: out_dir's on resume, the init_from folder's, None from scratch."""
-    return None if cfg["init_from"] == "scratch" else Path(
-        cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]) / "ckpt.pt"
+    """The checkpoint a run starts from: out_dir's on resume, the init_from folder's (its ckpt.pt, or the folder itself
+    when it holds DeepSeek's layout: config.json and safetensors), None from scratch."""
+    if cfg["init_from"] in ("scratch", "resume"):
+        return None if cfg["init_from"] == "scratch" else Path(cfg["out_dir"]) / "ckpt.pt"
+    folder = Path(cfg["init_from"])
+    return folder if hf.is_folder(folder) and not (folder / "ckpt.pt").exists() else folder / "ckpt.pt"
 
 
 def load_state(model, state, path):
@@ -281,26 +195,85 @@ def load_state(model, state, path):
         raise UserError(f"{path}: weights do not fit the model ({one_line(e)})") from None
 
 
-def load_checkpoint(path, device="cpu", **args):
+def load_checkpoint(path, device="cpu", install_kernels=True, **args):
     """(model in eval mode on device, checkpoint): read into CPU memory, only the weights go to device (an FP8
-    run's fp32 masters run as they are); args: ModelArgs fields changed (max_seq_len, YaRN's: the weights stay,
-    the RoPE tables and softmax scale follow). One-line UserError for a missing, corrupt or foreign file."""
+    run's fp32 masters run as they are), kernels.py's MoE paths installed unless told; args: ModelArgs fields
+    changed (max_seq_len, YaRN's: the weights stay, the RoPE tables and softmax scale follow). One-line UserError
+    for a missing, corrupt or foreign file."""
     ckpt = read_checkpoint(path)
     try:
         model = Transformer(ModelArgs(**{**ckpt["model_args"], **args}))
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: bad model_args ({one_line(e)})") from None
     load_state(model, ckpt["model"], path)
+    if install_kernels:
+        kernels.install(model)
     return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- expert parallelism (expert_parallel.py)
+
+def map_experts(optimizer, sharded, state, opt_state, fn):
+    """Replace the expert weights and their AdamW moments in a model and an optimizer state dict by fn
+    of them: gather (saving) or slice (resuming) along the expert dimension."""
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for name, p in sharded.items():
+        state[name] = fn(state[name])
+        i = index[id(p)]
+        if i in opt_state["state"]:     # a fresh dict: optimizer.state_dict() shares the live one
+            opt_state["state"][i] = {k: fn(v) if k in ("exp_avg", "exp_avg_sq") else v
+                                     for k, v in opt_state["state"][i].items()}
+
+
+def gather(t, world):
+    """The ranks' slices of a tensor, concatenated in rank order (a collective: every rank calls it)."""
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def grad_norm(model, sharded):
+    """The norm of the whole model's gradient; with expert slices their squared norms are summed over the
+    ranks, so every rank clips by the same factor."""
+    norm = lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None])   # noqa: E731
+    if not sharded:
+        return norm(model.parameters())
+    experts = norm(sharded.values()) ** 2
+    dist.all_reduce(experts)
+    return (norm(p for n, p in model.named_parameters() if n not in sharded) ** 2 + experts).sqrt()
+
+
+def all_to_all_volume(model, steps, device):
+    """All ranks' training forwards since the last call (then cleared): per MoE layer, sends of a token
+    to another rank per token (once to each rank holding any of its experts) and the expert copies they
+    carry per token (what one send per copy would cost); bytes per step (dispatch and combine, forward;
+    the backward moves as much again). -> (those figures, their text for the log line)"""
+    moes = [m for m in model.modules() if isinstance(m, ParallelMoE)]
+    t = torch.tensor([[m.tokens, m.sends, m.copies, m.bytes] for m in moes], dtype=torch.float64, device=device)
+    dist.all_reduce(t)                  # logging only
+    for m in moes:
+        m.tokens = m.sends = m.copies = m.bytes = 0
+    per_token = lambda i: [round(v, 3) for v in (t[:, i] / t[:, 0].clamp(min=1)).tolist()]   # noqa: E731
+    v = dict(a2a_sends_per_token=per_token(1), a2a_copies_per_token=per_token(2),
+             a2a_bytes_per_step=t[:, 3].sum().item() / steps)
+    return v, (f" | a2a sends/token {' '.join(f'{s:.2f}' for s in v['a2a_sends_per_token'])}, "
+               f"{v['a2a_bytes_per_step'] / 1e6:.2f} MB/step")
 
 
 # ----------------------------------------------------------------------------- training
 
 def init_model(c, meta, ckpt, device, rank, world, log):
-    """(model, expert slices {name: parameter} or {}, optimizer, grad scaler, step, best val loss): fresh or from ckpt."""
+    """(model, expert slices {name: parameter} or {}, optimizer, grad scaler, step, best val loss, sizes: parameter
+    counts and training FLOPs per token): fresh or from ckpt; kernels.py's MoE paths, FP8 and expert parallelism
+    put in as the config asks."""
     torch.manual_seed(c.seed)                              # the same initial weights on every rank
     device_type = torch.device(device).type
     model = Transformer(model_args_from(vars(c), meta["vocab_size"])).to(device)
+    # the whole model's, before expert parallelism slices the experts
+    sizes = dict(params=model.num_params(), active_params=model.num_params(active=True),
+                 mtp_params=model.num_params(mtp=True) - model.num_params(), flops_per_token=model.flops_per_token(c.block_size))
+    if c.kernels:
+        kernels.install(model)
     if c.fp8:
         fp8.convert(model)
     sharded = shard_experts(model, world) if c.expert_parallel else {}
@@ -322,10 +295,19 @@ def init_model(c, meta, ckpt, device, rank, world, log):
         log(f"resuming from {path} at step {iter_num} (best val loss {best_val_loss:.4f})" if c.init_from == "resume" else
             f"from {path}'s weights, a fresh optimizer: context {c.block_size}, YaRN {c.block_size > c.original_seq_len}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # CUDA fp32 matmuls: TF32
-    n, active, mtp = model.num_params(), model.num_params(active=True), model.num_params(mtp=True)
-    log(f"model: {n / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token (+{(mtp - n) / 1e6:.2f}M MTP); "
-        f"vocab {model.args.vocab_size} ({meta['tokenizer']})")
-    return model, sharded, optimizer, scaler, iter_num, best_val_loss
+    log(f"model: {sizes['params'] / 1e6:.2f}M parameters, {sizes['active_params'] / 1e6:.2f}M active per token "
+        f"(+{sizes['mtp_params'] / 1e6:.2f}M MTP); vocab {model.args.vocab_size} ({meta['tokenizer']})")
+    return model, sharded, optimizer, scaler, iter_num, best_val_loss, sizes
+
+
+def drop_counts_if_skipped(model, scaler, optimizer):
+    """A step the fp16 loss scaler skipped (inf or NaN gradients) skips the bias update too: its token counts are
+    zeroed, and b_i += gamma * sign(0) changes nothing. On the device (no host sync); call between scaler.step and
+    scaler.update, while the scaler still holds what it found."""
+    if scaler.is_enabled():
+        found_inf = sum(scaler._found_inf_per_device(optimizer).values())
+        for g in model.gates():
+            g.load.mul_(found_inf == 0)
 
 
 def wrap_ddp(model, device, sharded):
@@ -386,7 +368,7 @@ def main(argv=None):
     if ddp:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     train_data, val_data, meta = load_data(c, ckpt, rank, log)
-    raw, sharded, optimizer, scaler, iter_num, best_val_loss = init_model(c, meta, ckpt, device, rank, world, log)
+    raw, sharded, optimizer, scaler, iter_num, best_val_loss, sizes = init_model(c, meta, ckpt, device, rank, world, log)
     del ckpt
     model = torch.compile(raw) if c.compile else raw
     train_model = wrap_ddp(model, device, sharded) if ddp else model
@@ -397,7 +379,7 @@ def main(argv=None):
     log(f"training on {device} ({c.dtype}{', compiled' if c.compile else ''}{f', {world} processes' if ddp else ''}): "
         f"{tokens_per_step:,} tokens per step, {c.max_iters} steps; "
         f"data {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
-    log(kernels.describe(device, getattr(torch, c.dtype)) + (f"; {fp8.describe(device)}" if c.fp8 else ""))
+    log(kernels.describe(raw, device, getattr(torch, c.dtype)) + (f"; {fp8.describe(device)}" if c.fp8 else ""))
     out_dir = Path(c.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -406,7 +388,7 @@ def main(argv=None):
         if rank == 0:
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
-    record(kind="config", step=iter_num, config=vars(c), world_size=world)
+    record(kind="config", step=iter_num, config=vars(c), world_size=world, **sizes)
     start_iter, t_start, t_last, maxvios = iter_num, time.time(), time.time(), []
     hms = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))     # noqa: E731
     raw.train()
@@ -446,6 +428,7 @@ def main(argv=None):
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grads_with_norm_(raw.parameters(), c.grad_clip, grad_norm(raw, sharded))
         scaler.step(optimizer)
+        drop_counts_if_skipped(raw, scaler, optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         for g in raw.gates() if ddp else []:            # the counts of all micro-batches and ranks
@@ -458,7 +441,7 @@ def main(argv=None):
             mv = [round(v, 4) for v in torch.stack(maxvios).mean(0).tolist()]
             dt = (time.time() - t_last) / len(maxvios)
             tok_s, eta = tokens_per_step / dt, dt * (c.max_iters - iter_num)
-            mfu = raw.flops_per_token(c.block_size) * tok_s / (peak * world) if peak else None
+            mfu = sizes["flops_per_token"] * tok_s / (peak * world) if peak else None
             a2a, a2a_text = all_to_all_volume(raw, len(maxvios), device) if sharded else ({}, "")
             log(f"step {iter_num}/{c.max_iters} | loss {total:.4f} (main {main_l:.4f} mtp {mtp_l:.4f} bal {bal:.2e}) "
                 f"| lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {f'{100 * mfu:.2f}%' if mfu is not None else '-'} "

@@ -1,0 +1,83 @@
+"""bench.py --parts step: a training step of the CPU preset's MoE model beside the dense model of the same
+active width, by each expert-GEMM path, eager and compiled, and the FFN GEMMs alone."""
+import statistics
+
+import torch
+
+import deepseek as ds
+import kernels
+from bench_common import rounds
+
+
+def run(args):
+    """Milliseconds per training step (forward, backward, AdamW, bias update) of the CPU preset's MoE
+    model beside the dense model with the same activated FFN width (inter_dim = shared + k routed), timed
+    interleaved in one process on the same batch: deepseek.py's reference MoE, kernels.install's paths with
+    the routed experts by each of kernels.expert_gemm's choices, and the preset (installed, as train.py runs
+    it) eager and under torch.compile."""
+    import train
+    cfg = train.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0]
+    # name, config changes, kernels.install'ed, the expert GEMM forced, compiled
+    rows = [("dense, same active FFN width", dict(n_routed_experts=0, n_mtp=0), False, None, False),
+            ("MoE, deepseek.py's reference loop", dict(n_mtp=0), False, None, False),
+            ("MoE, sorted + grouped GEMM", dict(n_mtp=0), True, "grouped_mm", False),
+            ("MoE, sorted + padded batched GEMM", dict(n_mtp=0), True, "padded", False),
+            ("MoE, sorted + per-expert loop", dict(n_mtp=0), True, "loop", False),
+            ("MoE + MTP (the preset)", dict(), True, None, False),
+            ("MoE + MTP, torch.compile", dict(), True, None, True)]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 65, (2, cfg["batch_size"], cfg["block_size"]), generator=g)
+    models = []
+    for name, over, install, _, compiled in rows:
+        torch.manual_seed(0)
+        m = ds.Transformer(train.model_args_from({**cfg, **over}, 65)).train()
+        if install:
+            kernels.install(m)
+        models.append((m, torch.compile(m) if compiled else m, train.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.99), "cpu")))
+
+    def step(m, run, opt, path):
+        kernels.EXPERT_GEMM = path
+        try:
+            run(x, y)[1]["total"].backward()
+        finally:
+            kernels.EXPERT_GEMM = None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        m.update_expert_bias()
+    times, _ = rounds([lambda m=m, run=run, opt=opt, path=path: step(m, run, opt, path)
+                       for (m, run, opt), (*_, path, _) in zip(models, rows)], args.step_repeats, warmup=3)
+    print(f"step: CPU preset (batch {cfg['batch_size']} x {cfg['block_size']}), {torch.get_num_threads()} threads, "
+          f"median of {args.step_repeats} interleaved steps")
+    print("| model | active params | ms/step | vs dense |")
+    print("|---|---:|---:|---:|")
+    base = statistics.median(times[0])
+    for (name, *_), (m, _, _), t in zip(rows, models, times):
+        print(f"| {name} | {m.num_params(active=True) / 1e6:.3f}M | {1000 * statistics.median(t):.1f} | "
+              f"{statistics.median(t) / base:.2f}x |")
+    ffn_floor(cfg, x.numel(), args.step_repeats)
+    return {name: statistics.median(t) for (name, *_), t in zip(rows, times)}
+
+
+def ffn_floor(cfg, N, repeats):
+    """The GEMMs alone: one MoE layer's shared + routed experts (grouped GEMM over evenly loaded,
+    pre-sorted copies: no gate, no dispatch) beside the dense FFN of the same active width, forward and
+    backward on N tokens. What routing cannot get below on this machine."""
+    import train
+    a = train.model_args_from(cfg, 65)
+    K, E = a.n_activated_experts, a.n_routed_experts
+    dense, shared = ds.MLP(a.dim, a.inter_dim), ds.MLP(a.dim, a.n_shared_experts * a.moe_inter_dim)
+    experts = ds.Experts(E, a.dim, a.moe_inter_dim)
+    for p in [*dense.parameters(), *shared.parameters(), *experts.parameters()]:
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(N, a.dim, requires_grad=True)
+    xs = x.detach().repeat(K, 1).requires_grad_()
+    counts = torch.full((E,), N * K // E)
+    rows = [("dense FFN", lambda: dense(x).square().sum().backward()),
+            ("shared + routed experts",
+             lambda: (shared(x).square().sum() + kernels.run_experts(experts, xs, counts).square().sum()).backward())]
+    times, _ = rounds([f for _, f in rows], repeats, warmup=3)
+    print(f"\nThe FFN GEMMs alone, forward + backward on {N} tokens ({K} of {E} experts each, evenly loaded)")
+    print("| FFN | ms | vs dense |")
+    print("|---|---:|---:|")
+    for (name, _), t in zip(rows, times):
+        print(f"| {name} | {1000 * statistics.median(t):.2f} | {statistics.median(t) / statistics.median(times[0]):.2f}x |")
