@@ -6,6 +6,7 @@ at SFT's final learning rate); (e) GRPO from (b) without the KL term and the cli
 (b2) SFT with the other answer format (bare answers against worked steps). Each with --repeats seeds, accuracies pooled
 over them with 95% Wilson intervals; each stage's time; GRPO's curves (a plot); rollout tokens/s batched against
 generating each sample alone, side by side."""
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import sft
 from bench_common import pyplot, read_log, timed, train_run
 from configurator import parse_config
 from data import MATH_KINDS, batch_seed, math_text, prepare_data, run_cli
-from train import load_checkpoint, read_checkpoint
+from train import DEFAULTS, load_checkpoint, read_checkpoint
 
 BASE, SFT, GRPO = "domains_cpu", "sft_cpu", "grpo_cpu"      # the presets
 QUICK = dict(sft=["--pairs=48", "--batch_size=16", "--epochs=1"], grpo=["--max_iters=2", "--questions=2", "--group_size=4",
@@ -27,7 +28,6 @@ QUICK = dict(sft=["--pairs=48", "--batch_size=16", "--epochs=1"], grpo=["--max_i
 
 def stage(module, argv, out, quiet_log):
     """sft.py or grpo.py (module) with argv into `out`, its output into quiet_log; -> its log.jsonl entries."""
-    import contextlib
     if (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
     with open(quiet_log, "w") as log, contextlib.redirect_stdout(log):
@@ -58,7 +58,7 @@ def run(args):
     evaluate each on the same held-out questions; time the rollouts; print the tables, draw the plot."""
     root, quick = Path(args.out), args.quick
     data = ["--device=cpu", f"--data_dir={args.data_dir}"] + ([f"--text={args.text}"] if args.text else [])
-    base = root / "posttrain_base" if quick else Path(parse_config([BASE])[0]["out_dir"])
+    base = root / "posttrain_base" if quick else Path(parse_config([BASE], DEFAULTS)[0]["out_dir"])
     if not (base / "ckpt.pt").exists():
         print(f"posttrain: training the base model into {base} ...", file=sys.stderr, flush=True)
         train_run(args, base, [BASE, *data, f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}"],
@@ -67,8 +67,9 @@ def run(args):
     common = ["--device=cpu", f"--eval_questions={n_eval}"]
     worked = parse_config([SFT], sft.DEFAULTS)[0]["worked"]
     held_out = chat.held_out_problems(n_eval)
-    model, ckpt = load_checkpoint(base / "ckpt.pt", max_seq_len=2 * ckpt_context(base))
-    results = {"(a)": [chat.accuracy(chat.evaluate(model, ckpt["meta"], held_out, ckpt_context(base)))]}
+    model, ckpt = load_checkpoint(base / "ckpt.pt", max_seq_len=128)         # room for the batch's left padding
+    context = ckpt["model_args"]["max_seq_len"]                              # the one it was trained at
+    results = {"(a)": [chat.accuracy(chat.evaluate(model, ckpt["meta"], held_out, context))]}
     runs = {name: [] for name in ("(b)", "(b2)", "(c)", "(d)", "(e)")}
     for r in range(args.repeats):
         seed = 1337 + r
@@ -98,10 +99,6 @@ def run(args):
     rollout_speed(out("b"), args.timing_repeats, quick)
     plot(runs, root)
     return dict(results=results, runs=runs)
-
-
-def ckpt_context(base):
-    return read_checkpoint(base / "ckpt.pt")["model_args"]["max_seq_len"]
 
 
 def report(results, runs, held_out, worked, args, base, n_eval):
