@@ -97,7 +97,7 @@ def run(args):
         results[name] = [final(entries)[0] for entries in logs]
     report(results, runs, held_out, worked, args, base, n_eval)
     rollout_speed(out("b"), args.timing_repeats, quick)
-    plot(runs, root)
+    plot(runs, results, root)
     return dict(results=results, runs=runs)
 
 
@@ -118,12 +118,17 @@ def report(results, runs, held_out, worked, args, base, n_eval):
     print("|---|---:|---:|---:|---:|")
     for key in ("(b)", "(b2)", "(c)", "(d)", "(e)"):
         done = [final(e)[1] for e in runs[key]]
-        steps, train_s = done[0]["step"], statistics.mean(d["train_s"] for d in done)
-        print(f"| {names[key]} | {steps} | {train_s:.0f} | {train_s / max(steps, 1):.3f} | "
+        steps = " / ".join(dict.fromkeys(str(d["step"]) for d in done))          # per seed where they differ
+        print(f"| {names[key]} | {steps} | {statistics.mean(d['train_s'] for d in done):.0f} | "
+              f"{statistics.mean(d['train_s'] / d['step'] for d in done):.3f} | "
               f"{statistics.mean(d['wall_s'] for d in done):.0f} |")
-    grpo_log = [e for entries in runs["(c)"] for e in entries if e["kind"] == "train"]
-    print(f"\n(c)'s last steps: mean reward {grpo_log[-1]['reward']:.3f}, KL {grpo_log[-1]['kl']:.4f}, clipped "
-          f"{grpo_log[-1]['clipped']:.2%}, length {grpo_log[-1]['length']:.1f}, no-signal groups {grpo_log[-1]['no_signal']:.0%}")
+    for key in ("(c)", "(e)"):
+        logs = [[e for e in entries if e["kind"] == "train"] for entries in runs[key]]
+        mean = lambda k: statistics.mean(e[k] for log in logs for e in log)          # noqa: E731
+        print(f"\n{key}, all its steps and seeds: mean reward {mean('reward'):.3f} (right {mean('right'):.1%}, a group "
+              f"{mean('group_right'):.0%}), KL {mean('kl'):.4f}, clipped {mean('clipped'):.2%}, length "
+              f"{mean('length'):.1f}, no-signal groups {mean('no_signal'):.0%}", end="")
+    print()
     n = sum(prepare_data(args.data_dir, "domains", args.text, "char", log=lambda *a: None)[1]["domains"]["math"])
     corpus = set(math_text(n)[:n].splitlines()[::2])
     seen = {k: sum(p[0] in corpus for p in held_out if p[3] == k) for k in MATH_KINDS}
@@ -156,22 +161,27 @@ def rollout_speed(sft_out, repeats, quick):
     return speed
 
 
-def plot(runs, root):
-    """Held-out accuracy and mean reward against GRPO steps, (c) and (e), the mean over seeds."""
+def plot(runs, results, root):
+    """Held-out accuracy and mean reward against GRPO steps, (c) and (e), the mean over seeds; (a) and (d) as lines."""
     plt = pyplot("posttrain")
     if plt is None:
         return
     fig, (acc_ax, reward_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("(c)", "(c) GRPO"), ("(e)", "(e) no KL, no clip")):
-        evals = [[(e["step"], e["accuracy"]["all"][0] / e["accuracy"]["all"][1]) for e in log if e["kind"] == "eval"]
-                 for log in runs[key]]
+        evals = [[(e["step"], 100 * e["accuracy"]["all"][0] / e["accuracy"]["all"][1]) for e in log
+                  if e["kind"] == "eval"] for log in runs[key]]
         trains = [[(e["step"], e["reward"]) for e in log if e["kind"] == "train"] for log in runs[key]]
         for ax, curves in ((acc_ax, evals), (reward_ax, trains)):
             steps = [s for s, _ in curves[0]]
             ax.plot(steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=label)
-    acc_ax.set(xlabel="GRPO step", ylabel="held-out accuracy (greedy)", title="Held-out exact match")
-    reward_ax.set(xlabel="GRPO step", ylabel="mean reward of the rollouts", title="Mean reward (1 right + 0.1 well formed)")
-    acc_ax.legend()
+    acc = lambda key: statistics.mean(100 * a["all"][0] / a["all"][1] for a in results[key])     # noqa: E731
+    acc_ax.axhline(acc("(d)"), color="gray", ls="--", label="(d) more SFT instead, final")
+    acc_ax.axhline(acc("(a)"), color="gray", ls=":", label="(a) pretrained")
+    acc_ax.set(xlabel="GRPO step", ylabel="held-out accuracy, % (greedy)", ylim=(0, 50),
+               title="Held-out exact match (mean of the seeds)")
+    reward_ax.set(xlabel="GRPO step", ylabel="mean reward of the rollouts (per log interval)",
+                  title="Mean reward: 1 right + 0.1 well formed")
+    acc_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(root / "posttrain.png", dpi=120)
     print(f"plot: {root / 'posttrain.png'}")

@@ -221,7 +221,7 @@ def wilson(right, n, z=1.96):
         return 0.0, 1.0
     p = right / n
     mid, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n)
+    return max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))   # 0/n, n/n: exactly
 
 
 # ----------------------------------------------------------------------------- what the stage scripts share

@@ -2695,6 +2695,12 @@ def test_held_out_questions_are_disjoint_from_training_pairs():
     assert len(chat.held_out_problems(10)) == 10 and chat.held_out_problems(10) == chat.held_out_problems(10)
 
 
+def test_wilson_interval():
+    assert chat.wilson(30, 100) == pytest.approx((0.2189, 0.3958), abs=1e-4)     # the textbook example's values
+    assert chat.wilson(0, 120)[0] == 0 and chat.wilson(120, 120)[1] == 1 and chat.wilson(0, 120)[1] == pytest.approx(
+        1.96 ** 2 / (120 + 1.96 ** 2))
+
+
 def test_answer_checker_on_malformed_replies():
     right = chat.is_correct
     assert right("22", True, "22") and right("45 + -23 = 45 - 23 = 22", True, "22")
