@@ -14,6 +14,7 @@ updates_per_batch AdamW steps on the batch, each maximising per token
 """
 import copy
 import itertools
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -175,5 +176,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(run_cli(main))

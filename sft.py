@@ -2,7 +2,7 @@
 pairs, the loss on the assistant's tokens only, a few epochs with the learning rate decaying (cosine) to a lower value.
 
     python sft.py config/sft_cpu.py                      # out-domains-cpu -> out-sft-cpu
-    python sft.py config/sft_cpu.py --worked=True --out_dir=out-sft-worked   # answers after worked steps
+    python sft.py config/sft_cpu.py --worked=False --out_dir=out-sft-bare   # bare answers, no worked steps
     python sample.py --out_dir=out-sft-cpu --chat="What is 12 times 7?"
 
 The template's tokens join the pretrained vocabulary (chat.chat_model). Each batch is padded, not packed: a sample
@@ -11,6 +11,7 @@ the model (the padding share is logged). Evaluation: greedy exact match on the h
 """
 import itertools
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -110,5 +111,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(run_cli(main))
