@@ -304,7 +304,7 @@ class Gate(nn.Module):
         self.topk_groups, self.route_scale = args.n_limited_groups, args.route_scale
         self.score_func = args.score_func
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))   # centroids e_i
-        self.register_buffer("bias", torch.zeros(args.n_routed_experts))
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
         # tokens per expert counted by training forwards since the last bias update (§2.1.2)
         self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
 

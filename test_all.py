@@ -2528,12 +2528,12 @@ def test_hf_export_sample_and_fine_tune_commands(trained, tmp_path, text_file, d
     out_dir, _ = trained
     assert export.cli([str(out_dir), str(tmp_path / "hf")]) == 0
     assert "model_type deepseek_v3" in capsys.readouterr().out
-    texts = []
+    texts, prompt = [], text_file.read_text()[:6]          # characters of either test text
     for source in (f"--out_dir={out_dir}", f"--init_from={tmp_path / 'hf'}"):
-        rc, out, _ = run_sample(capsys, source, "--start=ROMEO:", "--temperature=0", "--num_samples=1",
+        rc, out, _ = run_sample(capsys, source, f"--start={prompt}", "--temperature=0", "--num_samples=1",
                                 "--max_new_tokens=20")
         texts.append(out.split("---------------")[0])
-    assert rc == 0 and texts[0] == texts[1] and texts[0].startswith("ROMEO:")
+    assert rc == 0 and texts[0] == texts[1] and texts[0].startswith(prompt)
     logs = [run(tmp_path, text_file, data_dir, f"--init_from={source}", out=name, max_iters=2, eval_interval=2)
             for source, name in ((out_dir, "from-ckpt"), (tmp_path / "hf", "from-hf"))]
     losses = [[(e["kind"], e.get("loss"), e.get("val")) for e in log if e["kind"] in ("train", "eval")] for log in logs]
