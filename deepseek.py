@@ -475,7 +475,7 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {(start_pos or 0) + S} exceed "
                              f"max_seq_len={self.args.max_seq_len}")
         cos, sin, causal = self.positions(start_pos, S)
-        mask, h = causal if mask is None else mask, self.embed(idx)
+        h, mask = self.embed(idx), causal if mask is None else mask
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, mask)
         return h
@@ -584,7 +584,7 @@ class Transformer(nn.Module):
 
 
 def sample(logits, temperature=1.0, top_k=None):
-    """A token per row of logits (N, V) -> (N, 1): at temperature 0 the argmax, else from probs()."""
+    """One token per row of logits (N, V) -> (N, 1): greedy at temperature 0, else from probs()."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     return torch.multinomial(probs(logits, temperature, top_k), 1)
