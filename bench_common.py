@@ -6,7 +6,9 @@ import statistics
 from pathlib import Path
 
 
+import train
 from sample import now
+
 
 def rounds(fns, repeats, warmup=0):
     """Run the functions interleaved, `warmup` untimed rounds then `repeats` timed ones, so that a slow
@@ -38,7 +40,6 @@ V3_CONFIG = Path(__file__).parent / "config" / "config_671B.json"      # DeepSee
 
 def preset_args(name, vocab_size=65):
     """The ModelArgs a config/NAME.py preset builds (char-level vocabulary unless told)."""
-    import train
     return train.model_args_from(train.parse_config([name], train.DEFAULTS)[0], vocab_size)
 
 
@@ -63,7 +64,6 @@ def train_run(args, out, argv, quiet_log):
     """python train.py ARGV into `out`, its output into `quiet_log`; the summary of its log.jsonl: best val
     loss, steps, median seconds per step (the first step, which warms up, left out), final MaxVio, curve
     of (step, seconds at that speed, val loss)."""
-    import train
     if out.exists():
         for f in out.iterdir():
             f.unlink()

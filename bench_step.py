@@ -6,6 +6,7 @@ import torch
 
 import deepseek as ds
 import kernels
+import train
 from bench_common import rounds
 
 
@@ -15,7 +16,6 @@ def run(args):
     interleaved in one process on the same batch: deepseek.py's reference MoE, kernels.install's paths with
     the routed experts by each of kernels.expert_gemm's choices, and the preset (installed, as train.py runs
     it) eager and under torch.compile."""
-    import train
     cfg = train.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0]
     # name, config changes, kernels.install'ed, the expert GEMM forced, compiled
     rows = [("dense, same active FFN width", dict(n_routed_experts=0, n_mtp=0), False, None, False),
@@ -62,7 +62,6 @@ def ffn_floor(cfg, N, repeats):
     """The GEMMs alone: one MoE layer's shared + routed experts (grouped GEMM over evenly loaded,
     pre-sorted copies: no gate, no dispatch) beside the dense FFN of the same active width, forward and
     backward on N tokens. What routing cannot get below on this machine."""
-    import train
     a = train.model_args_from(cfg, 65)
     K, E = a.n_activated_experts, a.n_routed_experts
     dense, shared = ds.MLP(a.dim, a.inter_dim), ds.MLP(a.dim, a.n_shared_experts * a.moe_inter_dim)

@@ -558,9 +558,9 @@ def write_folder(tmp, tensors, groups, config, meta, args, dtype):
     names = ["model.safetensors"] if len(groups) == 1 else \
         [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
     for file, group in zip(names, groups):
-        data = save({n: t.detach().to("cpu", dt, copy=True).contiguous() for n, t, dt in group}, dict(format="pt"))
-        write_atomic(tmp / file, lambda f: f.write(data))
-        del data
+        shard = save({n: t.detach().to("cpu", dt, copy=True).contiguous() for n, t, dt in group}, dict(format="pt"))
+        write_atomic(tmp / file, lambda f, shard=shard: f.write(shard))
+        del shard                                                    # one shard's bytes in memory at a time
     files = [*names, "config.json"]
     if len(groups) > 1:
         total = sum(t.numel() * dt.itemsize for _, t, dt in tensors)

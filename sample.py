@@ -236,11 +236,11 @@ def main(argv=None):
         model, meta = hf.load(a.init_from, dtype, device)
         if meta is None:
             raise UserError(f"{a.init_from} has no tokenizer.json to encode the prompt with")
-        if a.kernels:
-            kernels.install(model)
     else:
-        model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device, install_kernels=a.kernels)
+        model, ckpt = load_checkpoint(Path(a.out_dir) / "ckpt.pt", device, install_kernels=False)
         model, meta = model.to(dtype), ckpt["meta"]
+    if a.kernels:
+        kernels.install(model)
     model.set_attn_impl(a.attn_impl)
     if a.chat is not None:
         return answer(model, chat.Template(meta, a.init_from or Path(a.out_dir) / "ckpt.pt"), a.chat, a)
