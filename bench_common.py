@@ -5,7 +5,6 @@ import json
 import statistics
 from pathlib import Path
 
-
 import train
 from sample import now
 
