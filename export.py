@@ -1,12 +1,12 @@
-"""Export a checkpoint to the layout DeepSeek publishes its weights in (hf.py): config.json, safetensors (sharded
-with model.safetensors.index.json past --max_shard_size), the MTP module as layer num_hidden_layers, and the
-tokenizer as tokenizer.json. transformers' AutoModelForCausalLM and AutoTokenizer load the folder.
+"""Export a checkpoint to the layout DeepSeek publishes its weights in (checkpoint/hf.py): config.json,
+safetensors (sharded with model.safetensors.index.json past max_shard_size), the MTP module as layer
+num_hidden_layers, and the tokenizer as tokenizer.json. transformers' AutoModelForCausalLM and AutoTokenizer
+load the folder.
 
-    python export.py out/ out-hf/                        # out/ckpt.pt -> out-hf/ (a new or empty folder)
-    python export.py out/ out-hf/ --dtype=bfloat16 --max_shard_size=2GB
-    python export.py DeepSeek-V3/ v3-bf16/ --dtype=bfloat16   # a folder in the layout: FP8 weights dequantized
+    python export.py --init_from=out --out_dir=out-hf                # out/ckpt.pt -> out-hf/ (a new or empty folder)
+    python export.py --init_from=out --out_dir=out-hf --dtype=bfloat16 --max_shard_size=2GB
+    python export.py --init_from=DeepSeek-V3 --out_dir=v3-bf16 --dtype=bfloat16   # FP8 weights dequantized
 """
-import argparse
 import json
 import re
 import sys
@@ -14,10 +14,17 @@ from pathlib import Path
 
 import torch
 
-import hf
-from data import UserError, run_cli
-from sample import Parser
-from train import load_checkpoint
+from checkpoint import hf
+from checkpoint.ckpt import load_model
+from pretraining.configurator import UserError, parse_config, run_cli
+
+DEFAULTS = dict(
+    init_from="out",          # what to export: a train.py out_dir (its ckpt.pt), or a folder in DeepSeek's layout
+    out_dir="out-hf",         # the folder to write: new, or empty
+    dtype="",                 # the weights' dtype in the files: float32 | bfloat16 | float16 ("": the checkpoint's;
+                              # the gates' biases stay fp32)
+    max_shard_size="5GB",     # the largest safetensors file
+)
 
 
 def size(text):
@@ -29,23 +36,14 @@ def size(text):
 
 
 def main(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="a train.py out_dir (its ckpt.pt), or a folder in DeepSeek's layout")
-    p.add_argument("target", help="the folder to write: new, or empty")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="the weights' dtype in the files (default: the checkpoint's; the gates' biases stay fp32)")
-    p.add_argument("--max_shard_size", default="5GB", help="largest safetensors file (default 5GB)")
-    a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    limit = size(a.max_shard_size)
-    target = Path(a.target)
+    a = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)[0]
+    limit, target = size(a["max_shard_size"]), Path(a["out_dir"])
+    if a["dtype"] not in ("", "float32", "bfloat16", "float16"):
+        raise UserError(f"dtype must be one of float32, bfloat16, float16 (or empty: the checkpoint's), not {a['dtype']!r}")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):   # before reading anything
         raise UserError(f"{target} exists and is not an empty folder: export writes a new one")
-    source, dtype = Path(a.source), a.dtype and getattr(torch, a.dtype)
-    if hf.is_folder(source):
-        model, meta = hf.load(source, dtype or torch.float32)
-    else:
-        model, ckpt = load_checkpoint(source / "ckpt.pt" if source.is_dir() else source, install_kernels=False)
-        meta = ckpt["meta"]
+    dtype = getattr(torch, a["dtype"]) if a["dtype"] else None
+    model, meta = load_model(a["init_from"], dtype=dtype, install_kernels=False)
     files = hf.export(model, meta, target, dtype, limit)
     gb = sum((target / f).stat().st_size for f in files) / 1e9
     kind = json.loads((target / "config.json").read_text())["model_type"]

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import chat
-from data import batch_seed, run_cli
-from train import configure_optimizer, get_lr, save_checkpoint
+from checkpoint.ckpt import save_checkpoint
+from posttraining import chat
+from pretraining.configurator import run_cli
+from pretraining.data import batch_seed
+from pretraining.optim import configure_optimizer, get_lr
 
 DEFAULTS = dict(
     out_dir="out-grpo", init_from="out-sft",          # init_from: the folder of the SFT checkpoint (the policy and π_ref)
@@ -34,7 +36,7 @@ DEFAULTS = dict(
     clip_eps=0.2, kl_beta=0.04, updates_per_batch=2,  # ε (0: no clip), β (0: no KL term), AdamW steps per batch (μ)
     learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, decay_lr=False, weight_decay=0.0, beta1=0.9, beta2=0.95,
     grad_clip=1.0, block_size=128,
-    eval_interval=20, eval_questions=420, log_interval=10, device="auto", seed=1337,
+    eval_interval=20, eval_questions=420, log_interval=10, device="auto", seed=1337, threads=0,
 )
 LEAST = dict(max_iters=0, questions=1, group_size=2, max_new_tokens=1, updates_per_batch=1, block_size=2,
              eval_interval=1, eval_questions=1, log_interval=1)
@@ -122,7 +124,7 @@ def grpo_update(model, reference, optimizer, prompts, outputs, r, eos, c):
 
 
 def main(argv=None):
-    c, ckpt, device = chat.configure(argv, DEFAULTS, LEAST)
+    c, ckpt, device = chat.configure(argv, DEFAULTS, LEAST, __doc__)
     template = chat.Template(ckpt["meta"], Path(c.init_from) / "ckpt.pt")      # GRPO starts from an SFT checkpoint
     model, meta = chat.chat_model(ckpt, c.init_from, c.block_size, device)
     del ckpt

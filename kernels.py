@@ -9,8 +9,8 @@ fp8.convert does FP8), and each computes what deepseek.py's reference computes:
 The reference loops over experts, one host sync each; this path has none where the fused GEMM runs. Ties: the
 kernel takes the lower expert (and group) index among exactly equal scores, where the reference's torch.topk may
 take any. The Triton kernels are torch ops (torch.library.triton_op), so torch.compile sees through them. Without
-a GPU they run under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them, and
-compile_launches compiles them for any CUDA target (no GPU needed either). describe says what a device runs.
+a GPU they run under TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them
+(benchmarks/kernels.py compiles them for each CUDA target, no GPU needed). describe says what a device runs.
 """
 import functools
 import sys
@@ -31,14 +31,18 @@ MIN_CC = (7, 0)     # Volta on: the kernels compile for sm_70 up (tested), PyTor
 GATE_TILE = 1024    # token rows x padded experts per gate program: 8 values a thread at 4 warps
 
 
-def install(model):
+def install(model, expert_gemm=None):
     """The fast paths in every gate and MoE layer of a built deepseek.Transformer (the same modules, weights and
-    names; a checkpoint loads either way). Returns model."""
+    names; a checkpoint loads either way). expert_gemm: None, the path expert_gemm chooses for the device and
+    dtype each forward runs on; "grouped_mm", "padded" or "loop" forces that one (the bench and the tests set
+    it to compare them). Returns model."""
     for m in model.modules():
         if type(m) is deepseek.Gate:
             m.__class__ = Gate
         elif type(m) is deepseek.MoE:
             m.__class__ = MoE
+        if isinstance(m, MoE):
+            m.expert_gemm = expert_gemm
     return model
 
 
@@ -54,13 +58,14 @@ class Gate(deepseek.Gate):
 class MoE(deepseek.MoE):
     """deepseek.MoE with its (token, expert) pairs sorted by expert: one gather of the tokens into expert order,
     each projection of all experts as one GEMM, the outputs added back into their rows times their gate values
-    (index_select and index_add: each the other's backward)."""
+    (index_select and index_add: each the other's backward). expert_gemm: install's."""
+    expert_gemm = None
 
     def routed(self, x, g, ids):
         (N, D), K = x.shape, ids.size(1)
         counts, perm = dispatch(ids, self.args.n_routed_experts)
         rows = perm // K                                            # the row of each pair, in expert order
-        ys = run_experts(self.experts, x.index_select(0, rows), counts)
+        ys = run_experts(self.experts, x.index_select(0, rows), counts, self.expert_gemm)
         gp = g.flatten()[perm].type_as(ys).unsqueeze(-1)            # and its gate value
         return ys.new_zeros(N, D).index_add(0, rows, gp * ys), counts
 
@@ -103,14 +108,11 @@ def dispatch(ids, n_experts):
 
 # ----------------------------------------------------------------------------- the routed experts' GEMMs
 
-EXPERT_GEMM = None   # None: expert_gemm decides per device; "grouped_mm", "padded" or "loop" forces one (tests, bench)
-
-
 def expert_gemm(device_type, capability, dtype, version):
     """How run_experts multiplies on a device (compute capability, compute dtype, torch version (major, minor)):
       "grouped_mm": one torch._grouped_mm per projection, no host sync: on CUDA where it is one fused kernel
                     (bf16 on compute capability 9.x from torch 2.8, 10.x from 2.9), and on a CPU from torch 2.9
-                    in 32 and 16 bits (bench.py --parts step: it beats both others there);
+                    in 32 and 16 bits (bench.py --parts=step: it beats both others there);
       "padded":     three batched matmuls over the experts' rows padded to the fullest expert, one host sync (its
                     size): elsewhere on CUDA, where _grouped_mm is a loop that reads its offsets on the host in
                     every call (9 host syncs per MoE layer and step) or raises (torch 2.8);
@@ -131,12 +133,13 @@ def expert_gemm_here(device, dtype):
     return path, path == "grouped_mm" and cc[0] == 10
 
 
-def run_experts(experts, x, counts):
-    """Each expert of a deepseek.Experts on its rows of x (N, dim), sorted by expert, counts (E,) rows each, by the
-    path expert_gemm chooses for this device and compute dtype (the autocast one when autocast is on, as F.linear
-    would run). Experts of another kind (fp8.Experts) run one at a time, each by its own forward."""
+def run_experts(experts, x, counts, path=None):
+    """Each expert of a deepseek.Experts on its rows of x (N, dim), sorted by expert, counts (E,) rows each, by
+    `path`, or with None the path expert_gemm chooses for this device and compute dtype (the autocast one when
+    autocast is on, as F.linear would run). Experts of another kind (fp8.Experts) run one at a time, each by its
+    own forward."""
     dtype = compute_dtype(x)
-    path, zero_empty = (EXPERT_GEMM, False) if EXPERT_GEMM else expert_gemm_here(x.device, dtype)
+    path, zero_empty = (path, False) if path else expert_gemm_here(x.device, dtype)
     if path == "grouped_mm" and any(d * dtype.itemsize % 16 for d in experts.w1.shape[1:]):  # 16-byte rows
         path = "padded"
     if type(experts) is not deepseek.Experts or path == "loop":
@@ -156,7 +159,7 @@ def describe(model, device, dtype):
         return "MoE: deepseek.py's reference (a loop over experts, one host sync each)"
     device = torch.device(device)
     routing = "Triton kernels" if enabled(torch.empty(0, device=device)) else "PyTorch"
-    path = EXPERT_GEMM or expert_gemm_here(device, dtype)[0]
+    path = moes[0].expert_gemm or expert_gemm_here(device, dtype)[0]
     if any(type(m.experts) is not deepseek.Experts for m in moes):     # fp8.Experts: run_experts' loop
         path = "loop"
     return f"MoE (kernels.py): routing by {routing}; routed experts by " + dict(
@@ -304,12 +307,6 @@ if HAS_TRITON:
         tl.store(perm_ptr + pos, offs.to(tl.int64), mask=ok)
 
 
-def _launch(kernel, grid, *args, **kw):
-    """Every launch goes through here, so that compile_launches compiles exactly what is launched; wrap_triton
-    lets torch.compile see the launch (and the op around it, torch.library.triton_op) instead of a graph break."""
-    torch.library.wrap_triton(kernel)[grid](*args, **kw)
-
-
 def gate_config(n_experts, topk, n_groups, topk_groups, score_func):
     """The gate kernel's constexprs: from the expert shape only, so a new T compiles nothing."""
     S = n_experts // n_groups
@@ -330,8 +327,8 @@ def route_triton(s: torch.Tensor, bias: torch.Tensor, topk: int, n_groups: int =
     ids = torch.empty(T, topk, dtype=torch.int32, device=s.device)
     cfg = gate_config(E, topk, n_groups, topk_groups, score_func)
     if T > 0:
-        _launch(_route_kernel, (triton.cdiv(T, cfg["BLOCK_T"]),), s, bias.contiguous(), ids, T,
-                s.stride(0), s.stride(1), **cfg)
+        grid = (triton.cdiv(T, cfg["BLOCK_T"]),)     # wrap_triton: torch.compile sees the launch, no graph break
+        torch.library.wrap_triton(_route_kernel)[grid](s, bias.contiguous(), ids, T, s.stride(0), s.stride(1), **cfg)
     return ids
 
 
@@ -346,36 +343,12 @@ def dispatch_triton(ids: torch.Tensor, n_experts: int, BLOCK: int = 128) -> tupl
     NB = triton.cdiv(N, BLOCK)
     bc = torch.zeros(E, NB, dtype=torch.int32, device=flat.device)
     if NB > 0:
-        _launch(_count_kernel, (NB,), flat, bc, N, NB, EP=min(triton.next_power_of_2(E), 256), E=E, BLOCK=BLOCK)
+        torch.library.wrap_triton(_count_kernel)[(NB,)](flat, bc, N, NB, EP=min(triton.next_power_of_2(E), 256), E=E,
+                                                         BLOCK=BLOCK)
     bc = bc.flatten()
     start = bc.cumsum(0) - bc                    # int64, exclusive prefix sum in (expert, block) order
     counts = bc.view(E, NB).sum(1)
     perm = torch.empty(N, dtype=torch.int64, device=flat.device)
     if NB > 0:
-        _launch(_scatter_kernel, (NB,), flat, start, perm, N, NB, E=E, BLOCK=BLOCK)
+        torch.library.wrap_triton(_scatter_kernel)[(NB,)](flat, start, perm, N, NB, E=E, BLOCK=BLOCK)
     return counts, perm
-
-
-def compile_launches(cc, fn, *args):
-    """Compile for CUDA compute capability cc, without a GPU, each kernel launch that fn(*args) makes
-    (give it meta tensors), specialised as that launch would be: [(kernel name, CompiledKernel)].
-    Needs TRITON_INTERPRET unset."""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import native_specialize_impl          # the launcher's own specialisation
-    backend, done = triton.backends.backends["nvidia"].compiler, []
-
-    def compile_one(kernel, grid, *a, num_warps=4, **cx):
-        spec = [native_specialize_impl(backend, x, False, True, True) for x in a]   # (type, attribute)
-        sig = {n: t for n, (t, _) in zip(kernel.arg_names, spec)} | dict.fromkeys(cx, "constexpr")
-        cx |= {n: v for n, (t, v) in zip(kernel.arg_names, spec) if t == "constexpr"}   # ints equal to 1
-        attrs = {(i,): backend.parse_attr(v) for i, (t, v) in enumerate(spec) if isinstance(v, str)}
-        src = triton.compiler.ASTSource(kernel, sig, cx, attrs)
-        done.append((kernel.__name__, triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                                     options=dict(num_warps=num_warps))))
-    global _launch
-    launch, _launch = _launch, compile_one
-    try:
-        fn(*args)
-    finally:
-        _launch = launch
-    return done

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import chat
-from data import UserError, batch_seed, run_cli
-from train import configure_optimizer, get_lr, save_checkpoint
+from checkpoint.ckpt import save_checkpoint
+from posttraining import chat
+from pretraining.configurator import UserError, run_cli
+from pretraining.data import batch_seed
+from pretraining.optim import configure_optimizer, get_lr
 
 DEFAULTS = dict(
     out_dir="out-sft", init_from="out-domains-cpu",   # init_from: the folder whose ckpt.pt the run starts from
@@ -30,7 +32,7 @@ DEFAULTS = dict(
     block_size=128,          # the RoPE tables' length (room for generation's left padding); a sample takes <= 64
     learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, decay_lr=True, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,
-    eval_interval=250, eval_questions=420, log_interval=50, device="auto", seed=1337,
+    eval_interval=250, eval_questions=420, log_interval=50, device="auto", seed=1337, threads=0,
 )
 LEAST = dict(pairs=1, epochs=1, batch_size=1, block_size=65, eval_interval=1, eval_questions=1, log_interval=1)
 
@@ -63,7 +65,7 @@ def sft_loss(model, x, y):
 
 
 def main(argv=None):
-    c, ckpt, device = chat.configure(argv, DEFAULTS, LEAST)
+    c, ckpt, device = chat.configure(argv, DEFAULTS, LEAST, __doc__)
     model, meta = chat.chat_model(ckpt, c.init_from, c.block_size, device)
     del ckpt
     template = chat.Template(meta)

@@ -1,7 +1,19 @@
-"""The test suite: `python -m pytest -q` (conftest.py sets the environment up and holds the shared
-fixtures). Grouped as deepseek.py reads: config, norm and RoPE, MLA, gate, experts and MoE, balancing,
-MTP, model, generation; then the systems features (FP8, kernels, expert parallelism), training,
-sampling, DeepSeek's checkpoint format (hf.py), post-training, the benchmarks."""
+"""The test suite: `python -m pytest -q` (conftest.py sets the environment up and holds the shared fixtures;
+`-m "not slow"` is the quick part). Sections, in the order the code reads (search for "# ---- NAME"):
+
+    the layout                  commands are leaves, libraries import forwards, at most 10 files at the top
+    config .. generation        deepseek.py, as it reads: config, norm and RoPE, MLA, gate, experts and MoE,
+                                balancing, MTP, model, generation (against the equations written out)
+    kernels                     kernels.py against deepseek.py (gate, dispatch, the expert GEMMs)
+    FP8                         systems/fp8.py against its definition (§3.3)
+    training                    configuration, data and tokenizers, optimizer and schedule, the loop, expert
+                                parallelism (systems/expert_parallel.py), checkpoints, context extension
+    sampling                    sample.py, inference/ (speculative decoding, routing shown)
+    DeepSeek's checkpoint format  checkpoint/hf.py both ways, and against transformers
+    post-training               posttraining/chat.py, sft.py, grpo.py (§5)
+    bench                       benchmarks/, from the numbers each part returns and the figures it draws
+"""
+import ast
 import copy
 import dataclasses
 import hashlib
@@ -15,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,22 +35,65 @@ import torch.nn.functional as F
 from torch.nn.functional import ScalingType
 
 import bench
-import bench_common
-import bench_hf
-import chat
-import configurator
-import data
 import deepseek as ds
-import expert_parallel
 import export
-import fp8
 import grpo
-import hf
 import kernels
 import sample
 import sft
 import train
+from benchmarks import ablation as bench_ablation
+from benchmarks import common as bench_common
+from benchmarks import decode as bench_decode
+from benchmarks import hf as bench_hf
+from benchmarks import kernels as bench_kernels
+from benchmarks import specialization as bench_specialization
+from checkpoint import ckpt as ckpts
+from checkpoint import hf
+from inference import routing, speculative
+from posttraining import chat
+from pretraining import configurator, data, optim
+from systems import expert_parallel, fp8
 from conftest import D, HAS_BPE, REPO, TINY, V, fit, model, preset, run, tiny
+
+
+# ----------------------------------------------------------------------------- the layout
+
+COMMANDS = ("train", "sample", "sft", "grpo", "export", "bench")   # what a user types: nothing imports them
+# each library may import from its own place and those before it: the import graph has no back arrow
+ORDER = ("deepseek", "kernels", "systems", "pretraining", "checkpoint", "inference", "posttraining", "benchmarks")
+
+
+def imported(path):
+    """The project modules a file imports (dotted names; `from X import Y` counts as X.Y and X)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n.split(".")[0] in ORDER + COMMANDS}
+
+
+def test_layout_commands_are_leaves_and_libraries_import_forwards():
+    """At most 10 .py files at the top (the commands, the model, the kernels, the tests); every folder of code a
+    package; no file imports a command (the tests aside); each library imports only its own place or those before
+    it in ORDER (deepseek.py nothing of ours)."""
+    top = sorted(p.stem for p in REPO.glob("*.py"))
+    assert len(top) <= 10 and set(top) == {*COMMANDS, "deepseek", "kernels", "test_all", "conftest"}, top
+    folders = {p.parent.name for p in REPO.glob("*/*.py") if p.parent.name != "config"}
+    assert folders == set(ORDER[2:]) and all((REPO / f / "__init__.py").is_file() for f in folders)
+    for path in [*REPO.glob("*.py"), *REPO.glob("*/*.py")]:
+        if path.stem in ("test_all", "conftest") or path.parent.name == "config":
+            continue
+        names = imported(path)
+        assert not {n.split(".")[0] for n in names} & set(COMMANDS), (path, names)
+        if path.stem not in COMMANDS:
+            own = ORDER.index(path.parent.name if path.parent != REPO else path.stem)
+            assert all(ORDER.index(n.split(".")[0]) <= own for n in names), (path, names)
+    assert not imported(REPO / "deepseek.py")
+
+
 
 
 # ----------------------------------------------------------------------------- config
@@ -190,7 +246,6 @@ def test_cached_decoding_matches_full_forward(attn, impl, groups):
 def test_absorb_cache_holds_only_latent_and_rope_key():
     """Absorbed MLA caches the normalised latent and the RoPE key per token (576 numbers a layer at DeepSeek-V3's
     shape), naive MLA and MHA every head's keys and values; bench_decode counts them so."""
-    import bench_decode
     for attn, impl, names in [("mla", "absorb", {"c_kv", "k_rope"}), ("mla", "naive", {"k", "v"}),
                               ("mha", "absorb", {"k", "v"})]:
         m = model(attn=attn).eval()
@@ -396,7 +451,7 @@ def test_installed_moe_equals_reference(dtype, path, monkeypatch):
     if path.endswith("B200"):
         monkeypatch.setattr(kernels, "expert_gemm_here", lambda device, dtype: ("grouped_mm", True))
     else:
-        monkeypatch.setattr(kernels, "EXPERT_GEMM", path)
+        kernels.install(fast, expert_gemm=path)
     x = torch.randn(2, 13, D)
     ref, got = moe_run(moe, x, dtype), moe_run(fast, x, dtype)
     assert ref[2][4:].sum() == 0 and ref[2][:4].min() > 0                # experts 4-7 are empty
@@ -405,25 +460,27 @@ def test_installed_moe_equals_reference(dtype, path, monkeypatch):
         torch.testing.assert_close(b, a, **tol)
 
 
-def test_installed_paths_by_device_and_kind(monkeypatch):
-    """On a CPU the installed MoE multiplies by torch._grouped_mm (measured fastest there); experts of another kind
-    (FP8's) run one at a time by their own forward; describe says which."""
-    moe, fast = moe_pair(empty=False)
-    assert kernels.expert_gemm_here(torch.device("cpu"), torch.float32)[0] == "grouped_mm"
-    calls = []
-    monkeypatch.setattr(kernels, "grouped_experts", lambda *a: calls.append("grouped") or grouped_experts(*a))
-    x = torch.randn(2, 5, D)
-    fast(x)
-    assert calls == ["grouped"]
-    m = kernels.install(model())
-    assert kernels.describe(m, "cpu", torch.float32) == ("MoE (kernels.py): routing by PyTorch; routed experts by "
-                                                         "torch._grouped_mm")
-    assert "reference" in kernels.describe(model(), "cpu", torch.float32)
-    fp8.convert(m)
-    assert kernels.describe(m, "cpu", torch.float32).endswith("a loop over experts (one host sync a layer)")
-    with torch.no_grad():
-        m(torch.randint(0, V, (1, 6)))
-    assert calls == ["grouped"]
+def test_describe_names_the_path_that_runs(monkeypatch):
+    """What train.py and sample.py print about the MoE layers (kernels.describe) names the path their forward takes:
+    deepseek.py's loop over experts; installed, the CPU's choice (torch._grouped_mm, measured fastest there) or a
+    forced one; FP8 experts, whose projections run one expert at a time by their own forward."""
+    ran = []
+    for name in ("grouped_experts", "padded_experts", "dispatch"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: ran.append(name) or real(*a))
+    for cls in (ds.Experts, fp8.Experts):
+        monkeypatch.setattr(cls, "forward", lambda self, x, i, real=cls.forward: ran.append("one expert") or real(self, x, i))
+    cases = [(model(), {"one expert"}, "deepseek.py's reference (a loop over experts"),
+             (kernels.install(model()), {"dispatch", "grouped_experts"}, "routed experts by torch._grouped_mm"),
+             (kernels.install(model(), "padded"), {"dispatch", "padded_experts"}, "batched GEMMs over padded rows"),
+             (kernels.install(model(), "loop"), {"dispatch", "one expert"}, "a loop over experts (one host sync"),
+             (fp8.convert(kernels.install(model())), {"dispatch", "one expert"}, "a loop over experts (one host sync")]
+    x = torch.randint(0, V, (2, 6))
+    for m, paths, words in cases:
+        ran.clear()
+        with torch.no_grad():
+            m(x)
+        assert set(ran) == paths and words in kernels.describe(m, "cpu", torch.float32), (paths, ran)
 
 
 grouped_experts = kernels.grouped_experts       # the function itself (tests patch the module's name)
@@ -459,19 +516,26 @@ def test_grouped_gemm_guard_zeroes_empty_experts_gradients(garbage, monkeypatch)
     assert torch.nn.utils.get_total_norm(grads[1]).isfinite()
 
 
-@pytest.mark.parametrize("device,cc,dtype,version,path", [
-    ("cpu", (0, 0), torch.float32, (2, 13), "grouped_mm"), ("cpu", (0, 0), torch.bfloat16, (2, 9), "grouped_mm"),
-    ("cpu", (0, 0), torch.float32, (2, 8), "loop"), ("cpu", (0, 0), torch.float64, (2, 13), "loop"),   # 2.8: none
-    ("cuda", (9, 0), torch.bfloat16, (2, 8), "grouped_mm"), ("cuda", (9, 0), torch.bfloat16, (2, 13), "grouped_mm"),
-    ("cuda", (10, 0), torch.bfloat16, (2, 9), "grouped_mm"), ("cuda", (10, 0), torch.bfloat16, (2, 8), "padded"),
-    ("cuda", (9, 0), torch.float16, (2, 13), "padded"), ("cuda", (9, 0), torch.float32, (2, 13), "padded"),
-    ("cuda", (8, 0), torch.bfloat16, (2, 13), "padded"), ("cuda", (8, 6), torch.bfloat16, (2, 13), "padded"),
-    ("cuda", (8, 9), torch.bfloat16, (2, 13), "padded"), ("cuda", (12, 0), torch.bfloat16, (2, 13), "padded"),
-    ("cuda", (7, 5), torch.float16, (2, 13), "padded"), ("mps", (0, 0), torch.float32, (2, 13), "loop")])
-def test_expert_gemm_decision(device, cc, dtype, version, path):
-    """The fused _grouped_mm only where it is one kernel (bf16 on 9.x from torch 2.8, 10.x from 2.9) or on a CPU
-    (where it is measured fastest); elsewhere on CUDA the padded batched GEMM (one host sync), else the loop."""
-    assert kernels.expert_gemm(device, cc, dtype, version) == path
+def test_expert_gemm_decision():
+    """On a CPU the grouped GEMM is chosen exactly where torch._grouped_mm runs (tried here, dtype by dtype; from torch
+    2.9). On CUDA only where PyTorch runs it as one fused kernel, bf16 on compute capability 9.x (torch 2.8 on) or
+    10.x (2.9 on), else the padded batched GEMM: never the per-expert loop, whose host syncs grow with the experts.
+    MPS, with neither op, loops."""
+    here = tuple(int(v) for v in torch.__version__.split(".")[:2])
+    a, b, offs = torch.randn(6, 16), torch.randn(3, 16, 16), torch.tensor([2, 4, 6], dtype=torch.int32)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        try:
+            torch._grouped_mm(a.to(dtype), b.to(dtype).transpose(-2, -1), offs=offs)
+            runs = True
+        except RuntimeError:
+            runs = False
+        assert (kernels.expert_gemm("cpu", (0, 0), dtype, here) == "grouped_mm") == runs, dtype
+        assert kernels.expert_gemm("cpu", (0, 0), dtype, (2, 8)) == "loop"             # 2.8: no CPU _grouped_mm
+    for cc, dtype, version in itertools.product([(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)],
+                                                [torch.bfloat16, torch.float16, torch.float32], [(2, 8), (2, 9), (2, 13)]):
+        fused = dtype == torch.bfloat16 and (cc[0] == 9 or cc[0] == 10 and version >= (2, 9))
+        assert kernels.expert_gemm("cuda", cc, dtype, version) == ("grouped_mm" if fused else "padded")
+    assert kernels.expert_gemm("mps", (0, 0), torch.float32, here) == "loop"
 
 
 def test_fused_expert_gemm_is_guarded_on_b200(monkeypatch):
@@ -493,7 +557,7 @@ def test_moe_forward_host_syncs(monkeypatch):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda t, *a, real=real, name=name: reads.append(name) or real(t, *a))
     for path, n in (("grouped_mm", 0), ("padded", 1), ("loop", 1)):
-        monkeypatch.setattr(kernels, "EXPERT_GEMM", path)
+        fast.expert_gemm = path
         reads.clear()
         fast(x)
         assert len(reads) == n, (path, reads)
@@ -692,6 +756,35 @@ def test_generate_greedy_matches_recompute():
     assert torch.equal(out, ref)
 
 
+def windowed_greedy(m, idx, n):
+    """Greedy decoding by recomputation under generate's window rule: a token is predicted from every token
+    since the window's start, which is the last max_seq_len tokens of the prompt; once a new token would make
+    the window hold more than max_seq_len, it restarts at the last max_seq_len // 2."""
+    S, out = m.args.max_seq_len, idx
+    start = max(0, idx.size(1) - S)
+    for _ in range(n):
+        out = torch.cat([out, m(out[:, start:])[0][:, -1:].argmax(-1)], 1)
+        if out.size(1) - start > S:
+            start = out.size(1) - S // 2
+    return out
+
+
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+@pytest.mark.parametrize("prompt", [3, 7, 8, 11])
+def test_generate_sliding_window_keeps_max_seq_len_tokens(impl, prompt):
+    """Cached decoding past the context predicts each token from exactly the window's tokens, up to max_seq_len
+    of them (not one fewer): a prompt longer than the context keeps its last max_seq_len tokens, and a full
+    window slides to its last half. Recomputing from one token fewer or more gives other tokens."""
+    m = model(max_seq_len=8, n_mtp=0).double().eval()
+    m.set_attn_impl(impl)
+    for seed in range(3):
+        idx = torch.randint(0, V, (1, prompt), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(m.generate(idx, 20, temperature=0), windowed_greedy(m, idx, 20))
+    # the rule can tell: from a full window, the prediction from max_seq_len - 1 tokens differs for some prompt
+    full = torch.randint(0, V, (8, 8), generator=torch.Generator().manual_seed(9))
+    assert not torch.equal(m(full)[0][:, -1].argmax(-1), m(full[:, 1:])[0][:, -1].argmax(-1))
+
+
 def test_generate_absorb_equals_naive():
     m = model().double().eval()
     idx = torch.randint(0, V, (1, 4))
@@ -718,7 +811,7 @@ def test_speculative_greedy_equals_plain_greedy(pattern_model):
     for prompt, n in [([3, 1, 4], 30), ([7, 7, 7, 0], 9), ([5], 50), ([2, 6, 5, 3, 5, 8], 1), ([11, 0, 13], 20)]:
         idx = torch.tensor([prompt])
         plain = m.generate(idx, n, temperature=0)
-        spec, stats = sample.generate_speculative(m, idx, n, temperature=0)
+        spec, stats = speculative.generate_speculative(m, idx, n, temperature=0)
         assert torch.equal(plain, spec), prompt
         drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
     assert 0 < accepted < drafted                                   # both acceptances and rejections happened
@@ -744,7 +837,7 @@ def test_yarn_model_decodes_past_its_original_context(pattern_model):
     ref = prompt
     for _ in range(59):
         ref = torch.cat([ref, m(ref)[0][:, -1:].argmax(-1)], 1)
-    spec, stats = sample.generate_speculative(m, prompt, 59, temperature=0)
+    spec, stats = speculative.generate_speculative(m, prompt, 59, temperature=0)
     assert plain.size(1) == 64 and torch.equal(plain, ref) and torch.equal(spec, plain) and stats["accepted"] > 0
 
 
@@ -755,7 +848,7 @@ def test_verify_draft_is_lossless():
     for q in [torch.tensor([0.05, 0.05, 0.3, 0.3, 0.3]), p.clone(), torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])]:
         N = 200_000
         d = torch.multinomial(q, N, replacement=True)
-        ok, tok = sample.verify_draft(p.expand(N, -1), q.expand(N, -1), d)
+        ok, tok = speculative.verify_draft(p.expand(N, -1), q.expand(N, -1), d)
         freq = torch.bincount(tok, minlength=5).float() / N
         assert (freq - p).abs().max() < 0.005
         expected_accept = torch.minimum(p, q).sum()                 # P(accept) = sum_x min(p, q)
@@ -774,298 +867,13 @@ def test_speculative_sampling_matches_main_distribution(pattern_model):
     # the second new token: main's distribution after appending each possible first token
     draws = 3000
     torch.manual_seed(1)
-    pairs = torch.stack([sample.generate_speculative(m, idx, 2, temperature=1.0)[0][0, -2:] for _ in range(draws)])
+    pairs = torch.stack([speculative.generate_speculative(m, idx, 2, temperature=1.0)[0][0, -2:] for _ in range(draws)])
     joint = torch.zeros(16, 16)
     for a in range(16):
         with torch.no_grad():
             joint[a] = p1[a] * ds.probs(m(torch.cat([idx, torch.tensor([[a]])], 1))[0][0, -1], 1.0)
     emp = torch.zeros(16, 16).index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(draws), accumulate=True) / draws
     assert (emp - joint).abs().max() < 0.04
-
-
-# ----------------------------------------------------------------------------- FP8 (report §3.3)
-
-def ref_quantize(x, tm, tk):
-    """The definition, tile by tile: scale = max|tile| / 448 (1 for an all-zero tile), q = E4M3(x / scale)."""
-    M, K = x.shape
-    q, s = torch.empty(M, K, dtype=torch.float8_e4m3fn), torch.empty(-(-M // tm), -(-K // tk))
-    for i in range(0, M, tm):
-        for j in range(0, K, tk):
-            t = x[i:i + tm, j:j + tk]
-            a = t.abs().max()
-            s[i // tm, j // tk] = sc = a / 448 if a > 0 else torch.tensor(1.0)
-            q[i:i + tm, j:j + tk] = (t / sc).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return q, s
-
-
-def fp8_error(x, tm, tk):
-    """Bound on |x - dequantize(quantize(x))| per element: E4M3 keeps 3 mantissa bits, so rounding to nearest
-    errs by at most 2^-4 |x| on normal values; below 2^-6 (subnormal) the spacing is 2^-9, so at most 2^-10,
-    in units of the tile's scale."""
-    s = ref_quantize(x, tm, tk)[1].repeat_interleave(tm, 0)[:x.size(0)].repeat_interleave(tk, 1)[:, :x.size(1)]
-    return 2 ** -4 * x.abs() + 2 ** -10 * s
-
-
-def gemm_bound(a, ea, b, eb):
-    """|A^ B^^T - A B^T| for |A^ - A| <= ea, |B^ - B| <= eb, plus fp32 rounding of the sums."""
-    A, B = a.abs(), b.abs()
-    return ea @ B.T + A @ eb.T + ea @ eb.T + 1e-5 * A @ B.T
-
-
-def uneven(M, K, seed=0):
-    """Rows and 128-wide column blocks of very different sizes, so a scale shared across tiles would
-    flush the small ones to zero and break the bounds below."""
-    torch.manual_seed(seed)
-    cols = torch.logspace(2, -2, -(-K // 128)).repeat_interleave(128)[:K]
-    return torch.randn(M, K) * torch.logspace(-2, 2, M)[:, None] * cols
-
-
-@pytest.mark.parametrize("M,K", [(5, 300), (130, 256), (1, 1), (200, 129)])
-@pytest.mark.parametrize("tiles", ["1x128", "128x128", "128x1"])
-def test_fp8_quantize_matches_definition(M, K, tiles):
-    x = uneven(M, K)
-    x[:min(M, 128), :128] = 0                                       # an all-zero tile
-    x[-1, -1], x[0, -1] = 3e30, 1e-30                              # huge and tiny values
-    if M > 2:
-        x[1] *= 1e-30                                               # a row of tiny tiles
-    tm, tk = dict(zip(["1x128", "128x128", "128x1"], [(1, 128), (128, 128), (128, 1)]))[tiles]
-    q, s = ref_quantize(x, tm, tk)
-    if tiles == "128x1":                                           # per channel per 128 tokens: 1x128 of x^T
-        got_q, got_s = (t.t() for t in fp8.quantize(x.t()))
-        back = fp8.dequantize(got_q.t(), got_s.t()).t()
-    else:
-        got_q, got_s = fp8.quantize(x, tm)
-        back = fp8.dequantize(got_q, got_s, tm)
-    assert torch.equal(got_s, s) and torch.equal(got_q.view(torch.uint8), q.view(torch.uint8))
-    assert back.isfinite().all() and not (back[x == 0] != 0).any()
-    assert ((back - x).abs() <= fp8_error(x, tm, tk)).all()
-    assert x.numel() == 1 or ((back - x).abs() > 2 ** -5 * x.abs()).any()    # a 3-bit, not a wider, mantissa
-
-
-def check_fp8_gemm(got, a, b, b_rows, ref, bound):
-    """got: an FP8 GEMM of A (M, K) in 1x128 tiles and B (N, K) in b_rows x 128 tiles. It must be the product
-    of the dequantized operands up to fp32 rounding, and within bound of the exact product ref."""
-    da, db = fp8.dequantize(*fp8.quantize(a)), fp8.dequantize(*fp8.quantize(b, b_rows), b_rows)
-    assert ((got - da @ db.T).abs() <= 1e-5 * da.abs() @ db.abs().T).all()
-    assert ((got - ref).abs() <= bound).all()
-
-
-ROWWISE = (("rowwise", torch.float32),)         # fp8.OPS: torch._scaled_mm per chunk (it runs on a CPU); () emulates
-
-
-@pytest.mark.parametrize("ops", [ROWWISE, ()])
-def test_fp8_three_gemms_within_bound(ops, monkeypatch):
-    """Fprop x W^T, Dgrad dy W and Wgrad dy^T x against the fp32 products, each within the bound that the
-    operands' own tile errors give."""
-    monkeypatch.setattr(fp8, "OPS", ops)
-    T, n_in, n_out = 150, 300, 200
-    x, w, dy = uneven(T, n_in, 0), uneven(n_out, n_in, 1) / 20, uneven(T, n_out, 2)
-    cases = [(x, w, (128, 128)),                                   # Fprop: inner = in
-             (dy, w.T, (128, 128)),                                # Dgrad: inner = out
-             (dy.T, x.T, (1, 128))]                                # Wgrad: inner = tokens, 128x1 tiles of dy and x
-    for a, b, (mb, kb) in cases:
-        got = fp8.gemm(fp8.quantize(a), fp8.quantize(b, mb), mb)
-        check_fp8_gemm(got, a, b, mb, a @ b.T, gemm_bound(a, fp8_error(a, 1, 128), b, fp8_error(b, mb, kb)))
-
-
-def blockwise_reference(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype):
-    """F.scaled_mm's block-wise recipes as PyTorch defines them (a (M, K) row-major, b (K, N) column-major): A's scale
-    per row and 128 columns; B's per 128 rows and column (1x128) or per 128 x 128 block, read through their strides."""
-    assert recipe_a == ScalingType.BlockWise1x128 and a.stride(1) == 1 and b.stride(0) == 1
-    k = torch.arange(a.size(1)) // 128
-    A = a.float() * scale_a[:, k]
-    B = b.float() * (scale_b[:, k].t() if recipe_b == ScalingType.BlockWise1x128 else
-                     scale_b[k][:, torch.arange(b.size(1)) // 128])
-    return (A @ B).to(output_dtype)
-
-
-def test_fp8_gemm_paths_agree(monkeypatch):
-    """One block-wise F.scaled_mm per GEMM (checked against its definition: a CPU cannot run it), torch._scaled_mm
-    per 128-wide chunk and the emulation give the same product; bf16 output differs by bf16 rounding only."""
-    monkeypatch.setattr(F, "scaled_mm", blockwise_reference)
-    for M, N, K, b_rows in [(37, 256, 300, 128), (5, 16, 128, 128), (1, 7, 3, 128), (64, 128, 756, 1)]:
-        a, b = fp8.quantize(uneven(M, K)), fp8.quantize(uneven(N, K, 1), b_rows)
-        scale = fp8.dequantize(*a).abs() @ fp8.dequantize(*b, b_rows).abs().T
-        outs = []
-        for ops in [(), ROWWISE, (("rowwise", torch.bfloat16),), (("blockwise", torch.float32),),
-                    (("blockwise", torch.bfloat16),)]:
-            monkeypatch.setattr(fp8, "OPS", ops)
-            outs.append(fp8.gemm(a, b, b_rows))
-            assert outs[-1].dtype == torch.float32
-            bf16 = ops and ops[0][1] == torch.bfloat16 and (ops[0][0] == "rowwise" or N % 128 == 0)
-            assert ((outs[-1] - outs[0]).abs() <= (2 ** -8 if bf16 else 1e-6) * scale).all(), (M, N, K, ops)
-
-
-def test_fp8_blockwise_call_passes_pytorch_cuda_checks():
-    """The block-wise call's operands and scales, as laid out for Fprop (128x128 weight blocks), Dgrad and Wgrad
-    (1x128 tiles of both; its inner dimension, 756 tokens, padded to whole tiles), pass PyTorch's own checks for a
-    CUDA device (its meta function, which checks meta tensors as CUDA ones: no GPU needed); a row-major scale does not."""
-    q = lambda m, k: torch.empty(m, k, dtype=fp8.FP8, device="meta")       # noqa: E731
-    s = lambda m, k: torch.empty(m, -(-k // 128), device="meta")           # noqa: E731
-    for M, N, K, b_rows in [(150, 256, 384, 128), (150, 384, 256, 128), (256, 384, 756, 1)]:
-        out = fp8.blockwise_mm(q(M, K), s(M, K), q(N, K), s(-(-N // b_rows), K), b_rows, torch.float32)
-        assert out.shape == (M, N)
-    with pytest.raises(RuntimeError, match="blockwise"):
-        F.scaled_mm(q(M, 768), q(N, 768).t(), s(M, 768), ScalingType.BlockWise1x128,    # scale_a row-major
-                    s(N, 768).t().contiguous().t(), ScalingType.BlockWise1x128, output_dtype=torch.float32)
-
-
-def test_fp8_chunk_operands_are_16_byte_aligned(monkeypatch):
-    """Every chunk handed to torch._scaled_mm starts 16-byte aligned with 16-byte aligned rows, also where the inner
-    dimension is a token count such as 756 (Wgrad), and is 128 wide."""
-    real, seen = torch._scaled_mm, []
-
-    def checked(a, b, **kw):
-        seen.append(a.size(1))
-        assert a.size(1) == 128 and a.stride(0) % 16 == 0 and b.stride(1) % 16 == 0
-        assert a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
-        return real(a, b, **kw)
-    monkeypatch.setattr(torch, "_scaled_mm", checked)
-    monkeypatch.setattr(fp8, "OPS", ROWWISE)
-    fp8.gemm(fp8.quantize(uneven(256, 756)), fp8.quantize(uneven(384, 756, 1)))
-    assert len(seen) == 6
-
-
-def test_fp8_emulation_runs_without_tf32(monkeypatch):
-    """The emulated GEMM multiplies in full fp32 even where train.py turned TF32 on for the rest, and restores it."""
-    flags = []
-    real = torch.Tensor.__matmul__
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: flags.append(torch.backends.cuda.matmul.allow_tf32)
-                        or real(a, b))
-    monkeypatch.setattr(fp8, "OPS", ())
-    cuda = types.SimpleNamespace(type="cuda")                                 # the flag matters on CUDA only
-    # allow_tf32 is a property of torch.backends.cuda.matmul: set and restored here, not by monkeypatch, whose
-    # undo differs between pytest versions for such attributes (9.2 deletes it, which raises)
-    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, True
-    try:
-        with fp8.full_fp32(cuda):
-            fp8.dequantize(*fp8.quantize(uneven(4, 8))) @ torch.ones(8, 2)
-        assert flags == [False] and torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-def fake_scaled_mms(cc, cublas):
-    """torch._scaled_mm and F.scaled_mm as PyTorch 2.13's CUDA code accepts them on compute capability cc with this
-    cuBLAS (ScaledBlas.cpp): the block-wise recipe on 9.x with cuBLAS 12.9+; row-wise scales through cuBLAS (any
-    output) on 9.x with 12.9+, else through CUTLASS (bf16 output, 8.9 and 9.x)."""
-    real = torch._scaled_mm
-
-    def scaled_mm(a, b, *args, output_dtype, **kw):
-        if cc[0] != 9 or cublas < (12, 9):
-            raise NotImplementedError("DeepSeek style (1x128, 128x128) scaling only supported in CUDA for SM90")
-        return blockwise_reference(a, b, *args, output_dtype=output_dtype)
-
-    def _scaled_mm(a, b, scale_a, scale_b, out_dtype):
-        cublas_ok = cc[0] == 9 and cublas >= (12, 9)
-        if not cublas_ok and (out_dtype != torch.bfloat16 or cc not in ((8, 9), (9, 0))):
-            raise RuntimeError("f8f8bf16_rowwise: bf16 output on sm89 / sm90 only")
-        return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
-    return scaled_mm, _scaled_mm
-
-
-FP32, BF16 = torch.float32, torch.bfloat16
-
-
-@pytest.mark.parametrize("cc,cublas,ops", [
-    ((8, 0), (12, 9), ()), ((8, 6), (12, 9), ()), ((7, 5), (12, 9), ()),        # no FP8 tensor cores: emulated
-    ((8, 9), (12, 9), (("rowwise", BF16),)),                                   # RTX 4090, L4, L40S
-    ((9, 0), (12, 9), (("blockwise", FP32), ("rowwise", FP32))),             # H100 / H200, recent cuBLAS
-    ((9, 0), (12, 4), (("rowwise", BF16),)),                                  # H100, older cuBLAS
-    ((10, 0), (12, 9), ()), ((12, 0), (12, 9), ())])                           # B200, RTX 5090: what these rules give
-def test_fp8_gemm_ops_found_per_gpu(cc, cublas, ops, monkeypatch):
-    """gemm_ops tries the candidates for the device's compute capability, fastest first, and keeps for each op the
-    first output dtype that runs: against PyTorch's acceptance rules mocked per GPU, it finds what they allow."""
-    scaled_mm, _scaled_mm = fake_scaled_mms(cc, cublas)
-    monkeypatch.setattr(F, "scaled_mm", scaled_mm)
-    monkeypatch.setattr(torch, "_scaled_mm", _scaled_mm)
-    candidates = fp8.candidates
-    monkeypatch.setattr(fp8, "candidates", lambda device_type, capability: candidates("cuda", cc))
-    monkeypatch.setattr(fp8, "FOUND", {})
-    assert fp8.gemm_ops(torch.device("cpu")) == ops
-    text = fp8.describe("cpu")                                   # what train.py logs and the bench prints
-    assert text.count("tensor-core FP8") == len(ops) and text.endswith("emulated (dequantized operands, one fp32 "
-                                                                        "matmul, TF32 off)")
-
-
-def test_fp8_probe_rejects_a_wrong_product(monkeypatch):
-    """An op that runs but reads its scales wrongly (the block order of A's reversed; A's rows' scales reversed)
-    equals the right one on operands whose tiles all share one scale, and is found out by the probe's operands, whose
-    magnitudes vary by row and block: gemm_ops keeps only what computes the emulation's product."""
-    real = torch._scaled_mm
-    monkeypatch.setattr(F, "scaled_mm", lambda a, b, sa, ra, sb, rb, output_dtype:
-                        blockwise_reference(a, b, sa.flip(1), ra, sb, rb, output_dtype=output_dtype))
-    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, scale_a, scale_b, out_dtype:
-                        real(a, b, scale_a=scale_a.flip(0).contiguous(), scale_b=scale_b, out_dtype=out_dtype))
-    candidates = fp8.candidates
-    monkeypatch.setattr(fp8, "candidates", lambda device_type, capability: candidates("cuda", (9, 0)))
-    monkeypatch.setattr(fp8, "FOUND", {})
-    ones = torch.ones(128, 128)                                  # every tile's scale the same: the wrong ops pass
-    for op in (fp8.blockwise_mm, fp8.chunked_mm):
-        (qa, sa), (qb, sb) = fp8.quantize(ones), fp8.quantize(ones, 128)
-        want = fp8.dequantize(qa, sa) @ fp8.dequantize(qb, sb, 128).T
-        assert torch.equal(op(qa, sa, qb, sb, 128, torch.float32).float(), want)
-    assert fp8.gemm_ops(torch.device("cpu")) == ()
-    assert not fp8.probe("blockwise", torch.float32, torch.device("cpu"))
-
-
-@pytest.mark.parametrize("ops", [ROWWISE, ()])
-@pytest.mark.parametrize("zero_stride", [False, True])
-def test_fp8_linear_gradients_within_bound(ops, zero_stride, monkeypatch):
-    """The autograd function against fp32 autograd, with leading batch dims; the output gradient of a
-    .sum() is a zero-stride expand. Wgrad sees x twice quantized: 1x128 (saved), then 128x1."""
-    monkeypatch.setattr(fp8, "OPS", ops)
-    x, w = uneven(74, 300).view(2, 37, 300).requires_grad_(), (uneven(150, 300, 1) / 20).requires_grad_()
-    y = fp8.linear(x, w)
-    assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.float8_e4m3fn, torch.float32] * 2   # FP8 + scales
-    g = torch.ones(2, 37, 150) if zero_stride else uneven(74, 150, 2).view(2, 37, 150)
-    (y.sum() if zero_stride else (y * g).sum()).backward()
-    X, G, W = x.detach().flatten(0, 1), g.flatten(0, 1), w.detach()
-    assert y.shape == (2, 37, 150) and x.grad.shape == x.shape
-    eW = fp8_error(W, 128, 128)
-    check_fp8_gemm(y.detach().flatten(0, 1), X, W, 128, X @ W.T, gemm_bound(X, fp8_error(X, 1, 128), W, eW))
-    check_fp8_gemm(x.grad.flatten(0, 1), G, W.T, 128, G @ W, gemm_bound(G, fp8_error(G, 1, 128), W.T, eW.T))
-    X1 = fp8.dequantize(*fp8.quantize(X))                           # what the backward holds
-    eX = fp8_error(X, 1, 128) + fp8_error(X1, 128, 1)
-    check_fp8_gemm(w.grad, G.T, X1.T, 1, G.T @ X, gemm_bound(G.T, fp8_error(G.T, 1, 128), X.T, eX.T))
-
-
-def test_fp8_empty_input_gives_zero_gradient():
-    """An expert that got no token: an empty batch runs and leaves a zero weight gradient."""
-    x, w = torch.zeros(0, 300, requires_grad=True), torch.randn(150, 300, requires_grad=True)
-    fp8.linear(x, w).sum().backward()
-    assert x.grad.shape == (0, 300) and torch.equal(w.grad, torch.zeros(150, 300))
-
-
-@pytest.mark.parametrize("attn", ["mla", "mha"])
-def test_fp8_model_forward_backward(attn, monkeypatch):
-    """fp8.convert: exactly the blocks' projections (attention, dense FFN, shared and routed experts) run
-    through fp8.linear, not the embedding, head, gate or MTP's eh_proj; both GEMM paths give the same
-    loss and gradients, and these stay close to fp32's (E4M3 errs by ~2^-4 per operand). The converted
-    model keeps the plain one's state dict names."""
-    ref, m8 = model(attn=attn).train(), fp8.convert(model(attn=attn)).train()
-    assert m8.state_dict().keys() == ref.state_dict().keys()
-    m8.load_state_dict(ref.state_dict())
-    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
-    ref(idx, idx)[1]["total"].backward()
-    seen, run = set(), fp8.linear
-    monkeypatch.setattr(fp8, "linear", lambda x, w: seen.add(w.untyped_storage().data_ptr()) or run(x, w))
-    out = {}
-    for path in (True, False):
-        monkeypatch.setattr(fp8, "OPS", ROWWISE if path else ())
-        m8.zero_grad()
-        loss = m8(idx, idx)[1]["total"]
-        loss.backward()
-        out[path] = loss.detach(), {n: p.grad.clone() for n, p in m8.named_parameters()}
-    high = ("embed", "head", "gate", "eh_proj", "norm")
-    assert {n for n, p in m8.named_parameters() if p.untyped_storage().data_ptr() in seen} == \
-           {n for n, p in m8.named_parameters() if not any(h in n for h in high)}
-    (l1, g1), (l2, g2) = out[True], out[False]
-    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=0)
-    assert abs(l1 - ref(idx, idx)[1]["total"]) < 1e-2 * l1
-    for n, p in ref.named_parameters():
-        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-5 * g2[n].abs().max())
-        assert F.cosine_similarity(g1[n].flatten(), p.grad.flatten(), dim=0) > 0.95, n
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -1204,9 +1012,15 @@ def test_route_nonfinite_scores(E, k, G, KG, f):
 @needs_triton
 def test_gate_block_from_expert_shape_only(monkeypatch):
     """BLOCK_T (a constexpr) comes from the expert shape, never T: a new length compiles nothing."""
-    launches, launch = [], kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda kernel, grid, *a, **kw: launches.append((grid, kw)) or
-                        launch(kernel, grid, *a, **kw))
+    launches, wrap = [], torch.library.wrap_triton
+
+    class Recorded:                                  # wrap_triton(kernel)[grid](*args, **constexprs), recorded
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((grid, kw)) or wrap(self.kernel)[grid](*a, **kw)
+    monkeypatch.setattr(torch.library, "wrap_triton", Recorded)
     lengths = (1, 2, 37, 200)
     for T in lengths:
         kernels.route_triton(torch.rand(T, 16, device=DEV), torch.zeros(16, device=DEV), 4, 4, 2)
@@ -1294,7 +1108,7 @@ def test_triton_fallback_decision(monkeypatch, capsys):
 def test_kernels_compile_for_cuda(monkeypatch, capsys):
     """Every kernel, as launched at the V3 and preset gate shapes, compiles to PTX and a cubin for each
     CUDA target from MIN_CC (no GPU: the bundled ptxas), without spills; the gate keeps >= 1/4 occupancy."""
-    import bench_kernels as bk
+    bk = bench_kernels
     rows = bk.compile_kernels()
     names, shapes = ("_route_kernel", "_count_kernel", "_scatter_kernel"), [s for s, _ in bk.gate_shapes()]
     launched = [(n, s) for n in names for s in shapes] + [(n, "V3, E + 1") for n in names[1:]]   # + expert parallel
@@ -1319,6 +1133,292 @@ def test_moe_layer_same_through_triton(monkeypatch):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- FP8 (report §3.3)
+
+def ref_quantize(x, tm, tk):
+    """The definition, tile by tile: scale = max|tile| / 448 (1 for an all-zero tile), q = E4M3(x / scale)."""
+    M, K = x.shape
+    q, s = torch.empty(M, K, dtype=torch.float8_e4m3fn), torch.empty(-(-M // tm), -(-K // tk))
+    for i in range(0, M, tm):
+        for j in range(0, K, tk):
+            t = x[i:i + tm, j:j + tk]
+            a = t.abs().max()
+            s[i // tm, j // tk] = sc = a / 448 if a > 0 else torch.tensor(1.0)
+            q[i:i + tm, j:j + tk] = (t / sc).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def fp8_error(x, tm, tk):
+    """Bound on |x - dequantize(quantize(x))| per element: E4M3 keeps 3 mantissa bits, so rounding to nearest
+    errs by at most 2^-4 |x| on normal values; below 2^-6 (subnormal) the spacing is 2^-9, so at most 2^-10,
+    in units of the tile's scale."""
+    s = ref_quantize(x, tm, tk)[1].repeat_interleave(tm, 0)[:x.size(0)].repeat_interleave(tk, 1)[:, :x.size(1)]
+    return 2 ** -4 * x.abs() + 2 ** -10 * s
+
+
+def gemm_bound(a, ea, b, eb):
+    """|A^ B^^T - A B^T| for |A^ - A| <= ea, |B^ - B| <= eb, plus fp32 rounding of the sums."""
+    A, B = a.abs(), b.abs()
+    return ea @ B.T + A @ eb.T + ea @ eb.T + 1e-5 * A @ B.T
+
+
+def uneven(M, K, seed=0):
+    """Rows and 128-wide column blocks of very different sizes, so a scale shared across tiles would
+    flush the small ones to zero and break the bounds below."""
+    torch.manual_seed(seed)
+    cols = torch.logspace(2, -2, -(-K // 128)).repeat_interleave(128)[:K]
+    return torch.randn(M, K) * torch.logspace(-2, 2, M)[:, None] * cols
+
+
+@pytest.mark.parametrize("M,K", [(5, 300), (130, 256), (1, 1), (200, 129)])
+@pytest.mark.parametrize("tiles", ["1x128", "128x128", "128x1"])
+def test_fp8_quantize_matches_definition(M, K, tiles):
+    x = uneven(M, K)
+    x[:min(M, 128), :128] = 0                                       # an all-zero tile
+    x[-1, -1], x[0, -1] = 3e30, 1e-30                              # huge and tiny values
+    if M > 2:
+        x[1] *= 1e-30                                               # a row of tiny tiles
+    tm, tk = dict(zip(["1x128", "128x128", "128x1"], [(1, 128), (128, 128), (128, 1)]))[tiles]
+    q, s = ref_quantize(x, tm, tk)
+    if tiles == "128x1":                                           # per channel per 128 tokens: 1x128 of x^T
+        got_q, got_s = (t.t() for t in fp8.quantize(x.t()))
+        back = fp8.dequantize(got_q.t(), got_s.t()).t()
+    else:
+        got_q, got_s = fp8.quantize(x, tm)
+        back = fp8.dequantize(got_q, got_s, tm)
+    assert torch.equal(got_s, s) and torch.equal(got_q.view(torch.uint8), q.view(torch.uint8))
+    assert back.isfinite().all() and not (back[x == 0] != 0).any()
+    assert ((back - x).abs() <= fp8_error(x, tm, tk)).all()
+    assert x.numel() == 1 or ((back - x).abs() > 2 ** -5 * x.abs()).any()    # a 3-bit, not a wider, mantissa
+
+
+def check_fp8_gemm(got, a, b, b_rows, ref, bound):
+    """got: an FP8 GEMM of A (M, K) in 1x128 tiles and B (N, K) in b_rows x 128 tiles. It must be the product
+    of the dequantized operands up to fp32 rounding, and within bound of the exact product ref."""
+    da, db = fp8.dequantize(*fp8.quantize(a)), fp8.dequantize(*fp8.quantize(b, b_rows), b_rows)
+    assert ((got - da @ db.T).abs() <= 1e-5 * da.abs() @ db.abs().T).all()
+    assert ((got - ref).abs() <= bound).all()
+
+
+ROWWISE = (("rowwise", torch.float32),)         # fp8 ops: torch._scaled_mm per chunk (it runs on a CPU); () emulates
+
+
+@pytest.mark.parametrize("ops", [ROWWISE, ()])
+def test_fp8_three_gemms_within_bound(ops):
+    """Fprop x W^T, Dgrad dy W and Wgrad dy^T x against the fp32 products, each within the bound that the
+    operands' own tile errors give."""
+    T, n_in, n_out = 150, 300, 200
+    x, w, dy = uneven(T, n_in, 0), uneven(n_out, n_in, 1) / 20, uneven(T, n_out, 2)
+    cases = [(x, w, (128, 128)),                                   # Fprop: inner = in
+             (dy, w.T, (128, 128)),                                # Dgrad: inner = out
+             (dy.T, x.T, (1, 128))]                                # Wgrad: inner = tokens, 128x1 tiles of dy and x
+    for a, b, (mb, kb) in cases:
+        got = fp8.gemm(fp8.quantize(a), fp8.quantize(b, mb), mb, ops)
+        check_fp8_gemm(got, a, b, mb, a @ b.T, gemm_bound(a, fp8_error(a, 1, 128), b, fp8_error(b, mb, kb)))
+
+
+def blockwise_reference(a, b, scale_a, recipe_a, scale_b, recipe_b, output_dtype):
+    """F.scaled_mm's block-wise recipes as PyTorch defines them (a (M, K) row-major, b (K, N) column-major): A's scale
+    per row and 128 columns; B's per 128 rows and column (1x128) or per 128 x 128 block, read through their strides."""
+    assert recipe_a == ScalingType.BlockWise1x128 and a.stride(1) == 1 and b.stride(0) == 1
+    k = torch.arange(a.size(1)) // 128
+    A = a.float() * scale_a[:, k]
+    B = b.float() * (scale_b[:, k].t() if recipe_b == ScalingType.BlockWise1x128 else
+                     scale_b[k][:, torch.arange(b.size(1)) // 128])
+    return (A @ B).to(output_dtype)
+
+
+def test_fp8_gemm_paths_agree(monkeypatch):
+    """One block-wise F.scaled_mm per GEMM (checked against its definition: a CPU cannot run it), torch._scaled_mm
+    per 128-wide chunk and the emulation give the same product; bf16 output differs by bf16 rounding only."""
+    monkeypatch.setattr(F, "scaled_mm", blockwise_reference)
+    for M, N, K, b_rows in [(37, 256, 300, 128), (5, 16, 128, 128), (1, 7, 3, 128), (64, 128, 756, 1)]:
+        a, b = fp8.quantize(uneven(M, K)), fp8.quantize(uneven(N, K, 1), b_rows)
+        scale = fp8.dequantize(*a).abs() @ fp8.dequantize(*b, b_rows).abs().T
+        outs = []
+        for ops in [(), ROWWISE, (("rowwise", torch.bfloat16),), (("blockwise", torch.float32),),
+                    (("blockwise", torch.bfloat16),)]:
+            outs.append(fp8.gemm(a, b, b_rows, ops))
+            assert outs[-1].dtype == torch.float32
+            bf16 = ops and ops[0][1] == torch.bfloat16 and (ops[0][0] == "rowwise" or N % 128 == 0)
+            assert ((outs[-1] - outs[0]).abs() <= (2 ** -8 if bf16 else 1e-6) * scale).all(), (M, N, K, ops)
+
+
+def test_fp8_blockwise_call_passes_pytorch_cuda_checks():
+    """The block-wise call's operands and scales, as laid out for Fprop (128x128 weight blocks), Dgrad and Wgrad
+    (1x128 tiles of both; its inner dimension, 756 tokens, padded to whole tiles), pass PyTorch's own checks for a
+    CUDA device (its meta function, which checks meta tensors as CUDA ones: no GPU needed); a row-major scale does not."""
+    q = lambda m, k: torch.empty(m, k, dtype=fp8.FP8, device="meta")       # noqa: E731
+    s = lambda m, k: torch.empty(m, -(-k // 128), device="meta")           # noqa: E731
+    for M, N, K, b_rows in [(150, 256, 384, 128), (150, 384, 256, 128), (256, 384, 756, 1)]:
+        out = fp8.blockwise_mm(q(M, K), s(M, K), q(N, K), s(-(-N // b_rows), K), b_rows, torch.float32)
+        assert out.shape == (M, N)
+    with pytest.raises(RuntimeError, match="blockwise"):
+        F.scaled_mm(q(M, 768), q(N, 768).t(), s(M, 768), ScalingType.BlockWise1x128,    # scale_a row-major
+                    s(N, 768).t().contiguous().t(), ScalingType.BlockWise1x128, output_dtype=torch.float32)
+
+
+def test_fp8_chunk_operands_are_16_byte_aligned(monkeypatch):
+    """Every chunk handed to torch._scaled_mm starts 16-byte aligned with 16-byte aligned rows, also where the inner
+    dimension is a token count such as 756 (Wgrad), and is 128 wide."""
+    real, seen = torch._scaled_mm, []
+
+    def checked(a, b, **kw):
+        seen.append(a.size(1))
+        assert a.size(1) == 128 and a.stride(0) % 16 == 0 and b.stride(1) % 16 == 0
+        assert a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+        return real(a, b, **kw)
+    monkeypatch.setattr(torch, "_scaled_mm", checked)
+    fp8.gemm(fp8.quantize(uneven(256, 756)), fp8.quantize(uneven(384, 756, 1)), ops=ROWWISE)
+    assert len(seen) == 6
+
+
+def test_fp8_emulation_runs_without_tf32(monkeypatch):
+    """The emulated GEMM multiplies in full fp32 even where train.py turned TF32 on for the rest, and restores it."""
+    flags = []
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: flags.append(torch.backends.cuda.matmul.allow_tf32)
+                        or real(a, b))
+    cuda = types.SimpleNamespace(type="cuda")                                 # the flag matters on CUDA only
+    # allow_tf32 is a property of torch.backends.cuda.matmul: set and restored here, not by monkeypatch, whose
+    # undo differs between pytest versions for such attributes (9.2 deletes it, which raises)
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, True
+    try:
+        with fp8.full_fp32(cuda):
+            fp8.dequantize(*fp8.quantize(uneven(4, 8))) @ torch.ones(8, 2)
+        assert flags == [False] and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def fake_scaled_mms(cc, cublas):
+    """torch._scaled_mm and F.scaled_mm as PyTorch 2.13's CUDA code accepts them on compute capability cc with this
+    cuBLAS (ScaledBlas.cpp): the block-wise recipe on 9.x with cuBLAS 12.9+; row-wise scales through cuBLAS (any
+    output) on 9.x with 12.9+, else through CUTLASS (bf16 output, 8.9 and 9.x)."""
+    real = torch._scaled_mm
+
+    def scaled_mm(a, b, *args, output_dtype, **kw):
+        if cc[0] != 9 or cublas < (12, 9):
+            raise NotImplementedError("DeepSeek style (1x128, 128x128) scaling only supported in CUDA for SM90")
+        return blockwise_reference(a, b, *args, output_dtype=output_dtype)
+
+    def _scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        cublas_ok = cc[0] == 9 and cublas >= (12, 9)
+        if not cublas_ok and (out_dtype != torch.bfloat16 or cc not in ((8, 9), (9, 0))):
+            raise RuntimeError("f8f8bf16_rowwise: bf16 output on sm89 / sm90 only")
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return scaled_mm, _scaled_mm
+
+
+FP32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize("cc,cublas,ops", [
+    ((8, 0), (12, 9), ()), ((8, 6), (12, 9), ()), ((7, 5), (12, 9), ()),        # no FP8 tensor cores: emulated
+    ((8, 9), (12, 9), (("rowwise", BF16),)),                                   # RTX 4090, L4, L40S
+    ((9, 0), (12, 9), (("blockwise", FP32), ("rowwise", FP32))),             # H100 / H200, recent cuBLAS
+    ((9, 0), (12, 4), (("rowwise", BF16),)),                                  # H100, older cuBLAS
+    ((10, 0), (12, 9), ()), ((12, 0), (12, 9), ())])                           # B200, RTX 5090: what these rules give
+def test_fp8_gemm_ops_found_per_gpu(cc, cublas, ops, monkeypatch):
+    """gemm_ops tries the candidates for the device's compute capability, fastest first, and keeps for each op the
+    first output dtype that runs: against PyTorch's acceptance rules mocked per GPU, it finds what they allow."""
+    scaled_mm, _scaled_mm = fake_scaled_mms(cc, cublas)
+    monkeypatch.setattr(F, "scaled_mm", scaled_mm)
+    monkeypatch.setattr(torch, "_scaled_mm", _scaled_mm)
+    candidates = fp8.candidates
+    monkeypatch.setattr(fp8, "candidates", lambda device_type, capability: candidates("cuda", cc))
+    fp8.gemm_ops.cache_clear()                                   # found anew for the mocked GPU
+    try:
+        assert fp8.gemm_ops(torch.device("cpu")) == ops
+        text = fp8.describe("cpu")                               # what train.py logs and the bench prints
+    finally:
+        fp8.gemm_ops.cache_clear()
+    assert text.count("tensor-core FP8") == len(ops) and text.endswith("emulated (dequantized operands, one fp32 "
+                                                                        "matmul, TF32 off)")
+
+
+def test_fp8_probe_rejects_a_wrong_product(monkeypatch):
+    """An op that runs but reads its scales wrongly (the block order of A's reversed; A's rows' scales reversed)
+    equals the right one on operands whose tiles all share one scale, and is found out by the probe's operands, whose
+    magnitudes vary by row and block: gemm_ops keeps only what computes the emulation's product."""
+    real = torch._scaled_mm
+    monkeypatch.setattr(F, "scaled_mm", lambda a, b, sa, ra, sb, rb, output_dtype:
+                        blockwise_reference(a, b, sa.flip(1), ra, sb, rb, output_dtype=output_dtype))
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, scale_a, scale_b, out_dtype:
+                        real(a, b, scale_a=scale_a.flip(0).contiguous(), scale_b=scale_b, out_dtype=out_dtype))
+    candidates = fp8.candidates
+    monkeypatch.setattr(fp8, "candidates", lambda device_type, capability: candidates("cuda", (9, 0)))
+    fp8.gemm_ops.cache_clear()
+    ones = torch.ones(128, 128)                                  # every tile's scale the same: the wrong ops pass
+    for op in (fp8.blockwise_mm, fp8.chunked_mm):
+        (qa, sa), (qb, sb) = fp8.quantize(ones), fp8.quantize(ones, 128)
+        want = fp8.dequantize(qa, sa) @ fp8.dequantize(qb, sb, 128).T
+        assert torch.equal(op(qa, sa, qb, sb, 128, torch.float32).float(), want)
+    try:
+        assert fp8.gemm_ops(torch.device("cpu")) == ()
+    finally:
+        fp8.gemm_ops.cache_clear()
+    assert not fp8.probe("blockwise", torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("ops", [ROWWISE, ()])
+@pytest.mark.parametrize("zero_stride", [False, True])
+def test_fp8_linear_gradients_within_bound(ops, zero_stride):
+    """The autograd function against fp32 autograd, with leading batch dims; the output gradient of a
+    .sum() is a zero-stride expand. Wgrad sees x twice quantized: 1x128 (saved), then 128x1."""
+    x, w = uneven(74, 300).view(2, 37, 300).requires_grad_(), (uneven(150, 300, 1) / 20).requires_grad_()
+    y = fp8.linear(x, w, ops)
+    assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.float8_e4m3fn, torch.float32] * 2   # FP8 + scales
+    g = torch.ones(2, 37, 150) if zero_stride else uneven(74, 150, 2).view(2, 37, 150)
+    (y.sum() if zero_stride else (y * g).sum()).backward()
+    X, G, W = x.detach().flatten(0, 1), g.flatten(0, 1), w.detach()
+    assert y.shape == (2, 37, 150) and x.grad.shape == x.shape
+    eW = fp8_error(W, 128, 128)
+    check_fp8_gemm(y.detach().flatten(0, 1), X, W, 128, X @ W.T, gemm_bound(X, fp8_error(X, 1, 128), W, eW))
+    check_fp8_gemm(x.grad.flatten(0, 1), G, W.T, 128, G @ W, gemm_bound(G, fp8_error(G, 1, 128), W.T, eW.T))
+    X1 = fp8.dequantize(*fp8.quantize(X))                           # what the backward holds
+    eX = fp8_error(X, 1, 128) + fp8_error(X1, 128, 1)
+    check_fp8_gemm(w.grad, G.T, X1.T, 1, G.T @ X, gemm_bound(G.T, fp8_error(G.T, 1, 128), X.T, eX.T))
+
+
+def test_fp8_empty_input_gives_zero_gradient():
+    """An expert that got no token: an empty batch runs and leaves a zero weight gradient."""
+    x, w = torch.zeros(0, 300, requires_grad=True), torch.randn(150, 300, requires_grad=True)
+    fp8.linear(x, w).sum().backward()
+    assert x.grad.shape == (0, 300) and torch.equal(w.grad, torch.zeros(150, 300))
+
+
+@pytest.mark.parametrize("attn", ["mla", "mha"])
+def test_fp8_model_forward_backward(attn, monkeypatch):
+    """fp8.convert: exactly the blocks' projections (attention, dense FFN, shared and routed experts) run
+    through fp8.linear, not the embedding, head, gate or MTP's eh_proj; both GEMM paths give the same
+    loss and gradients, and these stay close to fp32's (E4M3 errs by ~2^-4 per operand). The converted
+    model keeps the plain one's state dict names."""
+    ref, m8 = model(attn=attn).train(), fp8.convert(model(attn=attn)).train()
+    assert m8.state_dict().keys() == ref.state_dict().keys()
+    m8.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref(idx, idx)[1]["total"].backward()
+    seen, run = set(), fp8.linear
+    monkeypatch.setattr(fp8, "linear", lambda x, w, ops: seen.add(w.untyped_storage().data_ptr()) or run(x, w, ops))
+    out = {}
+    for path in (True, False):
+        fp8.convert(m8, ROWWISE if path else ())
+        m8.zero_grad()
+        loss = m8(idx, idx)[1]["total"]
+        loss.backward()
+        out[path] = loss.detach(), {n: p.grad.clone() for n, p in m8.named_parameters()}
+    high = ("embed", "head", "gate", "eh_proj", "norm")
+    assert {n for n, p in m8.named_parameters() if p.untyped_storage().data_ptr() in seen} == \
+           {n for n, p in m8.named_parameters() if not any(h in n for h in high)}
+    (l1, g1), (l2, g2) = out[True], out[False]
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=0)
+    assert abs(l1 - ref(idx, idx)[1]["total"]) < 1e-2 * l1
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-5 * g2[n].abs().max())
+        assert F.cosine_similarity(g1[n].flatten(), p.grad.flatten(), dim=0) > 0.95, n
+
+
 # ----------------------------------------------------------------------------- training
 
 def torchrun(tmp_path, text_file, data_dir, out, *args, **kw):
@@ -1337,6 +1437,25 @@ def entries(log, kind):
 
 
 # ----------------------------------------------------------------------------- training: configuration
+
+@pytest.mark.parametrize("command", [train, sample, sft, grpo, export, bench])
+def test_help_lists_every_key_with_its_value(command, capsys):
+    """Every command takes --key=value the same way, and --help prints its docstring and every key with the value
+    it would take after what came before --help (here: a preset), then exits 0."""
+    argv = ["config/shakespeare_char_cpu.py", "--help"] if command is train else ["--help"]
+    with pytest.raises(SystemExit) as e:
+        command.main(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(command.__doc__.strip()[:40])
+    listed = [line[4:].partition("=") for line in out.splitlines() if line.startswith("  --")]
+    listed = {k: ast.literal_eval(v) for k, _, v in listed}
+    assert list(listed) == list(command.DEFAULTS)
+    preset = dict(max_iters=2000, dim=128, batch_size=12, out_dir="out-shakespeare-char-cpu") if command is train else {}
+    changed = configurator.parse_config(argv[:-1], command.DEFAULTS)[1]          # the keys the preset sets
+    assert set(preset) <= changed and all(listed[k] == v for k, v in preset.items())
+    assert {k: v for k, v in listed.items() if k not in changed} == \
+           {k: v for k, v in command.DEFAULTS.items() if k not in changed}
+
 
 def test_config_order_defaults_preset_overrides(tmp_path):
     p = tmp_path / "p.py"
@@ -1359,7 +1478,7 @@ def test_presets_parse():
             assert configurator.parse_config([str(p)], post_training[p.stem])[0] != post_training[p.stem]
             continue
         cfg, _, _ = configurator.parse_config([str(p)], train.DEFAULTS)
-        configurator.check_config(train.SimpleNamespace(**cfg), "cpu", None)
+        configurator.check_config(types.SimpleNamespace(**cfg), "cpu", None)
         configurator.model_args_from(cfg, 65)
     by_path, _, _ = configurator.parse_config([str(REPO / "config" / "shakespeare_char_cpu.py")], train.DEFAULTS)
     assert configurator.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0] == by_path != train.DEFAULTS     # a bare preset name
@@ -1374,7 +1493,7 @@ def test_presets_parse():
     (["config/nope.py"], "config file config/nope.py not found"),
 ])
 def test_config_errors(argv, msg):
-    with pytest.raises(train.UserError, match=None) as e:
+    with pytest.raises(configurator.UserError, match=None) as e:
         configurator.parse_config(argv, train.DEFAULTS)
     assert msg in str(e.value) and "\n" not in str(e.value)
 
@@ -1382,7 +1501,7 @@ def test_config_errors(argv, msg):
 def test_unknown_key_in_preset(tmp_path):
     p = tmp_path / "p.py"
     p.write_text("n_embd = 128\n")
-    with pytest.raises(train.UserError, match="unknown config key 'n_embd' in .*valid keys: .*block_size"):
+    with pytest.raises(configurator.UserError, match="unknown config key 'n_embd' in .*valid keys: .*block_size"):
         configurator.parse_config([str(p)], train.DEFAULTS)
 
 
@@ -1394,7 +1513,7 @@ def test_shape_keys_are_the_keys_that_shape_the_weights():
                  route_scale=2.0, q_lora_rank=0, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4,
                  original_seq_len=8, rope_theta=500.0, rope_factor=4.0, beta_fast=16, beta_slow=2, mscale=0.5, n_mtp=0,
                  mtp_lambda=0.1, bias_update_speed=0.0, seq_aux_alpha=0.0, dropout=0.1, attn="mha")
-    assert set(other) == set(train.MODEL_KEYS)
+    assert set(other) == set(configurator.MODEL_KEYS)
 
     def shapes(**kw):
         return {k: v.shape for k, v in ds.Transformer(tiny(**kw)).state_dict().items()}
@@ -1448,9 +1567,9 @@ def test_cli_exit_code_in_a_real_process(tmp_path):
 
 def test_device_pick():
     assert configurator.pick_device("cpu") == "cpu"
-    assert configurator.pick_device("auto") in ("mps", "cpu") or train.pick_device("auto").startswith("cuda:")
+    assert configurator.pick_device("auto") in ("mps", "cpu") or configurator.pick_device("auto").startswith("cuda:")
     for bad in ("foo", "cuda:99", "meta"):
-        with pytest.raises(train.UserError):
+        with pytest.raises(configurator.UserError):
             configurator.pick_device(bad)
 
 
@@ -1463,7 +1582,7 @@ def test_the_chosen_cuda_device_is_made_current(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     assert configurator.pick_device("cuda:1") == "cuda:1" and current == [1]
     assert configurator.pick_device("cuda") == "cuda:1" and current == [1, 1]      # cuda: the current one
-    with pytest.raises(train.UserError, match="does not exist: this machine has 2 CUDA device"):
+    with pytest.raises(configurator.UserError, match="does not exist: this machine has 2 CUDA device"):
         configurator.pick_device("cuda:2")
     assert current == [1, 1]
 
@@ -1487,7 +1606,7 @@ def test_no_preset_trains_nanogpts_budget_into_out(device, monkeypatch):
     logs = []
     c, _, _ = train.configure(["--max_iters=7"], log=logs.append)
     want = train.DEFAULTS if device == "cuda:0" else configurator.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0]
-    assert c.out_dir == "out" == sample.parse([]).out_dir
+    assert c.out_dir == "out" == sample.DEFAULTS["out_dir"]
     assert c.max_iters == 7 and all(getattr(c, k) == v for k, v in want.items() if k not in ("out_dir", "max_iters", "dtype"))
     assert c.tokenizer == "char" and not c.always_save_checkpoint
     assert ("config/shakespeare_char_cpu.py" in logs[0]) == (device == "cpu") and "DEFAULTS" in logs[0]
@@ -1511,7 +1630,7 @@ def test_compile_with_fp8_needs_sm89(cc, allowed, monkeypatch):
     if allowed:
         train.configure(["shakespeare_char", "--compile=True", "--fp8=True"], log=print)
     else:
-        with pytest.raises(train.UserError, match="compile=True with fp8=True needs compute capability 8.9"):
+        with pytest.raises(configurator.UserError, match="compile=True with fp8=True needs compute capability 8.9"):
             train.configure(["shakespeare_char", "--compile=True", "--fp8=True"], log=print)
 
 
@@ -1580,7 +1699,7 @@ def test_download_failure_says_how_to_place_the_file(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network is unreachable")
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(configurator.UserError) as e:
         data.prepare_data(tmp_path / "d", log=lambda m: None)
     msg = str(e.value)
     assert "place the file by hand at" in msg and str(tmp_path / "d" / "shakespeare" / "input.txt") in msg
@@ -1645,7 +1764,7 @@ def test_weight_decay_on_matrices_only():
     model = ds.Transformer(ds.ModelArgs(vocab_size=50, dim=32, n_layers=2, n_heads=2, max_seq_len=16,
                                                     n_routed_experts=4, n_expert_groups=1, n_limited_groups=1,
                                                     n_activated_experts=2))
-    opt = train.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    opt = optim.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -1670,11 +1789,11 @@ def test_weight_decay_on_matrices_only():
 
 
 def test_lr_and_mtp_schedule():
-    c = train.SimpleNamespace(decay_lr=True, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110,
+    c = types.SimpleNamespace(decay_lr=True, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110,
                               mtp_lambda=0.3, mtp_lambda_late=0.1, mtp_lambda_step=50)
-    assert train.get_lr(0, c) == pytest.approx(1 / 11) and train.get_lr(9, c) == pytest.approx(10 / 11)
-    assert train.get_lr(10, c) == pytest.approx(1.0) and train.get_lr(60, c) == pytest.approx(0.55)
-    assert train.get_lr(110, c) == pytest.approx(0.1) and train.get_lr(500, c) == pytest.approx(0.1)
+    assert optim.get_lr(0, c) == pytest.approx(1 / 11) and optim.get_lr(9, c) == pytest.approx(10 / 11)
+    assert optim.get_lr(10, c) == pytest.approx(1.0) and optim.get_lr(60, c) == pytest.approx(0.55)
+    assert optim.get_lr(110, c) == pytest.approx(0.1) and optim.get_lr(500, c) == pytest.approx(0.1)
     assert [train.get_mtp_lambda(i, c) for i in (0, 49, 50, 99)] == [0.3, 0.3, 0.1, 0.1]
     c.mtp_lambda_step = -1
     assert train.get_mtp_lambda(10 ** 6, c) == 0.3
@@ -1692,7 +1811,7 @@ def test_loss_falls(trained):
     first = steps[0]
     assert first["loss"] == pytest.approx(first["main"] + 0.3 * first["mtp"] + first["balance"], rel=1e-5)
     assert len(first["maxvio"]) == 2 and first["tokens_per_s"] > 0 and first["mfu"] is None   # MoE layer + MTP block
-    model, ckpt = train.load_checkpoint(out / "ckpt.pt")
+    model, ckpt = ckpts.load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 40 and not model.training and ckpt["meta"]["tokenizer"] == "char"
     assert any(g.bias.abs().sum() > 0 for g in model.gates())          # the balancing biases moved and were saved
 
@@ -1703,7 +1822,7 @@ def test_fp8_training_loss_falls_and_samples_without_fp8(tmp_path, text_file, da
     log = run(tmp_path, text_file, data_dir, "--fp8=True", max_iters=40, eval_interval=20)
     evals = entries(log, "eval")
     assert evals[-1]["val"] < evals[0]["val"] - 0.8 and evals[-1]["train"] < evals[0]["train"] - 0.8
-    model, ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    model, ckpt = ckpts.load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["config"]["fp8"] and not any(isinstance(m, (fp8.Linear, fp8.Experts)) for m in model.modules())
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
     assert sample.cli(["--device=cpu", f"--out_dir={tmp_path / 'out'}", "--num_samples=1", "--max_new_tokens=20"]) == 0
@@ -1748,6 +1867,34 @@ def test_a_skipped_fp16_step_skips_the_bias_update(tmp_path, text_file, data_dir
     moved = [not all(torch.equal(a, b) for a, b in zip(x[0] + [x[1]], y[0] + [y[1]]))
              for x, y in zip(snapshots, snapshots[1:])]
     assert moved == [True, False, True]              # steps 2, 3 (skipped), 4 against the one before
+
+
+def dropout_masks(tmp_path, text_file, data_dir, monkeypatch, *args, **kw):
+    """The dropout masks of a training run's first three steps, one tensor per step (every training-mode dropout
+    call of the step, in order: which units it zeroed), read by wrapping F.dropout."""
+    masks, real = [], F.dropout
+
+    def recorded(x, p=0.5, training=True, inplace=False):
+        y = real(x, p, training, inplace)
+        if training and p > 0:
+            masks.append((y == 0) & (x != 0))
+        return y
+    monkeypatch.setattr(F, "dropout", recorded)
+    run(tmp_path, text_file, data_dir, *args, max_iters=3, eval_interval=3, dropout=0.1, **kw)
+    per_step = len(masks) // 3
+    return [torch.cat([m.flatten() for m in masks[i * per_step:(i + 1) * per_step]]) for i in range(3)]
+
+
+def test_dropout_masks_differ_between_steps_and_repeat_across_runs(tmp_path, text_file, data_dir, monkeypatch):
+    """Dropout draws new masks every step (a mask seeded once would zero the same units all run long), and the
+    masks are a function of (seed, rank, step): a second run draws the same ones, another seed others."""
+    steps = dropout_masks(tmp_path, text_file, data_dir, monkeypatch, out="a")
+    assert all(0.05 < m.float().mean() < 0.15 for m in steps)                       # p = 0.1 of the units
+    assert not torch.equal(steps[0], steps[1]) and not torch.equal(steps[1], steps[2])
+    again = dropout_masks(tmp_path, text_file, data_dir, monkeypatch, out="b")
+    assert all(torch.equal(a, b) for a, b in zip(steps, again))
+    other = dropout_masks(tmp_path, text_file, data_dir, monkeypatch, "--seed=7", out="c")
+    assert not torch.equal(steps[0], other[0])
 
 
 def test_accumulated_gradient_is_that_of_the_mean_loss(tmp_path, text_file, data_dir, monkeypatch):
@@ -1809,7 +1956,7 @@ def test_compile_matches_eager(tmp_path, text_file, data_dir):
     compiled = entries(run(tmp_path, text_file, data_dir, "--compile", out="compiled", **kw), "train")
     for a, b in zip(eager, compiled, strict=True):
         assert a["main"] == pytest.approx(b["main"], abs=1e-4) and a["mtp"] == pytest.approx(b["mtp"], abs=1e-4)
-    model, _ = train.load_checkpoint(tmp_path / "compiled" / "ckpt.pt")    # saved without compile's prefixes
+    model, _ = ckpts.load_checkpoint(tmp_path / "compiled" / "ckpt.pt")    # saved without compile's prefixes
 
 
 @pytest.mark.slow
@@ -1823,7 +1970,7 @@ def test_ddp_two_processes_stay_identical_and_resume(tmp_path, text_file, data_d
     assert entries(log, "config")[0]["world_size"] == 2
     assert len(entries(log, "train")) == 6                            # rank 0 alone logs
     assert entries(log, "ddp_check") == [dict(kind="ddp_check", identical=True, world_size=2)]
-    model, ckpt = train.load_checkpoint(tmp_path / "full" / "ckpt.pt")
+    model, ckpt = ckpts.load_checkpoint(tmp_path / "full" / "ckpt.pt")
     assert ckpt["iter_num"] == 6 and ckpt["data"]["world_size"] == 2
     assert sum(g.bias.abs().sum() for g in model.gates()) > 0         # balancing ran
     torchrun(tmp_path, text_file, data_dir, "half", "--gradient_accumulation_steps=2", "--max_iters=3", **kw)
@@ -1858,11 +2005,11 @@ def ep_worker(rank, world, store, kw):
         assert p.shape[0] == (8 // world if name in sharded else full[name].shape[0]), name
         g = full[name].grad.chunk(world)[rank] if name in sharded else full[name].grad
         torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-5, msg=name)
-    opts = [train.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.95), "cpu") for m in (ref, ep)]
+    opts = [optim.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.95), "cpu") for m in (ref, ep)]
     for opt in opts:
         opt.step()
     state, opt_state = ep.state_dict(), opts[1].state_dict()
-    train.map_experts(opts[1], sharded, state, opt_state, lambda t: train.gather(t, world))
+    expert_parallel.map_experts(opts[1], sharded, state, opt_state, lambda t: expert_parallel.gather(t, world))
     for k, v in ref.state_dict().items():        # |Adam step| <= lr: near-zero gradients may differ in sign
         torch.testing.assert_close(state[k], v, rtol=0, atol=2e-3, msg=k)
     for i, m in opts[0].state_dict()["state"].items():
@@ -1871,8 +2018,8 @@ def ep_worker(rank, world, store, kw):
     # the gathered state re-sharded into a fresh model and optimizer: this rank's slices come back exactly
     fresh = model(seed=1, **kw)
     resharded = expert_parallel.shard_experts(fresh, world)
-    opt = train.configure_optimizer(fresh, 1e-3, 0.1, (0.9, 0.95), "cpu")
-    train.map_experts(opt, resharded, state, opt_state, lambda t: t.chunk(world)[rank].clone())
+    opt = optim.configure_optimizer(fresh, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    expert_parallel.map_experts(opt, resharded, state, opt_state, lambda t: t.chunk(world)[rank].clone())
     fresh.load_state_dict(state)
     opt.load_state_dict(opt_state)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), ep.parameters()))
@@ -1935,8 +2082,8 @@ def test_expert_parallel_training_matches_ddp(tmp_path, text_file, data_dir, cap
         assert all(s <= c <= 2 for s, c in zip(y["a2a_sends_per_token"], y["a2a_copies_per_token"]))
     assert entries(ddp, "eval")[-1]["val"] == pytest.approx(entries(ep, "eval")[-1]["val"], abs=1e-5)
     # rank 0 saved one ordinary checkpoint with all experts: as DDP's, to the last bit of Adam's noise
-    m1, c1 = train.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
-    m2, c2 = train.load_checkpoint(tmp_path / "ep" / "ckpt.pt")
+    m1, c1 = ckpts.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
+    m2, c2 = ckpts.load_checkpoint(tmp_path / "ep" / "ckpt.pt")
     assert m2.layers[1].ffn.experts.w1.shape[0] == TINY["n_routed_experts"] and c2["iter_num"] == 6
     for (k, v), w in zip(c1["model"].items(), c2["model"].values()):
         torch.testing.assert_close(w, v, rtol=0, atol=0 if "gate.bias" in k else 1e-5, msg=k)
@@ -1972,21 +2119,21 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, dat
     path = tmp_path / "out" / "ckpt.pt"
     before = path.read_bytes()
     # a process killed (SIGKILL) halfway through writing the next checkpoint
-    code = ("import os, signal, torch, train\n"
+    code = ("import os, signal, torch\nfrom checkpoint.ckpt import save_checkpoint\n"
             f"ckpt = torch.load({str(path)!r}, weights_only=True); ckpt['iter_num'] = 999\n"
             "real = torch.save\n"
             "def dying(obj, f):\n"
             "    real(obj, f); f.flush(); f.truncate(f.tell() // 2); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
             "torch.save = dying\n"
-            f"train.save_checkpoint(ckpt, {str(path)!r})\n")
+            f"save_checkpoint(ckpt, {str(path)!r})\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120)
     assert r.returncode == -9
     tmp = path.with_name("ckpt.pt.tmp")
     assert tmp.exists() and path.read_bytes() == before
-    _, ckpt = train.load_checkpoint(path)
+    _, ckpt = ckpts.load_checkpoint(path)
     assert ckpt["iter_num"] == 40
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.load_checkpoint(tmp)
+        ckpts.load_checkpoint(tmp)
     # the run resumes from the intact checkpoint
     log = run(tmp_path, text_file, data_dir, "--init_from=resume", "--max_iters=42", max_iters=40, eval_interval=20)
     assert [e["step"] for e in entries(log, "train")][-3:] == [40, 41, 42]
@@ -1995,7 +2142,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, text_file, dat
 def test_load_checkpoint_reads_to_cpu_and_moves_only_the_weights(trained, monkeypatch):
     maps, load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: maps.append(k.get("map_location")) or load(*a, **k))
-    model, ckpt = train.load_checkpoint(trained[0] / "ckpt.pt", "meta")     # meta: any device but the CPU
+    model, ckpt = ckpts.load_checkpoint(trained[0] / "ckpt.pt", "meta")     # meta: any device but the CPU
     assert maps == ["cpu"] and all(p.is_meta for p in model.parameters())
     state = ckpt["optimizer"]["state"]
     assert state and all(t.device.type == "cpu" for s in state.values() for t in s.values())
@@ -2011,7 +2158,7 @@ def test_load_checkpoint_rejects_bad_files(tmp_path):
         elif content is not None:
             torch.save(content, path)
         with pytest.raises(ValueError) as e:
-            train.load_checkpoint(path)
+            ckpts.load_checkpoint(path)
         assert "\n" not in str(e.value) and str(path) in str(e.value), name
 
 
@@ -2034,9 +2181,9 @@ def test_extension_keeps_the_weights_and_changes_only_rope(rope_base, tmp_path):
     c, ckpt, device = train.configure([f"--init_from={rope_base}", f"--out_dir={tmp_path / 'ext'}", "--block_size=128",
                                        f"--original_seq_len={L}", f"--rope_factor={s}", f"--beta_fast={beta_fast}",
                                        "--device=cpu"])
-    _, _, meta = train.load_data(c, ckpt, 0, lambda *a: None)
+    _, _, meta = data.load_data(c, ckpt, 0, lambda *a: None)
     ext, _, optimizer, _, step, best, _ = train.init_model(c, meta, ckpt, "cpu", 0, 1, lambda *a: None)
-    base, _ = train.load_checkpoint(rope_base / "ckpt.pt")
+    base, _ = ckpts.load_checkpoint(rope_base / "ckpt.pt")
     assert step == 0 and best == float("inf") and not optimizer.state_dict()["state"]    # a fresh optimizer
     assert c.batch_size == TINY["batch_size"] and c.block_size == 128         # the base's config but the keys given
     a, b = ext.state_dict(), base.state_dict()
@@ -2094,7 +2241,7 @@ def char_ckpt(tmp_path_factory, pattern_model):
     out = tmp_path_factory.mktemp("ckpt")
     ckpt = dict(model=fresh.state_dict(), model_args=args, meta={"tokenizer": "char", "chars": CHARS},
                 optimizer={}, iter_num=0, best_val_loss=0.0, config={})
-    train.save_checkpoint(ckpt, out / "ckpt.pt")
+    ckpts.save_checkpoint(ckpt, out / "ckpt.pt")
     return out
 
 
@@ -2147,10 +2294,10 @@ def test_sample_prompt_file_and_cropping(char_ckpt, capsys, tmp_path):
     (["--start=héllo"], "characters not in the vocabulary: 'é'"),
     (["--device=cuda:7"], "device 'cuda:7'"), (["--device=nonsense"], "unknown device"),   # devices
     (["--start=FILE:/no/such/prompt.txt"], "prompt file"),
-    (["--speculative=maybe"], "expected True or False"),
+    (["--speculative=maybe"], "speculative must be bool, not 'maybe'"),
     (["--top_k=0"], ">= 1"),
     (["--show_experts=0"], "--show_experts=0: not an MoE layer of this model (those are 1; layers count from 0)"),
-    (["--show_experts=2"], "not an MoE layer"), (["--show_experts=one"], "invalid int value"),
+    (["--show_experts=2"], "not an MoE layer"), (["--show_experts=one"], "show_experts must be int, not 'one'"),
 ])
 def test_sample_bad_input(char_ckpt, capsys, argv, message):
     rc, out, err = run_sample(capsys, f"--out_dir={char_ckpt}", *argv)
@@ -2172,7 +2319,7 @@ def test_show_experts_marks_each_token_with_the_gates_choice(char_ckpt, capsys, 
     text, experts = "".join(c for c, _ in pairs), [int(e) for _, e in pairs]
     assert "".join(f"{c}[{e}]" for c, e in pairs) == marked and text.startswith("ROMEO:") and len(text) == 40
     # the reference: Gate.forward on layer 1's FFN input, the 40 tokens read in windows of the context (24)
-    m, _ = train.load_checkpoint(char_ckpt / "ckpt.pt")
+    m, _ = ckpts.load_checkpoint(char_ckpt / "ckpt.pt")
     ref = []
     for chunk in torch.tensor([[CHARS.index(c) for c in text]]).split(m.args.max_seq_len, dim=1):
         cos, sin, _ = m.positions(None, chunk.size(1))
@@ -2185,8 +2332,8 @@ def test_show_experts_marks_each_token_with_the_gates_choice(char_ckpt, capsys, 
     # on a terminal: the same tokens, each on its expert's colour, and a legend of all 8 colours
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     header, coloured, rc = show_experts_run(capsys, char_ckpt)
-    assert rc == 0 and all(f"\x1b[30;48;5;{sample.COLOURS[e]}m {e} \x1b[0m" in header for e in range(8))
-    assert coloured == sample.mark_experts(list(text), experts, terminal=True)
+    assert rc == 0 and all(f"\x1b[30;48;5;{routing.COLOURS[e]}m {e} \x1b[0m" in header for e in range(8))
+    assert coloured == routing.mark_experts(list(text), experts, terminal=True)
     assert re.sub(r"\x1b\[[\d;]*m", "", coloured) == text.replace("\n", " \n")
 
 
@@ -2194,7 +2341,7 @@ def test_show_experts_rejects_a_dense_checkpoint(tmp_path, capsys):
     args = dict(tiny(n_routed_experts=0, vocab_size=len(CHARS)).__dict__)
     ckpt = dict(model=ds.Transformer(ds.ModelArgs(**args)).state_dict(), model_args=args, optimizer={}, iter_num=0,
                 meta={"tokenizer": "char", "chars": CHARS}, best_val_loss=0.0, config={})
-    train.save_checkpoint(ckpt, tmp_path / "ckpt.pt")
+    ckpts.save_checkpoint(ckpt, tmp_path / "ckpt.pt")
     rc, _, err = run_sample(capsys, f"--out_dir={tmp_path}", "--show_experts=1")
     assert rc == 2 and err == "error: --show_experts: the checkpoint's model is dense (n_routed_experts=0): no routed experts\n"
 
@@ -2330,7 +2477,7 @@ def test_hf_folder_without_its_mtp_layer_loads_without_mtp(tmp_path):
     x = torch.randint(0, V, (2, 16))
     assert loaded.args.n_mtp == 0 and torch.equal(loaded(x)[0], m(x)[0])
     save_file({k: v for k, v in t.items() if k != "model.layers.3.enorm.weight"}, tmp_path / "hf" / "model.safetensors")
-    with pytest.raises(data.UserError, match="model.layers.3.enorm.weight is missing"):
+    with pytest.raises(configurator.UserError, match="model.layers.3.enorm.weight is missing"):
         hf.load(tmp_path / "hf")
 
 
@@ -2406,15 +2553,15 @@ def test_hf_released_configs_are_the_official_inference_configs(tmp_path):
 ])
 def test_hf_config_refuses_what_this_model_does_not_compute(change, message):
     cfg = {k: v for k, v in {**V3, **change}.items() if v is not None}
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(configurator.UserError) as e:
         hf.args_from_config(cfg, "config.json")
     assert str(e.value).startswith("config.json: ") and message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_hf_export_refuses_what_the_layout_cannot_hold(tmp_path):
-    with pytest.raises(data.UserError, match="DeepSeek's layout has MLA only"):
+    with pytest.raises(configurator.UserError, match="DeepSeek's layout has MLA only"):
         hf.export(model(attn="mha"), None, tmp_path / "mha")
-    with pytest.raises(data.UserError, match="softmax gate with a balancing bias"):
+    with pytest.raises(configurator.UserError, match="softmax gate with a balancing bias"):
         hf.export(model(score_func="softmax"), None, tmp_path / "v2")          # model() gives the gates a bias
     assert not (tmp_path / "mha").exists() and not (tmp_path / "v2").exists()
 
@@ -2471,7 +2618,7 @@ def test_hf_foreign_tokenizer_runs_with_the_tokenizers_package(tmp_path, capsys,
     rc, _, err = run_sample(capsys, f"--init_from={tmp_path / 'hf'}", "--start=abc")     # lower case: not in it
     assert rc == 2 and err.startswith("error: prompt: Exception: WordLevel error") and err.count("\n") == 1
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    with pytest.raises(data.UserError, match="needs the tokenizers package: pip install tokenizers"):
+    with pytest.raises(configurator.UserError, match="needs the tokenizers package: pip install tokenizers"):
         data.tokenizer_from_meta(meta)
 
 
@@ -2506,7 +2653,7 @@ def test_hf_bad_input_one_line_exit_2(case, tmp_path, capsys):
         (out / "sub").mkdir(parents=True)
         (out / "mine.txt").write_text("keep")
         message = f"{out} exists and is not an empty folder"
-    runs = [export.cli([str(folder), str(out)])]
+    runs = [export.cli([f"--init_from={folder}", f"--out_dir={out}"])]
     if case != "export target not empty":
         runs += [train.cli([f"--init_from={folder}", f"--out_dir={out}", "--device=cpu"]),
                  sample.cli([f"--init_from={folder}", "--device=cpu"])]
@@ -2526,7 +2673,7 @@ def test_hf_export_sample_and_fine_tune_commands(trained, tmp_path, text_file, d
     the checkpoint; train.py --init_from=out-hf trains as a new run from the checkpoint itself does (the same losses
     step for step), into its own out_dir, and refuses to change the weights' shapes."""
     out_dir, _ = trained
-    assert export.cli([str(out_dir), str(tmp_path / "hf")]) == 0
+    assert export.cli([f"--init_from={out_dir}", f"--out_dir={tmp_path / 'hf'}"]) == 0
     assert "model_type deepseek_v3" in capsys.readouterr().out
     texts, prompt = [], text_file.read_text()[:6]          # characters of either test text
     for source in (f"--out_dir={out_dir}", f"--init_from={tmp_path / 'hf'}"):
@@ -2726,14 +2873,14 @@ def math_base(tmp_path_factory):
         return seq[:, :-1], seq[:, 1:]
     fit(m, batch, 150, lr=1e-2)
     out = tmp_path_factory.mktemp("math_base")
-    train.save_checkpoint(dict(model=m.state_dict(), model_args=vars(m.args).copy(), optimizer={}, iter_num=150,
+    ckpts.save_checkpoint(dict(model=m.state_dict(), model_args=vars(m.args).copy(), optimizer={}, iter_num=150,
                                meta=dict(tokenizer="char", chars=MATH_CHARS, vocab_size=len(MATH_CHARS)),
                                best_val_loss=0.0, config=dict(block_size=64)), out / "ckpt.pt")
     return out
 
 
 def test_chat_tokens_join_the_vocabulary_and_keep_the_old_rows(math_base):
-    ckpt = train.read_checkpoint(math_base / "ckpt.pt")
+    ckpt = ckpts.read_checkpoint(math_base / "ckpt.pt")
     model, meta = chat.chat_model(ckpt, math_base, max_seq_len=128)
     n = len(MATH_CHARS)
     state = model.state_dict()
@@ -2741,7 +2888,7 @@ def test_chat_tokens_join_the_vocabulary_and_keep_the_old_rows(math_base):
         assert state[name].shape[0] == n + 4 and torch.equal(state[name][:n], ckpt["model"][name])
         assert not torch.equal(state[name][n], state[name][n + 1])
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in state.items() if k not in ("embed.weight", "head.weight"))
-    base, _ = train.load_checkpoint(math_base / "ckpt.pt")
+    base, _ = ckpts.load_checkpoint(math_base / "ckpt.pt")
     x = torch.randint(0, n, (2, 20))
     assert torch.allclose(model.eval()(x)[0][..., :n], base(x)[0], atol=1e-6)     # the pretrained model, intact
     # the tokens: ids after the base vocabulary, each encoded whole; plain text as before
@@ -2859,7 +3006,7 @@ def test_left_padded_prefill_matches_each_prompt_alone(attn, impl):
 def test_batched_generation_equals_each_prompt_alone(math_base):
     """Greedy, prompts of different lengths, a group of 3 rows each from one prefill: the tokens and where each row
     stopped are those of the prompt decoded alone (and of Transformer.generate up to the stop token)."""
-    model_, ckpt = train.load_checkpoint(math_base / "ckpt.pt", max_seq_len=96)
+    model_, ckpt = ckpts.load_checkpoint(math_base / "ckpt.pt", args=dict(max_seq_len=96))
     encode, _ = data.tokenizer_from_meta(ckpt["meta"])
     stop = encode("\n")[0]
     prompts = [encode(f"{q}\n") for q, *_ in itertools.islice(data.math_problems(7), 6)]
@@ -2888,10 +3035,10 @@ def test_generation_stops_each_row_at_the_limit_or_its_stop_token():
 @pytest.fixture(scope="module")
 def chat_ckpt(math_base, tmp_path_factory):
     """math_base with the chat tokens, as sft.py would start it (no training)."""
-    ckpt = train.read_checkpoint(math_base / "ckpt.pt")
+    ckpt = ckpts.read_checkpoint(math_base / "ckpt.pt")
     model_, meta = chat.chat_model(ckpt, math_base, max_seq_len=128)
     out = tmp_path_factory.mktemp("chat_ckpt")
-    train.save_checkpoint(dict(ckpt, model=model_.state_dict(), meta=meta, model_args=vars(model_.args).copy()),
+    ckpts.save_checkpoint(dict(ckpt, model=model_.state_dict(), meta=meta, model_args=vars(model_.args).copy()),
                           out / "ckpt.pt")
     return out
 
@@ -2901,7 +3048,7 @@ def test_sample_chat_answers_each_question_on_one_line(chat_ckpt, capsys, tmp_pa
     (tmp_path / "q.txt").write_text("\n".join(questions) + "\n")
     rc, out, err = run_sample(capsys, f"--out_dir={chat_ckpt}", f"--chat=FILE:{tmp_path / 'q.txt'}", "--max_new_tokens=12")
     assert rc == 0 and err == "" and len(out.splitlines()) == 3
-    model_, ckpt = train.load_checkpoint(chat_ckpt / "ckpt.pt")
+    model_, ckpt = ckpts.load_checkpoint(chat_ckpt / "ckpt.pt")
     template = chat.Template(ckpt["meta"])
     for q, line in zip(questions, out.splitlines()):         # each the greedy answer of its question alone
         tokens, _ = chat.generate(model_, [template.prompt(q)], 12, template.eos)[0]
@@ -2928,7 +3075,7 @@ def test_sample_chat_bad_input(case, chat_ckpt, math_base, capsys, tmp_path):
 def stage(module, tmp_path, *argv):
     """sft.py or grpo.py's cli in this process, tiny settings; -> (exit code, log entries or None)."""
     out = tmp_path / module.__name__
-    rc = data.run_cli(module.main, [f"--out_dir={out}", "--device=cpu", "--eval_questions=14", *argv])
+    rc = configurator.run_cli(module.main, [f"--out_dir={out}", "--device=cpu", "--eval_questions=14", *argv])
     log = out / "log.jsonl"
     return rc, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else None
 
@@ -2960,7 +3107,7 @@ def test_sft_then_grpo_then_chat(math_base, tmp_path, capsys):
     losses = [e["loss"] for e in log if e["kind"] == "train"]
     assert len(losses) == 6 and losses[-1] < losses[0] and 0 < log[-1]["train_s"] <= log[-1]["wall_s"]
     assert all(e["accuracy"]["all"][1] == 14 for e in log if e["kind"] == "eval")
-    ckpt = train.read_checkpoint(tmp_path / "sft" / "ckpt.pt")
+    ckpt = ckpts.read_checkpoint(tmp_path / "sft" / "ckpt.pt")
     assert ckpt["stage"] == "sft" and ckpt["meta"]["special"] == list(chat.SPECIAL) and ckpt["iter_num"] == 30
     rc, log = stage(grpo, tmp_path, f"--init_from={tmp_path / 'sft'}", "--max_iters=3", "--questions=2",
                     "--group_size=4", "--eval_interval=3", "--log_interval=1", "--max_new_tokens=12")
@@ -2978,30 +3125,49 @@ def test_sft_then_grpo_then_chat(math_base, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- bench
 
+def saved_figures(monkeypatch):
+    """{file name: figure} of every figure the bench saves (Figure.savefig recorded; the file is still written), or
+    None where matplotlib is not installed (the bench then draws nothing)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    from matplotlib.figure import Figure
+    saved, real = {}, Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.update({Path(path).name: fig}) or
+                        real(fig, path, **kw))
+    return saved
+
+
 @pytest.mark.slow
-def test_bench_ablation_smoke(tmp_path, text_file, data_dir, capsys):
-    bench.main(["--parts=ablation", "--iters=4", "--timing_iters=3", "--quick", f"--out={tmp_path}",
-                f"--data_dir={data_dir}", f"--text={text_file}"])
-    out = capsys.readouterr().out
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    same_steps, same_time = rows[:6], rows[6:]
-    for table in (same_steps, same_time):
-        assert [r[0][2:4] for r in table] == ["1 ", "2 ", "3 ", "4a", "4b", "5 "]
-    assert same_steps[0][-2:] == ["+0.0000", "1.00x |"]
-    assert all(r[5] == "-" for r in same_steps[:2]) and all(r[5] != "-" for r in same_steps[2:])
-    # same time: row 1 keeps its steps, every row's steps x its step time is row 1's budget
-    assert same_time[0][1] == "4" and same_time[0][-1] == "+0.0000 |"
-    budget = 4 * float(same_time[0][2])
-    for r in same_time[1:]:
-        assert int(r[1]) == max(1, round(budget / float(r[2]))) or abs(int(r[1]) * float(r[2]) - budget) < float(r[2])
-    assert (tmp_path / "ablation_val_loss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+def test_bench_ablation_smoke(tmp_path, text_file, data_dir, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    results = bench.main(["--parts=ablation", "--iters=4", "--timing_iters=3", "--quick", f"--out={tmp_path}",
+                          f"--data_dir={data_dir}", f"--text={text_file}"])["ablation"]
+    names = [name for name, _ in bench_ablation.ABLATION]
+    for budget in ("steps", "time"):
+        assert [r["name"] for r in results[budget]] == names and all(len(r["runs"]) == 1 for r in results[budget])
+    assert all(r["runs"][0]["iters"] == 4 for r in results["steps"])
+    moe = [r["load"] is not None for r in results["steps"]]                   # rows 1-2 dense, 3 on MoE
+    assert moe == [False, False, True, True, True, True]
+    assert all((r["runs"][0]["maxvio"] is not None) == m for r, m in zip(results["steps"], moe))
+    assert all(r["load"].sum() > 0 for r in results["steps"] if r["load"] is not None)
+    # same time: every row gets the steps that its timing run's step time fits into row 1's 4 steps
+    step_s = results["timing_step_s"]
+    assert [r["runs"][0]["iters"] for r in results["time"]] == [max(1, round(4 * step_s[0] / t)) for t in step_s]
+    if figures is not None:   # one validation curve per row and budget, each the run's own evaluations
+        axes = figures["ablation_val_loss.png"].axes
+        for ax, budget, x in ((axes[0], "steps", 0), (axes[1], "time", 1)):
+            assert [line.get_label() for line in ax.get_lines()] == names
+            for line, r in zip(ax.get_lines(), results[budget]):
+                curve = r["runs"][0]["curve"]
+                kept = [c for c in curve if c[0] >= curve[-1][0] // 4]
+                assert list(line.get_ydata()) == [c[2] for c in kept] and list(line.get_xdata()) == [c[x] for c in kept]
+        assert len(figures["ablation_expert_load.png"].axes) >= 4                 # 4 MoE rows (+ colour bars)
 
 
 def test_relative_load_of_a_constructed_router():
     """A model whose routers send every token of domain d to expert d (top-1): the residual stream stays each token's
     embedding (attention and FFN outputs zeroed), token t of domain t // 10 embeds as the d-th unit vector, and
     gate centroid d is that vector. Domain d's relative load is then E on expert d and 0 elsewhere, in every layer."""
-    import bench_specialization
     m = model(n_activated_experts=1, n_expert_groups=1, n_limited_groups=1, n_mtp=0).eval()
     with torch.no_grad():
         for layer in m.layers:
@@ -3031,7 +3197,6 @@ def test_relative_load_of_a_constructed_router():
 
 
 def test_mutual_information_of_domain_and_expert():
-    import bench_specialization
     mi = bench_specialization.mutual_information
     spread = torch.tensor([5.0, 1, 3, 0, 7, 2, 2, 4], dtype=torch.float64)
     independent = torch.stack([spread, 3 * spread, spread / 2])          # three domain sizes, one routing
@@ -3048,7 +3213,8 @@ def test_mutual_information_of_domain_and_expert():
 
 
 @pytest.mark.slow
-def test_bench_specialization_smoke(tmp_path, text_file, capsys):
+def test_bench_specialization_smoke(tmp_path, text_file, capsys, monkeypatch):
+    figures = saved_figures(monkeypatch)
     english = tmp_path / "english.txt"
     english.write_text(text_file.read_text()[:30000])
     results = bench.main(["--parts=specialization", "--iters=4", "--quick", f"--out={tmp_path}",
@@ -3062,7 +3228,13 @@ def test_bench_specialization_smoke(tmp_path, text_file, capsys):
         assert r[1:4] == [f"{v:.4f}" for v in x["losses"]] and r[4:8] == [f"{v:.4f}" for v in [*x["mi"], x["mi"].mean()]]
     assert [r[1:3] for r in loads[:9]] == [[str(i), d] for i in (1, 2, 3) for d in data.DOMAINS] and len(loads) == 18
     assert all(sum(float(v) for v in r[3:]) == pytest.approx(8, abs=0.05) for r in loads)    # relative: mean 1
-    assert (tmp_path / "expert_specialization.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    if figures is not None:   # Figure 9: a panel per layer and model, each the first seed's relative loads
+        panels = [ax for ax in figures["expert_specialization.png"].axes if ax.get_images()]
+        rel = [bench_specialization.relative_load(r["runs"][0]["counts"]) for r in results]
+        assert len(panels) == 6
+        for k, ax in enumerate(panels):               # row-major: layer by layer, the models side by side
+            want = rel[k % 2][k // 2]
+            assert torch.allclose(torch.as_tensor(ax.get_images()[0].get_array().data), want.float())
 
 
 @pytest.mark.slow
@@ -3084,29 +3256,39 @@ def test_bench_fp8_smoke(tmp_path, text_file, data_dir, capsys):
 
 
 @pytest.mark.slow
-def test_bench_expert_parallel_volume(capsys):
+def test_bench_expert_parallel_volume():
     rows = bench.main(["--parts=ep", "--quick"])["ep"]
     assert [r["M"] for r in rows] == [4, 3, 2, 1]
     for r in rows:     # a token reaches at most M ranks, one send per rank however many of its 4 experts are there
         assert all(s <= min(r["M"], 3) and s <= c <= 4 for s, c in zip(r["sends"], r["copies"]))
     assert max(rows[-1]["sends"]) < min(rows[0]["sends"])
-    assert "| 1 | " in capsys.readouterr().out
+    # the bytes follow the sends: one send per token and rank, each of the same size, whatever M
+    for r in rows:
+        assert r["bytes_per_token"] / rows[0]["bytes_per_token"] == pytest.approx(sum(r["sends"]) / sum(rows[0]["sends"]),
+                                                                                   rel=1e-2)
 
 
 @pytest.mark.slow
-def test_bench_context_smoke(tmp_path, text_file, data_dir, capsys):
-    bench.main(["--parts=context", "--iters=8", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}",
-                f"--text={text_file}"])
+def test_bench_context_smoke(tmp_path, text_file, data_dir, capsys, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    result = bench.main(["--parts=context", "--iters=8", "--quick", f"--out={tmp_path}", f"--data_dir={data_dir}",
+                         f"--text={text_file}"])
     out = capsys.readouterr().out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| (")]
     assert [r[0][2:5] for r in rows] == ["(a)", "(b)", "(c)", "(d)"] and all(len(r) == 6 for r in rows)
     assert "| yarn | 1 |" in out and "| rope | 1 |" in out
     assert re.search(r"context_yarn_seed0 \| 7\+249 \|.*\| yes \|", out)     # decoding to 256: all modes agree
-    assert (tmp_path / "context_extension.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    if figures is not None:   # one line per variant: its loss by position, averaged over 16 positions
+        lines = figures["context_extension.png"].axes[0].get_lines()
+        curves = result["context"]["curves"]
+        assert [line.get_label() for line in lines if not line.get_label().startswith("_")] == [n for n, _ in curves]
+        for line, (_, curve) in zip(lines, curves):
+            assert torch.allclose(torch.as_tensor(line.get_ydata()).float(), curve.mean(0).view(-1, 16).mean(1))
 
 
 @pytest.mark.slow
-def test_bench_posttrain_smoke(tmp_path, text_file, capsys):
+def test_bench_posttrain_smoke(tmp_path, text_file, capsys, monkeypatch):
+    figures = saved_figures(monkeypatch)
     english = tmp_path / "english.txt"
     english.write_text(text_file.read_text()[:30000])
     result = bench.main(["--parts=posttrain", "--iters=4", "--quick", f"--out={tmp_path}", f"--data_dir={tmp_path / 'data'}",
@@ -3121,11 +3303,14 @@ def test_bench_posttrain_smoke(tmp_path, text_file, capsys):
         assert n == 14 and r[8].startswith(f"{100 * right / n:.1f} (")
     assert [r[1] for r in stages] == ["3", "3", "2", more, "2"] and int(more) >= 1
     assert "| all questions in one batch (Q prefills, Q x G rows) |" in out and "| each sample alone" in out
-    assert (tmp_path / "posttrain.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    if figures is not None:   # GRPO's held-out accuracy at each evaluation, (c) and (e), in percent
+        acc = figures["posttrain.png"].axes[0]
+        for line, key in zip(acc.get_lines(), ("(c)", "(e)")):
+            evals = [e["accuracy"]["all"] for e in result["runs"][key][0] if e["kind"] == "eval"]
+            assert list(line.get_ydata()) == pytest.approx([100 * r / n for r, n in evals])
 
 
 def test_bench_decode_reports_first_difference():
-    import bench_decode
     ref = torch.tensor([[5, 1, 2, 3]])
     assert bench_decode.first_difference(ref, [ref.clone(), ref.clone()]) == "yes"
     assert bench_decode.first_difference(ref, [ref, torch.tensor([[5, 1, 9, 3]]), torch.tensor([[5, 1, 2, 0]])]) \

@@ -6,9 +6,9 @@
     python train.py --text=my_book.txt --tokenizer=bpe  # your own text (a .txt file or a folder of them)
     python train.py --init_from=resume --out_dir=out    # continue the run saved in out/ckpt.pt
     python train.py config/shakespeare_char_cpu_256.py  # a new run from its weights: context 64 -> 256 with YaRN
-    python train.py --init_from=out-hf --out_dir=out-ft # fine-tune a folder in DeepSeek's layout (hf.py, export.py)
+    python train.py --init_from=out-hf --out_dir=out-ft # fine-tune a folder in DeepSeek's layout (checkpoint/hf.py, export.py)
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
-    torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: expert_parallel.py
+    torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: systems/expert_parallel.py
 
 Batches and dropout masks are a pure function of (seed, rank, step), so a resumed run repeats an uninterrupted
 one (bit for bit on a CPU; on CUDA, index_add and the attention backward accumulate with atomics in whatever order
@@ -19,12 +19,10 @@ micro-batches and ranks before each bias update: every rank applies the same.
 import gc
 import inspect
 import json
-import math
 import os
 import re
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -34,24 +32,26 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import fp8
-import hf
 import kernels
-from configurator import MODEL_KEYS, check_config, model_args_from, parse_config, pick_device
-from data import UserError, batch_seed, get_batch, load_data, one_line, tokenizer_meta, write_atomic
+from checkpoint.ckpt import checkpoint_path, load_state, read_checkpoint, save_checkpoint
 from deepseek import ModelArgs, Transformer
-from expert_parallel import ParallelMoE, shard_experts
+from pretraining.configurator import (MODEL_KEYS, UserError, check_config, model_args_from, one_line, parse_config,
+                                      pick_device, set_threads)
+from pretraining.data import batch_seed, get_batch, load_data, tokenizer_meta
+from pretraining.optim import configure_optimizer, get_lr
+from systems import fp8
+from systems.expert_parallel import all_to_all_volume, grad_norm, gather, map_experts, shard_experts
 
 # ----------------------------------------------------------------------------- defaults
 # What `python train.py` runs on a CUDA GPU: nanoGPT's train_shakespeare_char budget (its best val loss 1.4697) with
 # our architecture. Without a GPU and with no preset, config/shakespeare_char_cpu.py's changes apply on top (nanoGPT's
-# CPU recipe). Preset files (config/*.py) and --key=value change any key (configurator.py).
+# CPU recipe). Preset files (config/*.py) and --key=value change any key (pretraining/configurator.py).
 DEFAULTS = dict(
     # I/O: evaluate (and checkpoint) every eval_interval steps and at the end, on eval_iters batches per split
     out_dir="out", eval_interval=250, eval_iters=200, log_interval=10, eval_only=False,
     always_save_checkpoint=False,  # False: save only when val loss improves (the run overfits late); True: always
     init_from="scratch",          # "scratch" | "resume" (out_dir/ckpt.pt) | a folder: a new run from its ckpt.pt's
-                                  # weights, or from a folder in DeepSeek's layout (config.json + safetensors: hf.py)
+                                  # weights, or from a folder in DeepSeek's layout (config.json + safetensors: checkpoint/hf.py)
     # data: Tiny Shakespeare or your text (a .txt file or a folder of them), tokenised once into data_dir/NAME/TOKENIZER/
     text="", dataset="", data_dir="data",  # NAME: dataset, else "shakespeare" or the text file's name
     tokenizer="char", encoding="r50k_base",  # "char" | "bpe" (tiktoken's encoding; r50k_base is GPT-2's)
@@ -69,13 +69,13 @@ DEFAULTS = dict(
     device="auto",                # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (CUDA: bf16 where native, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
     compile=False, seed=1337, peak_flops=0.0,
+    threads=0,                    # CPU threads for torch on a CPU device (0: the cores idle at start)
     kernels=True,                 # kernels.py's MoE paths (False: deepseek.py's reference, a loop over experts)
-    fp8=False,                    # the blocks' linear layers and experts train in FP8 (report §3.3, fp8.py)
-    expert_parallel=False,        # the routed experts sharded over the ranks (report §3.2, expert_parallel.py)
+    fp8=False,                    # the blocks' linear layers and experts train in FP8 (report §3.3, systems/fp8.py)
+    expert_parallel=False,        # the routed experts sharded over the ranks (report §3.2, systems/expert_parallel.py)
 )
 DEFAULTS.update({k: ModelArgs.__dataclass_fields__[k].default for k in MODEL_KEYS if k not in DEFAULTS})
 CPU_PRESET = "shakespeare_char_cpu"   # no preset and no CUDA device: nanoGPT's CPU budget
-CKPT_KEYS = ("model", "model_args", "meta", "optimizer", "iter_num", "config")
 # the ModelArgs keys that set the weights' shapes: a run from a checkpoint keeps them
 SHAPE_KEYS = ("dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads", "n_routed_experts",
               "n_shared_experts", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
@@ -85,7 +85,7 @@ SHAPE_KEYS = ("dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers",
 def configure(argv, world=None, log=print):
     """(config, checkpoint to start from or None, device); world: torchrun's world size, None without. From a
     checkpoint its config is the base and only keys given again change; with no preset on a CPU, CPU_PRESET."""
-    cfg, explicit, presets = parse_config(argv, DEFAULTS)
+    cfg, explicit, presets = parse_config(argv, DEFAULTS, __doc__)
     ckpt, path = None, init_path(cfg)
     if path:
         ckpt = read_checkpoint(path)
@@ -113,29 +113,15 @@ def configure(argv, world=None, log=print):
     return c, ckpt, device
 
 
-# ----------------------------------------------------------------------------- model, optimizer, schedule
-
-def configure_optimizer(model, learning_rate, weight_decay, betas, device_type):
-    """AdamW with weight decay on matrices (linear and embedding weights, the router's e_i) only; norms
-    are not decayed, and the balancing biases are buffers the optimizer never sees. Fused (one kernel
-    over all tensors) on CPU and CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+def init_path(cfg):
+    """The checkpoint a run starts from: out_dir's ckpt.pt on resume, what the init_from folder holds (its ckpt.pt,
+    or the folder itself in DeepSeek's layout: checkpoint_path), None from scratch."""
+    if cfg["init_from"] in ("scratch", "resume"):
+        return None if cfg["init_from"] == "scratch" else Path(cfg["out_dir"]) / "ckpt.pt"
+    return checkpoint_path(cfg["init_from"])
 
 
-def get_lr(it, c):
-    """Linear warmup over warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if not c.decay_lr:
-        return c.learning_rate
-    if it < c.warmup_iters:
-        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
-    if it >= c.lr_decay_iters:
-        return c.min_lr
-    ratio = (it - c.warmup_iters) / max(1, c.lr_decay_iters - c.warmup_iters)
-    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
-
+# ----------------------------------------------------------------------------- model, schedule, MFU
 
 def get_mtp_lambda(it, c):
     return c.mtp_lambda_late if 0 <= c.mtp_lambda_step <= it else c.mtp_lambda
@@ -153,111 +139,6 @@ def peak_flops(name):
     """PEAK_BF16 for a CUDA device name ('NVIDIA H100 PCIe'): whole words, the longest entry first (L4 is
     not L40S, H100 not H100 PCIe); 0.0 when unknown."""
     return next((PEAK_BF16[k] for k in sorted(PEAK_BF16, key=len, reverse=True) if re.search(rf"\b{k}\b", name, re.I)), 0.0)
-
-
-def save_checkpoint(ckpt, path):
-    """Atomic (via path.tmp, synced to disk): a crash mid-save leaves the previous checkpoint intact; rank 0 writes."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        write_atomic(Path(path), lambda f: torch.save(ckpt, f))
-
-
-def read_checkpoint(path):
-    """The checkpoint dict at path, in CPU memory; a one-line UserError if it is missing, unreadable or foreign."""
-    path = Path(path)
-    if path.is_dir():                        # a folder in DeepSeek's layout (config.json, safetensors): hf.py
-        return hf.checkpoint(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        with warnings.catch_warnings():      # a foreign file's unpickler warnings: the error says it all
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({one_line(e)})") from None
-    if missing := [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]:
-        raise UserError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
-    return ckpt
-
-
-def init_path(cfg):
-    """The checkpoint a run starts from: out_dir's on resume, the init_from folder's (its ckpt.pt, or the folder itself
-    when it holds DeepSeek's layout: config.json and safetensors), None from scratch."""
-    if cfg["init_from"] in ("scratch", "resume"):
-        return None if cfg["init_from"] == "scratch" else Path(cfg["out_dir"]) / "ckpt.pt"
-    folder = Path(cfg["init_from"])
-    return folder if hf.is_folder(folder) and not (folder / "ckpt.pt").exists() else folder / "ckpt.pt"
-
-
-def load_state(model, state, path):
-    try:
-        model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the model ({one_line(e)})") from None
-
-
-def load_checkpoint(path, device="cpu", install_kernels=True, **args):
-    """(model in eval mode on device, checkpoint): read into CPU memory, only the weights go to device (an FP8
-    run's fp32 masters run as they are), kernels.py's MoE paths installed unless told; args: ModelArgs fields
-    changed (max_seq_len, YaRN's: the weights stay, the RoPE tables and softmax scale follow). One-line UserError
-    for a missing, corrupt or foreign file."""
-    ckpt = read_checkpoint(path)
-    try:
-        model = Transformer(ModelArgs(**{**ckpt["model_args"], **args}))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: bad model_args ({one_line(e)})") from None
-    load_state(model, ckpt["model"], path)
-    if install_kernels:
-        kernels.install(model)
-    return model.to(device).eval(), ckpt
-
-
-# ----------------------------------------------------------------------------- expert parallelism (expert_parallel.py)
-
-def map_experts(optimizer, sharded, state, opt_state, fn):
-    """Replace the expert weights and their AdamW moments in a model and an optimizer state dict by fn
-    of them: gather (saving) or slice (resuming) along the expert dimension."""
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    for name, p in sharded.items():
-        state[name] = fn(state[name])
-        i = index[id(p)]
-        if i in opt_state["state"]:     # a fresh dict: optimizer.state_dict() shares the live one
-            opt_state["state"][i] = {k: fn(v) if k in ("exp_avg", "exp_avg_sq") else v
-                                     for k, v in opt_state["state"][i].items()}
-
-
-def gather(t, world):
-    """The ranks' slices of a tensor, concatenated in rank order (a collective: every rank calls it)."""
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def grad_norm(model, sharded):
-    """The norm of the whole model's gradient; with expert slices their squared norms are summed over the
-    ranks, so every rank clips by the same factor."""
-    norm = lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None])   # noqa: E731
-    if not sharded:
-        return norm(model.parameters())
-    experts = norm(sharded.values()) ** 2
-    dist.all_reduce(experts)
-    return (norm(p for n, p in model.named_parameters() if n not in sharded) ** 2 + experts).sqrt()
-
-
-def all_to_all_volume(model, steps, device):
-    """All ranks' training forwards since the last call (then cleared): per MoE layer, sends of a token
-    to another rank per token (once to each rank holding any of its experts) and the expert copies they
-    carry per token (what one send per copy would cost); bytes per step (dispatch and combine, forward;
-    the backward moves as much again). -> (those figures, their text for the log line)"""
-    moes = [m for m in model.modules() if isinstance(m, ParallelMoE)]
-    t = torch.tensor([[m.tokens, m.sends, m.copies, m.bytes] for m in moes], dtype=torch.float64, device=device)
-    dist.all_reduce(t)                  # logging only
-    for m in moes:
-        m.tokens = m.sends = m.copies = m.bytes = 0
-    per_token = lambda i: [round(v, 3) for v in (t[:, i] / t[:, 0].clamp(min=1)).tolist()]   # noqa: E731
-    v = dict(a2a_sends_per_token=per_token(1), a2a_copies_per_token=per_token(2),
-             a2a_bytes_per_step=t[:, 3].sum().item() / steps)
-    return v, (f" | a2a sends/token {' '.join(f'{s:.2f}' for s in v['a2a_sends_per_token'])}, "
-               f"{v['a2a_bytes_per_step'] / 1e6:.2f} MB/step")
 
 
 # ----------------------------------------------------------------------------- training
@@ -364,7 +245,7 @@ def main(argv=None):
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     log = print if rank == 0 else (lambda *a, **k: None)
     c, ckpt, device = configure(sys.argv[1:] if argv is None else argv, world if ddp else None, log)
-    device_type = torch.device(device).type
+    device_type, threads = torch.device(device).type, set_threads(c.threads, device)
     if ddp:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     train_data, val_data, meta = load_data(c, ckpt, rank, log)
@@ -376,7 +257,8 @@ def main(argv=None):
     accum = c.gradient_accumulation_steps
     tokens_per_step = c.batch_size * c.block_size * accum * world
     peak = c.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else 0.0)
-    log(f"training on {device} ({c.dtype}{', compiled' if c.compile else ''}{f', {world} processes' if ddp else ''}): "
+    log(f"training on {device} ({c.dtype}{', compiled' if c.compile else ''}{f', {world} processes' if ddp else ''}"
+        f"{f', {threads} CPU threads' if device_type == 'cpu' else ''}): "
         f"{tokens_per_step:,} tokens per step, {c.max_iters} steps; "
         f"data {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
     log(kernels.describe(raw, device, getattr(torch, c.dtype)) + (f"; {fp8.describe(device)}" if c.fp8 else ""))

@@ -1,5 +1,5 @@
 # GRPO with rule-based rewards (report §5.2, grpo.py) from config/sft_cpu.py's model; held-out accuracy:
-# python bench.py --parts posttrain (RESULTS.md).
+# python bench.py --parts=posttrain (RESULTS.md).
 #   python grpo.py config/grpo_cpu.py --device=cpu              # about 3 minutes on 2 cores
 #   python sample.py --out_dir=out-grpo-cpu --chat="What is 12 times 7?"
 init_from = "out-sft-cpu"

@@ -1,5 +1,5 @@
 # Supervised fine-tuning (report §5.1, sft.py) of config/domains_cpu.py's pretrained model on maths question/answer
-# pairs in DeepSeek-V3's chat template; held-out accuracy: python bench.py --parts posttrain (RESULTS.md).
+# pairs in DeepSeek-V3's chat template; held-out accuracy: python bench.py --parts=posttrain (RESULTS.md).
 #   python train.py config/domains_cpu.py --device=cpu          # the pretrained model, out-domains-cpu
 #   python sft.py config/sft_cpu.py --device=cpu                # about 2 minutes on 2 cores
 #   python sample.py --out_dir=out-sft-cpu --chat="What is 12 times 7?"

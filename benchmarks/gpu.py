@@ -3,12 +3,10 @@ from pathlib import Path
 
 import torch
 
-import bench_decode
-import bench_kernels
-import bench_systems
-from bench_common import gpu_speed, train_run
-from data import tokenizer_from_meta
-from train import load_checkpoint
+from benchmarks import decode, kernels, systems
+from benchmarks.common import gpu_speed, train_run
+from checkpoint.ckpt import load_checkpoint
+from pretraining.data import tokenizer_from_meta
 
 
 def run(args):
@@ -18,7 +16,7 @@ def run(args):
     if not torch.cuda.is_available():
         print("gpu: no CUDA device on this machine: nothing measured")
         return
-    bench_kernels.run(args)
+    kernels.run(args)
     step_s = gpu_speed(args, "timing")["step_s"]
     iters = min(5000, int(60 * args.gpu_minutes / (1.15 * step_s)))      # 15% for the evaluations
     print(f"\ngpu: config/shakespeare_char.py, {iters} of 5000 steps ({1000 * step_s:.0f} ms/step measured)")
@@ -32,7 +30,7 @@ def run(args):
     print("| nanoGPT, published (A100) | 5000 | 1.4697 | about 3 min | | |\n")
     model, ckpt = load_checkpoint(out / "ckpt.pt", "cuda")
     idx = torch.tensor([tokenizer_from_meta(ckpt["meta"])[0]("ROMEO:\n")], device="cuda")
-    bench_decode.header()
-    bench_decode.row("shakespeare_char (GPU)", model, idx, model.args.max_seq_len - idx.size(1), args.timing_repeats)
+    decode.header()
+    decode.row("shakespeare_char (GPU)", model, idx, model.args.max_seq_len - idx.size(1), args.timing_repeats)
     print()
-    bench_systems.fp8_gpu_speed(args)
+    systems.fp8_gpu_speed(args)

@@ -1,12 +1,16 @@
-"""What the bench parts (bench_*.py, run by bench.py) share: interleaved timing, a mean and spread, the presets'
-model shapes, plots, and training runs through train.py summarised from their logs."""
-import contextlib
+"""What the bench parts (benchmarks/*.py, run by bench.py) share: interleaved timing, a mean and spread, the
+commands' settings and the presets' model shapes, plots, and runs of the commands (train.py, sft.py, grpo.py)
+in processes of their own, summarised from their logs."""
+import functools
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
-import train
-from sample import now
+from pretraining.configurator import model_args_from, now, parse_value
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def rounds(fns, repeats, warmup=0):
@@ -34,12 +38,23 @@ def timed(fns, repeats):
     return [min(t) for t in times], outs
 
 
-V3_CONFIG = Path(__file__).parent / "config" / "config_671B.json"      # DeepSeek-V3's shapes, from one file
+V3_CONFIG = REPO / "config" / "config_671B.json"      # DeepSeek-V3's shapes, from one file
+
+
+@functools.cache
+def command_config(command, *argv):
+    """The config a command (train.py, sft.py, grpo.py) would run with after argv (presets, --key=value), as its
+    --help lists it: the bench reads a command's settings without importing it (nothing imports a command)."""
+    out = subprocess.run([sys.executable, str(REPO / command), *argv, "--help"], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"bench: {command} {' '.join(argv)} --help failed: {out.stderr.strip()}")
+    keys = [line[4:].partition("=") for line in out.stdout.splitlines() if line.startswith("  --")]
+    return {key: parse_value(value, object) for key, _, value in keys}
 
 
 def preset_args(name, vocab_size=65):
-    """The ModelArgs a config/NAME.py preset builds (char-level vocabulary unless told)."""
-    return train.model_args_from(train.parse_config([name], train.DEFAULTS)[0], vocab_size)
+    """The ModelArgs train.py builds from a config/NAME.py preset (char-level vocabulary unless told)."""
+    return model_args_from(command_config("train.py", name), vocab_size)
 
 
 def pyplot(part):
@@ -59,17 +74,25 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
+def run_command(command, argv, out, quiet_log):
+    """python COMMAND ARGV --out_dir=OUT in a process of its own (a fresh out: its files removed first), its
+    output into quiet_log; -> the entries of the log.jsonl it wrote."""
+    if out.exists():
+        for f in out.iterdir():
+            f.unlink()
+    with open(quiet_log, "w") as log:
+        done = subprocess.run([sys.executable, str(REPO / command), *argv, f"--out_dir={out}"], stdout=log,
+                              stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"bench: {command} failed, see {quiet_log}")
+    return read_log(out)
+
+
 def train_run(args, out, argv, quiet_log):
     """python train.py ARGV into `out`, its output into `quiet_log`; the summary of its log.jsonl: best val
     loss, steps, median seconds per step (the first step, which warms up, left out), final MaxVio, curve
     of (step, seconds at that speed, val loss)."""
-    if out.exists():
-        for f in out.iterdir():
-            f.unlink()
-    with open(quiet_log, "w") as log, contextlib.redirect_stdout(log):
-        if train.cli([*argv, f"--out_dir={out}"]) != 0:
-            raise SystemExit(f"bench: training failed, see {quiet_log}")
-    entries = read_log(out)
+    entries = run_command("train.py", argv, out, quiet_log)
     c = entries[0]["config"]
     tokens_per_step = c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
     trains = [e for e in entries if e["kind"] == "train"]

@@ -1,4 +1,4 @@
-"""bench.py --parts context: context extension as in the report (§4.3), at nano scale. The CPU preset's model,
+"""bench.py --parts=context: context extension as in the report (§4.3), at nano scale. The CPU preset's model,
 trained at 64 characters, read over windows of 512 of the val split: (a) as it is, plain RoPE past 64; (b) with
 YaRN for 256 and no training; after a short phase at 256 (config/shakespeare_char_cpu_256.py) (c) with YaRN and
 (d) with plain RoPE. The val loss in position buckets (a table) and along the window (a plot); then greedy
@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import bench_decode
-from bench_common import pyplot, spread, train_run
-from data import load_split, prepare_data
-from train import DEFAULTS, load_checkpoint, parse_config, read_checkpoint
+from benchmarks import decode
+from benchmarks.common import command_config, pyplot, spread, train_run
+from checkpoint.ckpt import load_checkpoint, read_checkpoint
+from pretraining.data import load_split, prepare_data
 
 BASE, PHASE = "shakespeare_char_cpu", "shakespeare_char_cpu_256"     # presets: pretraining at 64, the phase at 256
 WINDOW, BUCKETS = 512, (0, 64, 128, 256, 384, 512)
@@ -37,8 +37,8 @@ def run(args):
     --repeats seeds (iters / 8 steps: 250 of 2000), then measure the four variants on the same windows."""
     root = Path(args.out)
     data = ["--device=cpu", f"--data_dir={args.data_dir}"] + ([f"--text={args.text}"] if args.text else [])
-    phase = parse_config([PHASE], DEFAULTS)[0]
-    base = root / "context_base" if args.quick else Path(parse_config([BASE], DEFAULTS)[0]["out_dir"])
+    phase = command_config("train.py", PHASE)
+    base = root / "context_base" if args.quick else Path(command_config("train.py", BASE)["out_dir"])
     if not (base / "ckpt.pt").exists():
         print(f"context: training the base model into {base} ...", file=sys.stderr, flush=True)
         train_run(args, base, [BASE, *data, f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}"],
@@ -62,7 +62,7 @@ def run(args):
                 (f"(c) YaRN s = {s:g} + {steps} steps at {L2}", [r["out"] for r in phases["yarn"]], {}),
                 (f"(d) plain RoPE + {steps} steps at {L2}", [r["out"] for r in phases["rope"]], {})]
     n = min((len(val) - 1) // WINDOW, 16 if args.quick else len(val))          # all of the val split's windows
-    read = lambda out, over: load_checkpoint(out / "ckpt.pt", max_seq_len=WINDOW, **over)[0]     # noqa: E731
+    read = lambda out, over: load_checkpoint(out / "ckpt.pt", args=dict(over, max_seq_len=WINDOW))[0]   # noqa: E731
     curves = [(name, torch.stack([loss_by_position(read(out, over), val, n) for out in outs]))
               for name, outs, over in variants]
     buckets = list(zip(BUCKETS, BUCKETS[1:]))
@@ -87,8 +87,8 @@ def run(args):
     model, ckpt = load_checkpoint(out / "ckpt.pt")
     idx = torch.from_numpy(val[:7].astype(np.int64))[None]          # a prompt: the val split's first 7 tokens
     print(f"\ndecoding (c) up to its context of {model.args.max_seq_len}, greedy, best of {args.timing_repeats}:")
-    bench_decode.header()
-    bench_decode.row(str(out), model, idx, model.args.max_seq_len - idx.size(1), args.timing_repeats)
+    decode.header()
+    decode.row(str(out), model, idx, model.args.max_seq_len - idx.size(1), args.timing_repeats)
     return dict(curves=curves, phases=phases)
 
 

@@ -1,4 +1,4 @@
-"""bench.py --parts ablation: what each DeepSeek idea buys. A ladder of models on char-level Tiny Shakespeare,
+"""bench.py --parts=ablation: what each DeepSeek idea buys. A ladder of models on char-level Tiny Shakespeare,
 each row the CPU preset with some ideas turned off, trained for the same steps and for the same time."""
 import statistics
 import sys
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from bench_common import pyplot, spread, train_run
+from benchmarks.common import pyplot, spread, train_run
+from checkpoint.ckpt import load_checkpoint
+from pretraining import data
 
 # the ladder: each row is config/shakespeare_char_cpu.py (nanoGPT's CPU budget) plus these overrides
 ABLATION = [
@@ -22,9 +24,7 @@ ABLATION = [
 
 def run_val(out_dir, text, data_dir):
     """A bench run's trained model (from its checkpoint), its config, and its data's val split and meta."""
-    import data
-    import train
-    model, ckpt = train.load_checkpoint(Path(out_dir) / "ckpt.pt")
+    model, ckpt = load_checkpoint(Path(out_dir) / "ckpt.pt")
     c = ckpt["config"]
     folder, meta = data.prepare_data(data_dir, c["dataset"], text, c["tokenizer"], c["encoding"], log=lambda *a: None)
     return model, c, data.load_split(folder, "val", meta), meta
@@ -33,7 +33,6 @@ def run_val(out_dir, text, data_dir):
 @torch.no_grad()
 def expert_load(out_dir, text, data_dir, batches=10):
     """Tokens per expert in each MoE layer of the trained model on val batches: (layers, experts)."""
-    import data
     model, c, val, _ = run_val(out_dir, text, data_dir)
     model.train()                                       # gates count tokens in training mode (dropout is 0)
     for k in range(batches):                            # with targets, so the MTP block runs too
@@ -63,7 +62,7 @@ def run(args):
     step_s = [train_row(args, root, name, over, 0, args.timing_iters, "timing")["step_s"] for name, over in ABLATION]
     budgets = {"steps": [args.iters] * len(ABLATION),
                "time": [max(1, round(args.iters * step_s[0] / s)) for s in step_s]}
-    results = {}
+    results = {"timing_step_s": step_s}
     for budget, iters in budgets.items():
         results[budget] = []
         for (name, over), n in zip(ABLATION, iters):

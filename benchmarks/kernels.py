@@ -1,4 +1,4 @@
-"""bench.py --parts kernels: the Triton routing kernels (kernels.py) compiled for each CUDA target without a
+"""bench.py --parts=kernels: the Triton routing kernels (kernels.py) compiled for each CUDA target without a
 GPU (registers, spills, occupancy from Triton's own ptxas), and on a GPU timed against the PyTorch references."""
 import contextlib
 import io
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import deepseek as ds
-from bench_common import V3_CONFIG, preset_args
+from benchmarks.common import V3_CONFIG, preset_args
 
 CCS = (70, 75, 80, 86, 89, 90, 100, 120)    # V100, T4, A100, RTX 30xx, RTX 40xx / L4, H100, B200, RTX 50xx
 MAX_WARPS = {70: 64, 75: 32, 80: 64, 86: 48, 89: 48, 90: 64, 100: 64, 120: 48}  # resident warps per SM; 64K registers each
@@ -30,6 +30,40 @@ def occupancy(regs, warps, cc):
     fill: registers are given out per warp in units of 256, from 64K per SM."""
     per_warp = -(-regs * 32 // 256) * 256
     return min(MAX_WARPS[cc], 65536 // per_warp) // warps * warps / MAX_WARPS[cc]
+
+
+def compile_launches(cc, fn, *args):
+    """Compile for CUDA compute capability cc, without a GPU, each Triton kernel launch that fn(*args) makes (give
+    it meta tensors), specialised as that launch would be: [(kernel name, CompiledKernel)]. kernels.py launches by
+    torch.library.wrap_triton(kernel)[grid](...): while fn runs, that compiles instead. Needs TRITON_INTERPRET
+    unset."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import native_specialize_impl          # the launcher's own specialisation
+    backend, done = triton.backends.backends["nvidia"].compiler, []
+
+    def compile_one(kernel, *a, num_warps=4, **cx):
+        spec = [native_specialize_impl(backend, x, False, True, True) for x in a]   # (type, attribute)
+        sig = {n: t for n, (t, _) in zip(kernel.arg_names, spec)} | dict.fromkeys(cx, "constexpr")
+        cx |= {n: v for n, (t, v) in zip(kernel.arg_names, spec) if t == "constexpr"}   # ints equal to 1
+        attrs = {(i,): backend.parse_attr(v) for i, (t, v) in enumerate(spec) if isinstance(v, str)}
+        src = triton.compiler.ASTSource(kernel, sig, cx, attrs)
+        done.append((kernel.__name__, triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                                     options=dict(num_warps=num_warps))))
+
+    class Launch:                       # wrap_triton(kernel)[grid](*args): compile_one(kernel, *args)
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: compile_one(self.kernel, *a, **kw)
+    wrap = torch.library.wrap_triton
+    torch.library.wrap_triton = Launch
+    try:
+        fn(*args)
+    finally:
+        torch.library.wrap_triton = wrap
+    return done
 
 
 def compile_rows(ccs):
@@ -52,7 +86,7 @@ def compile_rows(ccs):
         for name, fn, *call_args in calls:
             log = io.StringIO()
             with contextlib.redirect_stdout(log):             # Triton prints the ptxas log
-                done = kernels.compile_launches(cc, fn, *call_args)
+                done = compile_launches(cc, fn, *call_args)
             for kname, ck in done:
                 m = re.search(rf"function '{kname}'.*?(\d+) bytes spill stores, (\d+) bytes spill loads"
                               r".*?Used (\d+) registers", log.getvalue(), re.S)
@@ -67,8 +101,8 @@ def compile_kernels(ccs=CCS):
     with tempfile.TemporaryDirectory() as cache:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
-        code = f"import bench_kernels, json; print(json.dumps(bench_kernels.compile_rows({tuple(ccs)!r})))"
-        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parent,
+        code = f"from benchmarks import kernels; import json; print(json.dumps(kernels.compile_rows({tuple(ccs)!r})))"
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parent.parent,
                              capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"kernel compile failed:\n{out.stderr[-3000:]}")

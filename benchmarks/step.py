@@ -1,4 +1,4 @@
-"""bench.py --parts step: a training step of the CPU preset's MoE model beside the dense model of the same
+"""bench.py --parts=step: a training step of the CPU preset's MoE model beside the dense model of the same
 active width, by each expert-GEMM path, eager and compiled, and the FFN GEMMs alone."""
 import statistics
 
@@ -6,8 +6,9 @@ import torch
 
 import deepseek as ds
 import kernels
-import train
-from bench_common import rounds
+from benchmarks.common import command_config, rounds
+from pretraining.configurator import model_args_from
+from pretraining.optim import configure_optimizer
 
 
 def run(args):
@@ -16,7 +17,7 @@ def run(args):
     interleaved in one process on the same batch: deepseek.py's reference MoE, kernels.install's paths with
     the routed experts by each of kernels.expert_gemm's choices, and the preset (installed, as train.py runs
     it) eager and under torch.compile."""
-    cfg = train.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0]
+    cfg = command_config("train.py", "shakespeare_char_cpu")
     # name, config changes, kernels.install'ed, the expert GEMM forced, compiled
     rows = [("dense, same active FFN width", dict(n_routed_experts=0, n_mtp=0), False, None, False),
             ("MoE, deepseek.py's reference loop", dict(n_mtp=0), False, None, False),
@@ -28,24 +29,20 @@ def run(args):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 65, (2, cfg["batch_size"], cfg["block_size"]), generator=g)
     models = []
-    for name, over, install, _, compiled in rows:
+    for name, over, install, path, compiled in rows:
         torch.manual_seed(0)
-        m = ds.Transformer(train.model_args_from({**cfg, **over}, 65)).train()
+        m = ds.Transformer(model_args_from({**cfg, **over}, 65)).train()
         if install:
-            kernels.install(m)
-        models.append((m, torch.compile(m) if compiled else m, train.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.99), "cpu")))
+            kernels.install(m, expert_gemm=path)
+        models.append((m, torch.compile(m) if compiled else m, configure_optimizer(m, 1e-3, 0.1, (0.9, 0.99), "cpu")))
 
-    def step(m, run, opt, path):
-        kernels.EXPERT_GEMM = path
-        try:
-            run(x, y)[1]["total"].backward()
-        finally:
-            kernels.EXPERT_GEMM = None
+    def step(m, run, opt):
+        run(x, y)[1]["total"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         m.update_expert_bias()
-    times, _ = rounds([lambda m=m, run=run, opt=opt, path=path: step(m, run, opt, path)
-                       for (m, run, opt), (*_, path, _) in zip(models, rows)], args.step_repeats, warmup=3)
+    times, _ = rounds([lambda m=m, run=run, opt=opt: step(m, run, opt) for m, run, opt in models],
+                      args.step_repeats, warmup=3)
     print(f"step: CPU preset (batch {cfg['batch_size']} x {cfg['block_size']}), {torch.get_num_threads()} threads, "
           f"median of {args.step_repeats} interleaved steps")
     print("| model | active params | ms/step | vs dense |")
@@ -62,7 +59,7 @@ def ffn_floor(cfg, N, repeats):
     """The GEMMs alone: one MoE layer's shared + routed experts (grouped GEMM over evenly loaded,
     pre-sorted copies: no gate, no dispatch) beside the dense FFN of the same active width, forward and
     backward on N tokens. What routing cannot get below on this machine."""
-    a = train.model_args_from(cfg, 65)
+    a = model_args_from(cfg, 65)
     K, E = a.n_activated_experts, a.n_routed_experts
     dense, shared = ds.MLP(a.dim, a.inter_dim), ds.MLP(a.dim, a.n_shared_experts * a.moe_inter_dim)
     experts = ds.Experts(E, a.dim, a.moe_inter_dim)

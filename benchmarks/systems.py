@@ -1,4 +1,4 @@
-"""bench.py --parts fp8 and --parts ep: the systems features of the report's §3, each beside the plain model.
+"""bench.py --parts=fp8 and --parts=ep: the systems features of the report's §3, each beside the plain model.
 fp8: the CPU preset trained in FP8 (fp8.py) and in fp32, and the activations each keeps for the backward;
 ep: the all-to-all volume of expert parallelism (expert_parallel.py) with and without the node limit."""
 import json
@@ -8,9 +8,12 @@ from pathlib import Path
 import torch
 
 import deepseek as ds
-import fp8
-from bench_common import gpu_speed, preset_args
-from bench_ablation import train_row
+import kernels
+from benchmarks.ablation import train_row
+from benchmarks.common import gpu_speed, preset_args
+from checkpoint.ckpt import load_checkpoint
+from systems import fp8
+from systems.expert_parallel import all_to_all_volume, shard_experts
 
 
 # ----------------------------------------------------------------------------- fp8
@@ -21,7 +24,7 @@ def fp8_saved_bytes(args, B=4):
     read the same tensor (w1 and w3, wq and wkv_a) share one saved copy. Counted on one forward."""
     model, inputs, linear = fp8.convert(ds.Transformer(args).train()), [], fp8.linear
     idx = torch.randint(0, args.vocab_size, (B, args.max_seq_len))
-    fp8.linear = lambda x, w: inputs.append(x) or linear(x, w)      # every FP8 layer's input, as it comes
+    fp8.linear = lambda x, w, ops: inputs.append(x) or linear(x, w, ops)      # every FP8 layer's input, as it comes
     try:
         model(idx, idx)
     finally:
@@ -34,10 +37,9 @@ def fp8_saved_bytes(args, B=4):
 def bench_fp8(args):
     """The CPU preset trained with fp8=True beside the same run in fp32 (same seed, data and steps):
     best val loss, step time, and the activations kept for the backward by the linear layers."""
-    import train
     root, iters = Path(args.out), min(args.iters, 50) if args.quick else args.iters
     a, b = (train_row(args, root, name, over, 0, iters, "fp8") for name, over in [("fp32", {}), ("fp8", {"fp8": True})])
-    model, _ = train.load_checkpoint(b["out"] / "ckpt.pt")
+    model, _ = load_checkpoint(b["out"] / "ckpt.pt")
     per_token_fp8, per_token_fp32 = fp8_saved_bytes(model.args)
     print(f"\nfp8: char-level Tiny Shakespeare (config/shakespeare_char_cpu.py), {iters} steps, seed 1337, "
           f"{torch.get_num_threads()} CPU threads; {fp8.describe('cpu')}")
@@ -56,7 +58,6 @@ def fp8_gpu_speed(args):
     if not torch.cuda.is_available():
         print("fp8: no CUDA GPU here: FP8 vs bf16 tokens/s not measured")
         return
-    import kernels
     runs = [("bf16", []), ("bf16, compiled", ["--compile=True"]), ("fp8", ["--fp8=True"])]
     if torch.cuda.get_device_capability() >= fp8.FP8_CC:
         runs.append(("fp8, compiled", ["--fp8=True", "--compile=True"]))
@@ -82,20 +83,18 @@ EP_MODEL = dict(vocab_size=256, dim=256, inter_dim=768, moe_inter_dim=128, n_lay
 def ep_volume(rank, world, store, out, batches):
     """One rank (gloo on CPU): the same weights run with every node limit M = world .. 1 over the same
     random tokens; rank 0 writes the all-to-all volume summed over the ranks to `out`."""
-    import expert_parallel
-    import train
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     rows = []
     for M in range(world, 0, -1):
         torch.manual_seed(0)
         model = ds.Transformer(ds.ModelArgs(**EP_MODEL, n_expert_groups=world, n_limited_groups=M))
-        expert_parallel.shard_experts(model, world)
+        shard_experts(model, world)
         g = torch.Generator().manual_seed(rank)
         with torch.no_grad():                   # training mode: the layers count their traffic
             for _ in range(batches):
                 model(torch.randint(EP_MODEL["vocab_size"], (8, 64), generator=g))
-        v, _ = train.all_to_all_volume(model, batches, "cpu")
+        v, _ = all_to_all_volume(model, batches, "cpu")
         rows.append(dict(M=M, sends=v["a2a_sends_per_token"], copies=v["a2a_copies_per_token"],
                          bytes_per_token=v["a2a_bytes_per_step"] / (world * 8 * 64)))
     if rank == 0:

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 import deepseek as ds
-import fp8
-from data import UserError, _tiktoken, one_line, write_atomic
+from pretraining.configurator import UserError, one_line
+from pretraining.data import _tiktoken, write_atomic
+from systems import fp8
 
 # ----------------------------------------------------------------------------- config.json <-> ModelArgs
 
@@ -325,7 +326,7 @@ def empty_model(args, dtype):
 def load(folder, dtype=torch.float32, device="cpu"):
     """(model in eval mode on device in dtype, tokenizer meta or None) from a folder in DeepSeek's layout. Streams
     shard by shard into a model built on the meta device: peak memory about one copy of the model plus the largest
-    tensor (bench.py --parts hf). One-line UserError for a bad config, a missing, truncated or foreign shard, a
+    tensor (bench.py --parts=hf). One-line UserError for a bad config, a missing, truncated or foreign shard, a
     tensor of the wrong shape or one that has no place in the model. A folder without its MTP layers (transformers
     drops them when it saves) loads without MTP modules."""
     folder = Path(folder)

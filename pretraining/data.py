@@ -1,5 +1,4 @@
-"""
-The data side of train.py: a text (Tiny Shakespeare, or your own .txt files) tokenised once into
+"""The data side of train.py: a text (Tiny Shakespeare, or your own .txt files) tokenised once into
 token files, the tokenizers (GPT-2's BPE from tiktoken, or characters), the splits train.py reads
 (load_data, checked against its config) and the training batches;
 and a three-domain corpus (English, code, mathematics) for the report's expert-specialization figure (§4.5.3).
@@ -15,7 +14,6 @@ import os
 import platform
 import random
 import re
-import sys
 import sysconfig
 import urllib.request
 from pathlib import Path
@@ -24,29 +22,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretraining.configurator import UserError, one_line
+
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DOMAINS = ("english", "code", "math")                  # the three-domain corpus, in the order its splits hold them
 STDLIB = Path(sysconfig.get_paths()["stdlib"])         # its code: this Python's own standard library
 MATH_SEED = 0
-
-
-class UserError(ValueError):
-    """A mistake in the command, config or files: reported as one line `error: ...`, exit code 2."""
-
-
-def run_cli(main, argv=None):
-    """main(argv) for a command line: a UserError becomes one line `error: ...` on stderr and exit code 2."""
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def one_line(e):
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0] if s else ''}"
 
 
 def write_atomic(path, write):

@@ -1,4 +1,4 @@
-"""bench.py --parts specialization: what the experts learn (report §4.5.3, Figure 9). The CPU preset's MoE model is
+"""bench.py --parts=specialization: what the experts learn (report §4.5.3, Figure 9). The CPU preset's MoE model is
 trained on the three-domain corpus of data.py (English, code, mathematics) twice, the same but for the balancing:
 the aux-loss-free bias and the auxiliary loss (the ablation's rows 3 and 4a). Then, per model, MoE layer and domain,
 the relative load of every routed expert on that domain's validation text, and the mutual information between
@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import data
-from bench_common import pyplot, spread
-from bench_ablation import ABLATION, run_val, train_row
-from sample import routing
+from benchmarks.ablation import ABLATION, run_val, train_row
+from benchmarks.common import pyplot, spread
+from inference.routing import routing
+from pretraining import data
 
 # the ablation's rows 3 and 4a (no MTP): the bias alone; the sequence-wise auxiliary loss alone (bias update off)
 MODELS = (("aux-loss-free (bias)", ABLATION[2][1]), ("aux-loss-based (alpha 0.01)", ABLATION[3][1]))

@@ -1,4 +1,4 @@
-"""bench.py --parts posttrain: post-training as in the report (§5) at nano scale, on config/domains_cpu.py's model
+"""bench.py --parts=posttrain: post-training as in the report (§5) at nano scale, on config/domains_cpu.py's model
 (pretrained on English, code and generated maths). Held-out greedy exact match per kind of question for (a) the
 pretrained model (one solved example before the question, as its corpus writes them); (b) after SFT (config/sft_cpu.py);
 (c) after GRPO from (b) (config/grpo_cpu.py); (d) (c)'s training time spent on more SFT from (b) instead (fresh pairs,
@@ -6,34 +6,20 @@ at SFT's final learning rate); (e) GRPO from (b) without the KL term and the cli
 (b2) SFT with the other answer format (bare answers against worked steps). Each with --repeats seeds, accuracies pooled
 over them with 95% Wilson intervals; each stage's time; GRPO's curves (a plot); rollout tokens/s batched against
 generating each sample alone, side by side."""
-import contextlib
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-import chat
-import grpo
-import sft
-from bench_common import pyplot, read_log, timed, train_run
-from configurator import parse_config
-from data import MATH_KINDS, batch_seed, math_text, prepare_data, run_cli
-from train import DEFAULTS, load_checkpoint, read_checkpoint
+from benchmarks.common import command_config, pyplot, run_command, timed, train_run
+from checkpoint.ckpt import load_checkpoint, read_checkpoint
+from posttraining import chat
+from pretraining.data import MATH_KINDS, batch_seed, math_text, prepare_data
 
 BASE, SFT, GRPO = "domains_cpu", "sft_cpu", "grpo_cpu"      # the presets
 QUICK = dict(sft=["--pairs=48", "--batch_size=16", "--epochs=1"], grpo=["--max_iters=2", "--questions=2", "--group_size=4",
              "--eval_interval=1"], eval_questions=14)
-
-
-def stage(module, argv, out, quiet_log):
-    """sft.py or grpo.py (module) with argv into `out`, its output into quiet_log; -> its log.jsonl entries."""
-    if (out / "log.jsonl").exists():
-        (out / "log.jsonl").unlink()
-    with open(quiet_log, "w") as log, contextlib.redirect_stdout(log):
-        if run_cli(module.main, [*argv, f"--out_dir={out}"]) != 0:
-            raise SystemExit(f"bench: {module.__name__} failed, see {quiet_log}")
-    return read_log(out)
 
 
 def final(entries):
@@ -58,16 +44,16 @@ def run(args):
     evaluate each on the same held-out questions; time the rollouts; print the tables, draw the plot."""
     root, quick = Path(args.out), args.quick
     data = ["--device=cpu", f"--data_dir={args.data_dir}"] + ([f"--text={args.text}"] if args.text else [])
-    base = root / "posttrain_base" if quick else Path(parse_config([BASE], DEFAULTS)[0]["out_dir"])
+    base = root / "posttrain_base" if quick else Path(command_config("train.py", BASE)["out_dir"])
     if not (base / "ckpt.pt").exists():
         print(f"posttrain: training the base model into {base} ...", file=sys.stderr, flush=True)
         train_run(args, base, [BASE, *data, f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}"],
                   root / "posttrain_base.log")
-    n_eval = QUICK["eval_questions"] if quick else parse_config([SFT], sft.DEFAULTS)[0]["eval_questions"]
+    n_eval = QUICK["eval_questions"] if quick else command_config("sft.py", SFT)["eval_questions"]
     common = ["--device=cpu", f"--eval_questions={n_eval}"]
-    worked = parse_config([SFT], sft.DEFAULTS)[0]["worked"]
+    worked = command_config("sft.py", SFT)["worked"]
     held_out = chat.held_out_problems(n_eval)
-    model, ckpt = load_checkpoint(base / "ckpt.pt", max_seq_len=128)         # room for the batch's left padding
+    model, ckpt = load_checkpoint(base / "ckpt.pt", args=dict(max_seq_len=128))   # room for the batch's left padding
     context = ckpt["model_args"]["max_seq_len"]                              # the one it was trained at
     results = {"(a)": [chat.accuracy(chat.evaluate(model, ckpt["meta"], held_out, context))]}
     runs = {name: [] for name in ("(b)", "(b2)", "(c)", "(d)", "(e)")}
@@ -75,22 +61,22 @@ def run(args):
         seed = 1337 + r
         out = lambda name: root / f"posttrain_{name}_seed{r}"                                  # noqa: E731
 
-        def go(module, preset, key, *argv):
-            name, quick_argv = key.strip("()"), QUICK[module.__name__] if quick else []
-            runs[key].append(stage(module, [preset, *common, f"--seed={seed}", *quick_argv, *argv], out(name),
-                                   root / f"posttrain_{name}_seed{r}.log"))
+        def go(command, preset, key, *argv):
+            name, quick_argv = key.strip("()"), QUICK[command] if quick else []
+            runs[key].append(run_command(f"{command}.py", [preset, *common, f"--seed={seed}", *quick_argv, *argv],
+                                         out(name), root / f"posttrain_{name}_seed{r}.log"))
         print(f"posttrain: seed {r}: SFT ...", file=sys.stderr, flush=True)
-        go(sft, SFT, "(b)", f"--init_from={base}")
-        go(sft, SFT, "(b2)", f"--init_from={base}", f"--worked={not worked}")
+        go("sft", SFT, "(b)", f"--init_from={base}")
+        go("sft", SFT, "(b2)", f"--init_from={base}", f"--worked={not worked}")
         print(f"posttrain: seed {r}: GRPO ...", file=sys.stderr, flush=True)
-        go(grpo, GRPO, "(c)", f"--init_from={out('b')}")
-        go(grpo, GRPO, "(e)", f"--init_from={out('b')}", "--kl_beta=0", "--clip_eps=0")
+        go("grpo", GRPO, "(c)", f"--init_from={out('b')}")
+        go("grpo", GRPO, "(e)", f"--init_from={out('b')}", "--kl_beta=0", "--clip_eps=0")
         # (d): SFT from (b) for as long as (c) trained, at (b)'s final learning rate, on pairs of another seed
         b, c = final(runs["(b)"][-1])[1], final(runs["(c)"][-1])[1]
         cfg = runs["(b)"][-1][0]["config"]
         steps = max(1, round(c["train_s"] / (b["train_s"] / cfg["max_iters"])))
         print(f"posttrain: seed {r}: {steps} more SFT steps ...", file=sys.stderr, flush=True)
-        go(sft, SFT, "(d)", f"--init_from={out('b')}", f"--seed={batch_seed(seed, 1)}", "--decay_lr=False",
+        go("sft", SFT, "(d)", f"--init_from={out('b')}", f"--seed={batch_seed(seed, 1)}", "--decay_lr=False",
            f"--learning_rate={cfg['min_lr']}", f"--pairs={steps * cfg['batch_size']}", "--epochs=1",
            f"--eval_interval={steps}")
     for name, logs in runs.items():
@@ -140,7 +126,7 @@ def rollout_speed(sft_out, repeats, quick):
     """GRPO's rollouts from the SFT model, temperature 1: Q questions x G samples as one batch (one prefill per question,
     its cache repeated G times), per question (G rows), and each sample alone; tokens/s of each, interleaved rounds."""
     model, meta = chat.chat_model(read_checkpoint(sft_out / "ckpt.pt"), sft_out, 128)
-    cfg = parse_config([GRPO], grpo.DEFAULTS)[0]
+    cfg = command_config("grpo.py", GRPO)
     Q, G = (2, 4) if quick else (cfg["questions"], cfg["group_size"])
     template = chat.Template(meta)
     prompts = [template.prompt(p[0]) for p in chat.held_out_problems(Q)]

@@ -11,6 +11,7 @@ On a GPU with FP8 tensor cores a GEMM is one block-scaled call or a loop of per-
 runs there; elsewhere (a CPU, older GPUs) it is emulated with the same numbers (gemm, describe).
 """
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +50,13 @@ def dequantize(q, s, rows=1):
 
 # ----------------------------------------------------------------------------- the GEMM, and which op runs it
 
-def gemm(a, b, b_rows=1):
+def gemm(a, b, b_rows=1, ops=None):
     """A B^T (M, N) in fp32 from quantized a = (q, s) (M, K) in 1x128 tiles and b (N, K) in b_rows x 128 tiles, by
-    the first of the ops that run on this device (gemm_ops) that takes the shape, else emulated: the product of
-    the dequantized operands in one fp32 matmul, exactly what the FP8 GEMM computes up to the order of the sum."""
+    the first of the ops that takes the shape: those that run on this device (gemm_ops), or with `ops` those
+    ((op, output dtype), ...; the tests force them); else emulated: the product of the dequantized operands in
+    one fp32 matmul, exactly what the FP8 GEMM computes up to the order of the sum."""
     (qa, sa), (qb, sb) = a, b
-    ops = dict(gemm_ops(qa.device))
+    ops = dict(gemm_ops(qa.device) if ops is None else ops)
     with torch.autocast(qa.device.type, enabled=False):          # fp32 stays fp32 under autocast
         if "blockwise" in ops and qb.size(0) % TILE == 0:
             return blockwise_mm(qa, sa, qb, sb, b_rows, ops["blockwise"]).float()
@@ -124,24 +126,17 @@ def candidates(device_type, capability):
     return tuple((op, dtype) for op in ops for dtype in (torch.float32, torch.bfloat16))
 
 
-OPS = None      # None: the candidates that run on the device (gemm_ops); a tuple of (op, dtype) forces them (tests)
-FOUND = {}      # device -> what gemm_ops found there
-
-
 @torch.compiler.assume_constant_result     # torch.compile: a constant, not traced
+@functools.cache                           # tried once per device
 def gemm_ops(device):
     """For each op of candidates(device), the first output dtype with which it runs here and gives the emulation's
-    product (tried once; probe says how)."""
-    if OPS is not None:
-        return OPS
-    if device not in FOUND:
-        cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-        found = {}
-        for op, dtype in candidates(device.type, cc):
-            if op not in found and probe(op, dtype, device):
-                found[op] = dtype
-        FOUND[device] = tuple(found.items())
-    return FOUND[device]
+    product (probe says how): ((op, output dtype), ...)."""
+    cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    found = {}
+    for op, dtype in candidates(device.type, cc):
+        if op not in found and probe(op, dtype, device):
+            found[op] = dtype
+    return tuple(found.items())
 
 
 def probe(op, dtype, device):
@@ -166,63 +161,70 @@ def probe(op, dtype, device):
     return True
 
 
-def describe(device):
-    """How the FP8 GEMMs run on device, in words (train.py logs it; bench.py labels its FP8 figures with it)."""
+def describe(device, ops=None):
+    """How the FP8 GEMMs run on device (or with `ops` forced, as gemm), in words (train.py logs it; bench.py labels
+    its FP8 figures with it)."""
     names = dict(blockwise="tensor-core FP8, one F.scaled_mm per GEMM (1x128 / 128x128 scales)",
                  rowwise="tensor-core FP8, torch._scaled_mm per 128-wide chunk summed in fp32")
-    ops = [f"{names[op]}, {str(dtype).removeprefix('torch.')} out" for op, dtype in gemm_ops(torch.device(device))]
+    ops = gemm_ops(torch.device(device)) if ops is None else ops
+    ops = [f"{names[op]}, {str(dtype).removeprefix('torch.')} out" for op, dtype in ops]
     return "FP8 GEMMs: " + "".join(f"{o}; other shapes: " for o in ops) + \
         "emulated (dequantized operands, one fp32 matmul, TF32 off)"
 
 
 class LinearFunction(torch.autograd.Function):
     """y = x W^T with all three GEMMs in FP8 (Fig. 6 of the report). x (..., in), W (out, in) the fp32
-    master weight; y and dx in x's dtype, dW in fp32."""
+    master weight; y and dx in x's dtype, dW in fp32; ops: gemm's."""
 
     @staticmethod
-    def forward(ctx, x, w):
-        ctx.shape, ctx.dtype = x.shape, x.dtype
+    def forward(ctx, x, w, ops):
+        ctx.shape, ctx.dtype, ctx.ops = x.shape, x.dtype, ops
         qx, qw = quantize(x.reshape(-1, x.size(-1))), quantize(w, TILE)
         ctx.save_for_backward(*qx, *qw)                                # the activation is kept in FP8
-        return gemm(qx, qw, TILE).to(x.dtype).view(*x.shape[:-1], w.size(0))   # Fprop: inner dimension = in
+        return gemm(qx, qw, TILE, ops).to(x.dtype).view(*x.shape[:-1], w.size(0))   # Fprop: inner dimension = in
 
     @staticmethod
     def backward(ctx, dy):
         qx, sx, qw, sw = ctx.saved_tensors
         dy = dy.contiguous().view(-1, dy.size(-1))       # an expanded (zero-stride) gradient becomes real
         # Dgrad dx = dy W: inner dimension = out; W^T's 128x128 blocks are W's, transposed
-        dx = gemm(quantize(dy), (qw.t().contiguous(), sw.t()), TILE)
+        dx = gemm(quantize(dy), (qw.t().contiguous(), sw.t()), TILE, ctx.ops)
         # Wgrad dW = dy^T x: inner dimension = tokens, so dy and x go in 128x1 tiles (1x128 of the transposes)
-        dw = gemm(quantize(dy.t()), quantize(dequantize(qx, sx).t()))
-        return dx.to(ctx.dtype).view(ctx.shape), dw
+        dw = gemm(quantize(dy.t()), quantize(dequantize(qx, sx).t()), 1, ctx.ops)
+        return dx.to(ctx.dtype).view(ctx.shape), dw, None
 
 
-def linear(x, w):
-    return LinearFunction.apply(x, w)
+def linear(x, w, ops=None):
+    return LinearFunction.apply(x, w, ops)
 
 
 class Linear(nn.Linear):
-    """An nn.Linear (no bias) whose three GEMMs run in FP8; the weight stays the fp32 master."""
+    """An nn.Linear (no bias) whose three GEMMs run in FP8; the weight stays the fp32 master. ops: convert's."""
+    ops = None
 
     def forward(self, x):
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.ops)
 
 
 class Experts(deepseek.Experts):
-    """Routed experts whose projections run in FP8, one expert at a time."""
+    """Routed experts whose projections run in FP8, one expert at a time. ops: convert's."""
+    ops = None
 
     def forward(self, x, i):
-        return linear(F.silu(linear(x, self.w1[i])) * linear(x, self.w3[i]), self.w2[i])
+        mm = lambda a, w: linear(a, w, self.ops)      # noqa: E731
+        return mm(F.silu(mm(x, self.w1[i])) * mm(x, self.w3[i]), self.w2[i])
 
 
-def convert(model):
+def convert(model, ops=None):
     """Train a deepseek.Transformer in FP8 (§3.3): every nn.Linear and Experts inside its blocks (the main
     layers and the MTP modules' blocks) becomes its FP8 version, the same module with the same weights. The
     embedding, output head, gates, norms and attention core stay in higher precision (§3.3.1), and so does
     MTP's eh_proj (our choice: half its input is a token embedding; the report's list does not name it).
-    A checkpoint holds the fp32 masters under the same names and loads into a plain model. Returns model."""
+    ops: None, the FP8 GEMMs found on the device each forward runs on; else gemm's `ops`, forced (converting again
+    changes them). A checkpoint holds the fp32 masters under the same names and loads into a plain model. Returns model."""
+    fp8_kind = {nn.Linear: Linear, deepseek.Experts: Experts, Linear: Linear, Experts: Experts}
     for block in [*model.layers, *(m.block for m in model.mtp)]:
         for m in block.modules():
-            if type(m) in (nn.Linear, deepseek.Experts):
-                m.__class__ = Linear if type(m) is nn.Linear else Experts
+            if type(m) in fp8_kind:
+                m.__class__, m.ops = fp8_kind[type(m)], ops
     return model

@@ -1,7 +1,7 @@
 """What post-training's stages share (report §5): DeepSeek-V3's chat template and its special tokens added to a pretrained
 checkpoint, the maths tasks (training pairs in unlimited supply, a held-out set), the rule that checks an answer,
 batched generation from the latent cache, and the held-out evaluation. sft.py, grpo.py, sample.py --chat and
-bench_posttrain.py use them.
+benchmarks/posttrain.py use them.
 
     model, meta = chat_model(read_checkpoint("out-domains-cpu/ckpt.pt"), "out-domains-cpu", max_seq_len=128)
     template = Template(meta)
@@ -19,9 +19,9 @@ import torch
 
 import deepseek as ds
 import kernels
-from configurator import parse_config, pick_device
-from data import MATH_KINDS, UserError, math_problems, tokenizer_from_meta
-from train import load_state, read_checkpoint
+from checkpoint.ckpt import checkpoint_path, load_state, read_checkpoint
+from pretraining.configurator import UserError, parse_config, pick_device, set_threads
+from pretraining.data import MATH_KINDS, math_problems, tokenizer_from_meta
 
 # <｜begin▁of▁sentence｜><｜User｜>{question}<｜Assistant｜>{answer}<｜end▁of▁sentence｜>, ids after the base vocabulary
 SPECIAL = ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>")
@@ -226,10 +226,11 @@ def wilson(right, n, z=1.96):
 
 # ----------------------------------------------------------------------------- what the stage scripts share
 
-def configure(argv, defaults, least):
+def configure(argv, defaults, least, doc):
     """(config, checkpoint dict to start from, device) for sft.py and grpo.py: their defaults, presets and --key=value as
-    train.py parses its own; least: {key: smallest value}. A missing checkpoint is a one-line UserError."""
-    c = SimpleNamespace(**parse_config(sys.argv[1:] if argv is None else argv, defaults)[0])
+    train.py parses its own (doc: the command's, for --help); least: {key: smallest value}. init_from is a folder of
+    either kind (checkpoint_path); a missing checkpoint is a one-line UserError. Sets the CPU threads (threads)."""
+    c = SimpleNamespace(**parse_config(sys.argv[1:] if argv is None else argv, defaults, doc)[0])
     for key, low in least.items():
         if getattr(c, key) < low:
             raise UserError(f"{key} must be at least {low}, not {getattr(c, key)}")
@@ -237,7 +238,9 @@ def configure(argv, defaults, least):
         raise UserError(f"out_dir {c.out_dir} is init_from's folder: a run from a checkpoint writes into one of its own")
     if c.eval_questions > HELD_OUT_MOST:
         raise UserError(f"eval_questions must be at most {HELD_OUT_MOST}, not {c.eval_questions}")
-    return c, read_checkpoint(Path(c.init_from) / "ckpt.pt"), pick_device(c.device)
+    device = pick_device(c.device)
+    set_threads(c.threads, device)
+    return c, read_checkpoint(checkpoint_path(c.init_from)), device
 
 
 def recorder(out_dir):

@@ -1,8 +1,9 @@
 """Expert parallelism (report §3.2): shard_experts(model, world) turns every MoE layer of a built
 deepseek.Transformer into a ParallelMoE, whose rank holds a slice of the routed experts and reaches
-them by all-to-all (sorted and multiplied by kernels.py's paths). train.py holds what training needs
-around it: the config checks, gathering the slices into one ordinary checkpoint and re-sharding it on
-resume, the whole model's gradient norm for clipping, and the all-to-all volume for the log.
+them by all-to-all (sorted and multiplied by kernels.py's paths). Below it, what training needs around
+it (train.py): gathering the slices into one ordinary checkpoint and re-sharding it on resume
+(map_experts, gather), the whole model's gradient norm for clipping (grad_norm), and the all-to-all
+volume for the log (all_to_all_volume). The config checks are configurator.check_config's.
 """
 import torch
 import torch.distributed as dist
@@ -16,7 +17,9 @@ from deepseek import MoE
 class ParallelMoE(MoE):
     """A MoE layer whose routed experts are sharded over a process group: rank r holds experts
     [r*n, (r+1)*n), n = n_routed_experts / world size; the gate and the shared experts are replicated.
-    Training forwards count their traffic in tokens, sends, copies and bytes (read by all_to_all_volume)."""
+    Training forwards count their traffic in tokens, sends, copies and bytes (read by all_to_all_volume).
+    expert_gemm: kernels.install's, when it was installed before."""
+    expert_gemm = None
 
     def shard(self, group):
         """Keep only this rank's slice of the routed experts."""
@@ -63,7 +66,7 @@ class ParallelMoE(MoE):
         is on another rank: it sorts last and is skipped (output 0), so only the first `copies` pairs run."""
         (N, D), K, n = x.shape, ids.size(1), self.experts.w1.size(0)
         counts, perm = kernels.dispatch(ids, n + 1)
-        ys = kernels.run_experts(self.experts, x[perm[:copies] // K], counts[:n])
+        ys = kernels.run_experts(self.experts, x[perm[:copies] // K], counts[:n], self.expert_gemm)
         ys = ys.new_zeros(N * K, D).index_copy(0, perm[:copies], ys).view(N, K, D)   # back in (token, slot) order
         return (weights.type_as(ys).unsqueeze(-1) * ys).sum(1), counts[:n]
 
@@ -97,3 +100,52 @@ def shard_experts(model, world):
                 p.register_hook(lambda g: g / world)
     return {f"{n}.experts.{k}": p for n, m in model.named_modules() if isinstance(m, MoE)
             for k, p in m.experts.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- what train.py needs around it
+
+def map_experts(optimizer, sharded, state, opt_state, fn):
+    """Replace the expert weights and their AdamW moments in a model and an optimizer state dict by fn
+    of them: gather (saving) or slice (resuming) along the expert dimension."""
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for name, p in sharded.items():
+        state[name] = fn(state[name])
+        i = index[id(p)]
+        if i in opt_state["state"]:     # a fresh dict: optimizer.state_dict() shares the live one
+            opt_state["state"][i] = {k: fn(v) if k in ("exp_avg", "exp_avg_sq") else v
+                                     for k, v in opt_state["state"][i].items()}
+
+
+def gather(t, world):
+    """The ranks' slices of a tensor, concatenated in rank order (a collective: every rank calls it)."""
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def grad_norm(model, sharded):
+    """The norm of the whole model's gradient; with expert slices their squared norms are summed over the
+    ranks, so every rank clips by the same factor."""
+    norm = lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None])   # noqa: E731
+    if not sharded:
+        return norm(model.parameters())
+    experts = norm(sharded.values()) ** 2
+    dist.all_reduce(experts)
+    return (norm(p for n, p in model.named_parameters() if n not in sharded) ** 2 + experts).sqrt()
+
+
+def all_to_all_volume(model, steps, device):
+    """All ranks' training forwards since the last call (then cleared): per MoE layer, sends of a token
+    to another rank per token (once to each rank holding any of its experts) and the expert copies they
+    carry per token (what one send per copy would cost); bytes per step (dispatch and combine, forward;
+    the backward moves as much again). -> (those figures, their text for the log line)"""
+    moes = [m for m in model.modules() if isinstance(m, ParallelMoE)]
+    t = torch.tensor([[m.tokens, m.sends, m.copies, m.bytes] for m in moes], dtype=torch.float64, device=device)
+    dist.all_reduce(t)                  # logging only
+    for m in moes:
+        m.tokens = m.sends = m.copies = m.bytes = 0
+    per_token = lambda i: [round(v, 3) for v in (t[:, i] / t[:, 0].clamp(min=1)).tolist()]   # noqa: E731
+    v = dict(a2a_sends_per_token=per_token(1), a2a_copies_per_token=per_token(2),
+             a2a_bytes_per_step=t[:, 3].sum().item() / steps)
+    return v, (f" | a2a sends/token {' '.join(f'{s:.2f}' for s in v['a2a_sends_per_token'])}, "
+               f"{v['a2a_bytes_per_step'] / 1e6:.2f} MB/step")

@@ -1,4 +1,4 @@
-"""bench.py --parts decode: greedy decoding speed with no cache (nanoGPT's way), with the naive and the
+"""bench.py --parts=decode: greedy decoding speed with no cache (nanoGPT's way), with the naive and the
 absorbed MLA cache and with MTP speculative decoding, side by side; where a speculative step's time goes;
 the cache sizes per token of MLA and MHA at the nano and DeepSeek-V3 shapes."""
 import dataclasses
@@ -8,8 +8,10 @@ import torch
 
 import deepseek as ds
 import kernels
-from bench_common import V3_CONFIG, preset_args, timed
-from sample import generate_speculative
+from benchmarks.common import V3_CONFIG, preset_args, timed
+from checkpoint.ckpt import load_checkpoint
+from inference.speculative import generate_speculative
+from pretraining.data import tokenizer_from_meta
 
 
 def cache_numbers_per_token(args, attn_impl="absorb"):
@@ -113,8 +115,6 @@ def step_profile(name, model, repeats, calls=20):
 def run(args):
     """CPU decoding speed, side by side: tokens/s without cache, with the naive (per-head K/V) and the
     absorbed (latent) MLA cache, and with MTP speculative decoding; then cache sizes per token."""
-    from data import tokenizer_from_meta
-    from train import load_checkpoint
     torch.manual_seed(0)
     print(f"decode: CPU, {torch.get_num_threads()} threads, greedy, best of {args.timing_repeats} interleaved rounds")
     header()

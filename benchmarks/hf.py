@@ -1,10 +1,10 @@
-"""bench.py --parts hf: the peak memory of loading a checkpoint in DeepSeek's layout (hf.load streams it shard by
+"""bench.py --parts=hf: the peak memory of loading a checkpoint in DeepSeek's layout (hf.load streams it shard by
 shard into a model built on the meta device) against its size on disk and the model's size in memory, measured in a
 fresh process (/proc/self/status: VmHWM, the peak resident set, against VmRSS before the load). A synthetic
 DeepSeek-V3-shaped model of about --hf_gb GB, written as DeepSeek publishes it (write_release): in bf16 as
 DeepSeek-V2-Lite, and in FP8 with 128 x 128 block scales as DeepSeek-V3.
 
-    python bench.py --parts hf                    # about 1 GB per checkpoint, into --out
+    python bench.py --parts=hf                    # about 1 GB per checkpoint, into --out
 """
 import json
 import subprocess
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 import deepseek as ds
-import fp8
-import hf
-from data import write_atomic
+from checkpoint import hf
+from pretraining.data import write_atomic
+from systems import fp8
 
 # DeepSeek-V3's structure at a width a CPU handles: MLA with a low-rank query, 1 dense layer then MoE layers of
 # 1 shared + 64 routed experts (top-6 of 8 groups, 4 kept), MTP; n_layers sets the size
@@ -91,7 +91,8 @@ def measure(folder, dtype):
     """Load folder with hf.load in a fresh process: its peak resident memory during the load, above what it held
     before (torch imported), the model's bytes and the largest tensor's."""
     code = f"""
-import json, torch, hf
+import json, torch
+from checkpoint import hf
 torch.set_num_threads(1)      # memory is measured, not time: no OpenMP threads contending on a busy machine
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key + ':'))
@@ -101,7 +102,7 @@ ts = [*model.parameters(), *model.buffers()]
 print(json.dumps(dict(peak=status('VmHWM') - before, model=sum(t.numel() * t.element_size() for t in ts),
                       largest=max(t.numel() * t.element_size() for t in ts))))
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"bench hf: loading {folder} failed:\n{out.stderr}")
     return json.loads(out.stdout.splitlines()[-1])
