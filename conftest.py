@@ -1,5 +1,6 @@
 """pytest's shared setup for test_all.py: the environment, the tiny test model, and the fixtures that
 several tests share (a text, a data cache, one training run, a pattern-trained model)."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,9 +15,11 @@ import pytest
 REPO = Path(__file__).parent
 SHARED = REPO.parent / "shared"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
-HAS_BPE = (SHARED / "tiktoken_cache").is_dir()
-if HAS_BPE:
+if (SHARED / "tiktoken_cache").is_dir():       # the local copy, unless TIKTOKEN_CACHE_DIR already points at one
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+# GPT-2's BPE offline: tiktoken's cached r50k_base file (named by the SHA-1 of its URL) where TIKTOKEN_CACHE_DIR says
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+HAS_BPE = (Path(os.environ.get("TIKTOKEN_CACHE_DIR", "/nonexistent")) / hashlib.sha1(R50K_URL.encode()).hexdigest()).is_file()
 
 import deepseek as ds  # noqa: E402
 import train  # noqa: E402
@@ -35,7 +38,7 @@ V, D = TINY_MODEL["vocab_size"], TINY_MODEL["dim"]
 # the training preset: the test model with one MoE layer, on characters, for a few steps
 TINY = dict({k: v for k, v in TINY_MODEL.items() if k not in ("vocab_size", "max_seq_len")}, n_layers=2,
             batch_size=4, block_size=32, dropout=0.0, tokenizer="char", learning_rate=3e-3, min_lr=3e-4,
-            warmup_iters=5, lr_decay_iters=60, max_iters=8, eval_interval=4, eval_iters=2, log_interval=1)
+            warmup_iters=5, lr_decay_iters=60, max_iters=8, eval_interval=4, eval_iters=2, log_interval=1, threads=1)
 
 
 def tiny(**kw):
@@ -118,3 +121,11 @@ def pattern_model():
         return seq[:, :-1], seq[:, 1:]
     fit(m, batch, 60)
     return m.double().eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts and ends with one torch thread: a command run in this process (train.main, sample.cli)
+    sets its own (the idle cores, by default), which must not leak into the tests after it."""
+    yield
+    torch.set_num_threads(1)

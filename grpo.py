@@ -37,6 +37,7 @@ DEFAULTS = dict(
     learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, decay_lr=False, weight_decay=0.0, beta1=0.9, beta2=0.95,
     grad_clip=1.0, block_size=128,
     eval_interval=20, eval_questions=420, log_interval=10, device="auto", seed=1337, threads=0,
+    overwrite=False,         # True: replace a ckpt.pt already in out_dir (else the run refuses, one line)
 )
 LEAST = dict(max_iters=0, questions=1, group_size=2, max_new_tokens=1, updates_per_batch=1, block_size=2,
              eval_interval=1, eval_questions=1, log_interval=1)

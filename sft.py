@@ -33,6 +33,7 @@ DEFAULTS = dict(
     learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, decay_lr=True, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,
     eval_interval=250, eval_questions=420, log_interval=50, device="auto", seed=1337, threads=0,
+    overwrite=False,         # True: replace a ckpt.pt already in out_dir (else the run refuses, one line)
 )
 LEAST = dict(pairs=1, epochs=1, batch_size=1, block_size=65, eval_interval=1, eval_questions=1, log_interval=1)
 

@@ -24,8 +24,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -1478,7 +1480,7 @@ def test_presets_parse():
             assert configurator.parse_config([str(p)], post_training[p.stem])[0] != post_training[p.stem]
             continue
         cfg, _, _ = configurator.parse_config([str(p)], train.DEFAULTS)
-        configurator.check_config(types.SimpleNamespace(**cfg), "cpu", None)
+        train.check_config(types.SimpleNamespace(**cfg), "cpu", None)
         configurator.model_args_from(cfg, 65)
     by_path, _, _ = configurator.parse_config([str(REPO / "config" / "shakespeare_char_cpu.py")], train.DEFAULTS)
     assert configurator.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0] == by_path != train.DEFAULTS     # a bare preset name
@@ -1565,6 +1567,40 @@ def test_cli_exit_code_in_a_real_process(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_threads_default_to_the_idle_cores(monkeypatch, tmp_path, text_file, data_dir, capsys):
+    """On a CPU a command takes as many torch threads as cores are idle when it starts (a busy core makes threads
+    wait for each other at every operation), at least one; --threads=N sets them; other devices keep torch's."""
+    for idle, want in ((0.3, 1), (1.2, 1), (1.8, 2), (3.6, 4)):
+        monkeypatch.setattr(configurator, "idle_cores", lambda seconds=0.1, idle=idle: idle)
+        assert configurator.set_threads(0, "cpu") == want == torch.get_num_threads()
+    assert configurator.set_threads(3, "cpu") == 3
+    torch.set_num_threads(1)
+    assert configurator.set_threads(0, "cuda:0") == 1
+    with pytest.raises(configurator.UserError, match="threads must be at least 0"):
+        configurator.set_threads(-1, "cpu")
+    monkeypatch.setattr(configurator, "idle_cores", lambda seconds=0.1: 1.1)
+    run(tmp_path, text_file, data_dir, "--threads=0", max_iters=1, eval_interval=1)
+    assert "(float32, 1 CPU threads)" in capsys.readouterr().out
+    assert 0 < configurator.idle_cores() <= os.cpu_count()              # the real measurement: a share of the cores
+
+
+def test_quotes_around_a_text_value_are_dropped():
+    """--out_dir='x' (quotes that reached Python, as from a script or an IDE) is the folder x, as a shell would read
+    it; quotes inside a value stay."""
+    cfg = configurator.parse_config(["--out_dir='x'", '--text="a b.txt"', "--dataset=it's"], train.DEFAULTS)[0]
+    assert (cfg["out_dir"], cfg["text"], cfg["dataset"]) == ("x", "a b.txt", "it's")
+
+
+def test_softmax_gate_trains_without_a_bias(capsys):
+    """score_func=softmax (DeepSeek-V2's gate) has no balancing bias in DeepSeek's code: its bias_update_speed is 0
+    (said in the log), and asking for one is a one-line error."""
+    logs = []
+    c, _, _ = train.configure(["--score_func=softmax", "--device=cpu", "--out_dir=/nonexistent/x"], log=logs.append)
+    assert c.bias_update_speed == 0.0 and any("bias_update_speed 0" in line for line in logs)
+    assert train.cli(["--score_func=softmax", "--bias_update_speed=0.001", "--device=cpu"]) == 2
+    assert "bias_update_speed must be 0 with score_func=softmax" in capsys.readouterr().err
+
+
 def test_device_pick():
     assert configurator.pick_device("cpu") == "cpu"
     assert configurator.pick_device("auto") in ("mps", "cpu") or configurator.pick_device("auto").startswith("cuda:")
@@ -1588,11 +1624,14 @@ def test_the_chosen_cuda_device_is_made_current(monkeypatch):
 
 
 def test_auto_dtype_is_bf16_only_where_native(monkeypatch):
+    """dtype "auto" computes in bf16 on a GPU that has it natively, fp16 on one that emulates it, fp32 off CUDA; the
+    config keeps "auto" (what a checkpoint saves, so a run continued elsewhere resolves it there)."""
     monkeypatch.setattr(train, "pick_device", lambda spec: "cuda:0")
-    for native, want in ((True, "bfloat16"), (False, "float16")):     # False: a T4 or V100 (emulated bf16)
+    for native, want in ((True, torch.bfloat16), (False, torch.float16)):     # False: a T4 or V100 (emulated bf16)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
         c, _, device = train.configure(["--device=cuda"], log=lambda *a: None)
-        assert device == "cuda:0" and c.dtype == want
+        assert device == "cuda:0" and c.dtype == "auto" and configurator.compute_dtype(c.dtype, device) == want
+    assert configurator.compute_dtype("auto", "cpu") == torch.float32
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])
@@ -1704,6 +1743,24 @@ def test_download_failure_says_how_to_place_the_file(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "place the file by hand at" in msg and str(tmp_path / "d" / "shakespeare" / "input.txt") in msg
     assert data.SHAKESPEARE_URL in msg and "\n" not in msg
+
+
+def test_bpe_offline_says_where_tiktoken_looked(tmp_path, monkeypatch, capsys):
+    """--tokenizer=bpe with neither network nor a cached file: one line naming the cache folder tiktoken read
+    (TIKTOKEN_CACHE_DIR) and how to give it one, whatever the download error."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net'): Max retries exceeded")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 200)
+    assert train.cli([f"--text={text}", f"--data_dir={tmp_path}", "--tokenizer=bpe", "--device=cpu",
+                      f"--out_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"not in its cache {tmp_path / 'cache'}" in err
+    assert "set TIKTOKEN_CACHE_DIR to a folder holding its cached file" in err and "Max retries" not in err
 
 
 def test_domains_corpus_is_deterministic_and_labelled(tmp_path):
@@ -1895,6 +1952,76 @@ def test_dropout_masks_differ_between_steps_and_repeat_across_runs(tmp_path, tex
     assert all(torch.equal(a, b) for a, b in zip(steps, again))
     other = dropout_masks(tmp_path, text_file, data_dir, monkeypatch, "--seed=7", out="c")
     assert not torch.equal(steps[0], other[0])
+
+
+def test_tokens_per_second_leave_evaluations_out(tmp_path, text_file, data_dir, monkeypatch):
+    """tok/s (and MFU, ETA) are the training steps' alone: on a clock where a step takes 1 s and an evaluation 100 s,
+    every logged figure is one step's tokens a second, also when an evaluation falls between two log lines
+    (eval_interval 3, log_interval 2)."""
+    clock = [1000.0]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    batch, evaluate = train.get_batch, train.evaluate
+    monkeypatch.setattr(train, "get_batch", lambda *a: clock.__setitem__(0, clock[0] + 1) or batch(*a))
+    monkeypatch.setattr(train, "evaluate", lambda *a: clock.__setitem__(0, clock[0] + 100) or evaluate(*a))
+    log = run(tmp_path, text_file, data_dir, max_iters=8, eval_interval=3, log_interval=2)
+    per_step = TINY["batch_size"] * TINY["block_size"]
+    assert [round(e["tokens_per_s"], 6) for e in entries(log, "train")] == [per_step] * 4
+    assert [e["eta_s"] for e in entries(log, "train")] == [6.0, 4.0, 2.0, 0.0]
+
+
+@pytest.mark.slow
+def test_a_rerun_refuses_to_overwrite_the_model(tmp_path, trained, text_file, data_dir):
+    """python train.py again into a folder that holds a checkpoint refuses (one line, exit 2, naming the ways on:
+    resume, another out_dir, --overwrite=True) and leaves the checkpoint as it was; a new run from a folder into
+    that same folder too. --overwrite=True replaces it; a new run starts a new log.jsonl."""
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    before = (out / "ckpt.pt").read_bytes()
+    args = [sys.executable, "train.py", str(preset(tmp_path)), f"--text={text_file}", f"--data_dir={data_dir}",
+            f"--out_dir={out}", "--device=cpu"]
+    for extra in ([], [f"--init_from={out}"]):
+        r = subprocess.run(args + extra, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+        assert (out / "ckpt.pt").read_bytes() == before
+    assert "--init_from=resume continues it, --out_dir=OTHER starts one beside it, --overwrite=True" in \
+        subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120).stderr
+    assert "needs an out_dir of its own" in r.stderr
+    log = run(tmp_path, text_file, data_dir, "--overwrite=True", max_iters=2, eval_interval=2)
+    assert (out / "ckpt.pt").read_bytes() != before and log[0]["kind"] == "config" and len(entries(log, "config")) == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_one_line_that_says_how_to_resume(tmp_path, text_file, data_dir):
+    """Ctrl-C (SIGINT) during training: the step ends, and one line on stderr says where the last checkpoint is and
+    the command that resumes it (exit 130, no traceback); the checkpoint loads and the run resumes from it."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train.py", str(preset(tmp_path, max_iters=100000, eval_interval=4)),
+                             f"--text={text_file}", f"--data_dir={data_dir}", f"--out_dir={out}", "--device=cpu"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if (out / "ckpt.pt").exists():
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("stopped: Ctrl-C at step ") and "the last checkpoint is" in err
+    assert f"python train.py --init_from=resume --out_dir={out} continues from it" in err
+    step = ckpts.read_checkpoint(out / "ckpt.pt")["iter_num"]
+    assert f"(step {step}, " in err
+    log = run(tmp_path, text_file, data_dir, "--init_from=resume", f"--max_iters={step + 1}")
+    assert entries(log, "train")[-1]["step"] == step + 1 and entries(log, "stopped")
+
+
+def test_a_run_that_saves_nothing_says_so(trained, tmp_path, text_file, data_dir, capsys):
+    """A new run from a checkpoint whose evaluations never improve on its start (here: learning rate 0) saves
+    nothing (learning rate and bias speed 0: the weights stay), and its last line says so instead of reporting a
+    best loss as if one were kept."""
+    run(tmp_path, text_file, data_dir, f"--init_from={trained[0]}", "--learning_rate=0", "--min_lr=0",
+        "--warmup_iters=0", "--bias_update_speed=0", max_iters=2, eval_interval=1)
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+    assert "nothing saved: no evaluation improved on step 0's val loss" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_accumulated_gradient_is_that_of_the_mean_loss(tmp_path, text_file, data_dir, monkeypatch):
@@ -2162,6 +2289,22 @@ def test_load_checkpoint_rejects_bad_files(tmp_path):
         assert "\n" not in str(e.value) and str(path) in str(e.value), name
 
 
+def test_saved_config_keeps_dtype_as_given(trained, tmp_path, text_file, data_dir, capsys):
+    """A checkpoint saves dtype as it was given ("auto"), so a run continued on another machine resolves it there;
+    an explicit float16 that reaches a CPU from a checkpoint is a one-line error naming where it came from."""
+    out, log = trained
+    ckpt = ckpts.read_checkpoint(out / "ckpt.pt")
+    assert ckpt["config"]["dtype"] == "auto" == log[0]["config"]["dtype"]
+    ckpt["config"]["dtype"] = "float16"
+    ckpts.save_checkpoint(ckpt, tmp_path / "fp16" / "ckpt.pt")
+    assert train.cli([f"--init_from={tmp_path / 'fp16'}", f"--out_dir={tmp_path / 'x'}", "--device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"dtype float16, from {tmp_path / 'fp16' / 'ckpt.pt'}'s config, needs a CUDA device" in err
+    c, _, _ = train.configure([f"--init_from={tmp_path / 'fp16'}", f"--out_dir={tmp_path / 'x'}", "--device=cpu",
+                               "--dtype=auto"], log=lambda *a: None)
+    assert configurator.compute_dtype(c.dtype, "cpu") == torch.float32
+
+
 # ----------------------------------------------------------------------------- training: context extension (report §4.3)
 
 @pytest.fixture(scope="module")
@@ -2182,7 +2325,7 @@ def test_extension_keeps_the_weights_and_changes_only_rope(rope_base, tmp_path):
                                        f"--original_seq_len={L}", f"--rope_factor={s}", f"--beta_fast={beta_fast}",
                                        "--device=cpu"])
     _, _, meta = data.load_data(c, ckpt, 0, lambda *a: None)
-    ext, _, optimizer, _, step, best, _ = train.init_model(c, meta, ckpt, "cpu", 0, 1, lambda *a: None)
+    ext, _, optimizer, _, step, best, _ = train.init_model(c, meta, ckpt, "cpu", torch.float32, 0, 1, lambda *a: None)
     base, _ = ckpts.load_checkpoint(rope_base / "ckpt.pt")
     assert step == 0 and best == float("inf") and not optimizer.state_dict()["state"]    # a fresh optimizer
     assert c.batch_size == TINY["batch_size"] and c.block_size == 128         # the base's config but the keys given
@@ -2357,6 +2500,17 @@ def test_printed_times_wait_for_cuda(char_ckpt, capsys, monkeypatch):
     assert len(syncs) == 4 + 12 and outs == [1, 2] and len(times) == 2 and min(times) >= 0
 
 
+@pytest.mark.slow
+def test_sample_flags_are_exact_with_a_suggestion(char_ckpt, tmp_path):
+    """python sample.py takes whole keys only: a prefix (--max_new_token) or a typo (--temprature) is one line naming
+    the nearest key, exit 2, nothing sampled."""
+    for flag, near in (("--max_new_token=5", "max_new_tokens"), ("--temprature=0.5", "temperature")):
+        r = subprocess.run([sys.executable, "sample.py", f"--out_dir={char_ckpt}", "--device=cpu", flag], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1
+        assert f"(did you mean {near}?)" in r.stderr
+
+
 def test_sample_bad_checkpoint(tmp_path, capsys):
     (tmp_path / "missing").mkdir()
     (tmp_path / "corrupt").mkdir()
@@ -2490,6 +2644,52 @@ def test_hf_load_in_bfloat16_keeps_the_gate_bias_fp32(tmp_path):
     assert all(state[k].dtype == (torch.float32 if k.endswith("gate.bias") else torch.bfloat16) and
                torch.equal(state[k], v.to(state[k].dtype)) for k, v in m.state_dict().items())
     assert loaded.generate(torch.tensor([[1, 2, 3]]), 4, temperature=0).shape == (1, 7)
+
+
+def test_sample_in_bfloat16_keeps_gate_biases_and_rope_fp32(trained, tmp_path):
+    """Loading a ckpt.pt in bf16 (sample.py --dtype=bfloat16) casts the weights alone: the gates' biases and the RoPE
+    tables stay fp32, as a folder in DeepSeek's layout loads (hf.load), and both route every token alike."""
+    out, _ = trained
+    assert export.cli([f"--init_from={out}", f"--out_dir={tmp_path / 'hf'}"]) == 0
+    a, _ = ckpts.load_model(out, dtype=torch.bfloat16)
+    b, _ = ckpts.load_model(tmp_path / "hf", dtype=torch.bfloat16)
+    for m in (a, b):
+        assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+        assert all(g.bias.dtype == torch.float32 for g in m.gates()) and m.rope_cos.dtype == torch.float32
+    idx = torch.randint(0, a.args.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    chosen = [{i: e for i, (_, e) in routing.routing(m, idx)[1].items()} for m in (a, b)]
+    assert all(torch.equal(chosen[0][i], chosen[1][i]) for i in chosen[0])
+
+
+def test_fine_tuning_a_folder_on_a_cpu_takes_the_cpu_budget(trained, tmp_path):
+    """train.py --init_from=FOLDER in DeepSeek's layout on a CPU with no preset trains with the CPU preset's budget
+    (batch 12 x the folder's context, 2000 steps, no dropout), as a preset-less run from scratch does, and the
+    folder's model."""
+    out, _ = trained
+    assert export.cli([f"--init_from={out}", f"--out_dir={tmp_path / 'hf'}"]) == 0
+    c, ckpt, _ = train.configure([f"--init_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'ft'}", "--device=cpu"],
+                                 log=lambda *a: None)
+    cpu = configurator.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0]
+    assert (c.batch_size, c.max_iters, c.dropout, c.eval_iters) == (12, 2000, 0.0, 20) == \
+        tuple(cpu[k] for k in ("batch_size", "max_iters", "dropout", "eval_iters"))
+    assert (c.dim, c.n_layers, c.block_size) == (TINY["dim"], TINY["n_layers"], TINY["block_size"])
+
+
+def test_sample_takes_either_kind_of_folder_with_either_flag(trained, tmp_path, capsys):
+    """sample.py reads a train.py out_dir (ckpt.pt) or a folder in DeepSeek's layout given as --out_dir or as
+    --init_from, the same text from both; a folder with neither says what it lacks."""
+    out, _ = trained
+    assert export.cli([f"--init_from={out}", f"--out_dir={tmp_path / 'hf'}"]) == 0
+    capsys.readouterr()
+    texts = []
+    for flag, folder in itertools.product(("--out_dir", "--init_from"), (out, tmp_path / "hf")):
+        rc, text, _ = run_sample(capsys, f"{flag}={folder}", "--temperature=0", "--num_samples=1", "--max_new_tokens=8")
+        assert rc == 0
+        texts.append(text.split("---------------")[0])
+    assert len(set(texts)) == 1
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_sample(capsys, f"--init_from={tmp_path / 'empty'}")
+    assert rc == 2 and "holds neither a ckpt.pt nor DeepSeek's layout" in err
 
 
 # DeepSeek-V2-Lite's and DeepSeek-V3's config.json as released (transformers 4.33 era, remote code)
@@ -3057,6 +3257,51 @@ def test_sample_chat_answers_each_question_on_one_line(chat_ckpt, capsys, tmp_pa
         assert rc == 0 and one == line + "\n"
 
 
+# transformers' side of test_a_chat_model_exports_with_its_template (a process of its own: see TRANSFORMERS_SIDE)
+CHAT_SIDE = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, question, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tok, m = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+text = tok.apply_chat_template([dict(role="user", content=question)], add_generation_prompt=True, tokenize=False)
+ids = tok(text, add_special_tokens=False)["input_ids"]
+out = m.eval().generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+print(json.dumps(dict(prompt=ids, answer=out, eos=m.generation_config.eos_token_id)))
+"""
+
+
+@pytest.mark.slow
+def test_a_chat_model_exports_with_its_template(chat_ckpt, tmp_path, capsys):
+    """export.py of a chat checkpoint writes its special tokens (after the vocabulary), its template and its end
+    token: the folder reads back with the same tokenizer meta, and sample.py --chat answers from it as from the
+    checkpoint. In transformers: apply_chat_template(add_generation_prompt=True) gives our prompt's tokens, and
+    generate our greedy answer, stopping at the end-of-sentence token."""
+    assert export.cli([f"--init_from={chat_ckpt}", f"--out_dir={tmp_path / 'hf'}"]) == 0
+    capsys.readouterr()
+    model_, ckpt = ckpts.load_checkpoint(chat_ckpt / "ckpt.pt")
+    meta, n = ckpt["meta"], model_.args.vocab_size
+    assert hf.tokenizer_meta(tmp_path / "hf") == meta and meta["chat_template"] == chat.CHAT_TEMPLATE
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (n - 4, n - 1) == tuple(generation.values())
+    q = "What is 3 + 4?"
+    answers = [run_sample(capsys, source, f"--chat={q}", "--max_new_tokens=12")
+               for source in (f"--out_dir={chat_ckpt}", f"--init_from={tmp_path / 'hf'}")]
+    assert answers[0][0] == 0 and answers[0] == answers[1]
+    if importlib.util.find_spec("transformers") is None:
+        return
+    template = chat.Template(meta)
+    tokens, stopped = chat.generate(model_, [template.prompt(q)], 12, template.eos)[0]
+    (tmp_path / "side.py").write_text(CHAT_SIDE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "side.py", str(tmp_path / "hf"), q, "12"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = json.loads(r.stdout.splitlines()[-1])
+    assert theirs["prompt"] == template.prompt(q) and theirs["eos"] == template.eos
+    assert theirs["answer"] == tokens + [template.eos] * stopped
+
+
 @pytest.mark.parametrize("case", ["plain checkpoint", "unknown characters", "unknown on a line", "chat token",
                                   "chat with speculative"])
 def test_sample_chat_bad_input(case, chat_ckpt, math_base, capsys, tmp_path):
@@ -3081,17 +3326,21 @@ def stage(module, tmp_path, *argv):
 
 
 @pytest.mark.parametrize("case", ["sft from no checkpoint", "grpo from no checkpoint", "grpo from a pretrained one",
-                                  "sft into its own folder", "bad key", "group of one", "too many questions"])
+                                  "sft into its own folder", "sft over a finished run", "bad key", "group of one",
+                                  "too many questions"])
 def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, capsys):
     module, argv, message = {
         "sft from no checkpoint": (sft, [f"--init_from={tmp_path}"], "no checkpoint at"),
         "grpo from no checkpoint": (grpo, [f"--init_from={tmp_path}"], "no checkpoint at"),
         "grpo from a pretrained one": (grpo, [f"--init_from={math_base}"], "has no chat tokens in its vocabulary"),
         "sft into its own folder": (sft, [f"--init_from={math_base}", f"--out_dir={math_base}"], "is init_from's folder"),
+        "sft over a finished run": (sft, [f"--init_from={math_base}"], "ckpt.pt exists and this run would overwrite it"),
         "bad key": (sft, [f"--init_from={math_base}", "--pair=3"], "unknown config key 'pair' (did you mean pairs?)"),
         "group of one": (grpo, [f"--init_from={math_base}", "--group_size=1"], "group_size must be at least 2"),
         "too many questions": (sft, [f"--init_from={math_base}", "--eval_questions=701"], "eval_questions must be at most 700"),
     }[case]
+    if case == "sft over a finished run":
+        shutil.copytree(math_base, tmp_path / "sft")
     rc, log = stage(module, tmp_path, *argv)
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1 and log is None, err
@@ -3234,7 +3483,7 @@ def test_bench_specialization_smoke(tmp_path, text_file, capsys, monkeypatch):
         assert len(panels) == 6
         for k, ax in enumerate(panels):               # row-major: layer by layer, the models side by side
             want = rel[k % 2][k // 2]
-            assert torch.allclose(torch.as_tensor(ax.get_images()[0].get_array().data), want.float())
+            assert torch.allclose(torch.as_tensor(ax.get_images()[0].get_array().data).double(), want.double())
 
 
 @pytest.mark.slow

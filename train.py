@@ -21,7 +21,9 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -35,11 +37,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import kernels
 from checkpoint.ckpt import checkpoint_path, load_state, read_checkpoint, save_checkpoint
 from deepseek import ModelArgs, Transformer
-from pretraining.configurator import (MODEL_KEYS, UserError, check_config, model_args_from, one_line, parse_config,
-                                      pick_device, set_threads)
+from pretraining.configurator import (MODEL_KEYS, Stopped, UserError, compute_dtype, model_args_from, one_line,
+                                      parse_config, pick_device, run_cli, set_threads)
 from pretraining.data import batch_seed, get_batch, load_data, tokenizer_meta
 from pretraining.optim import configure_optimizer, get_lr
 from systems import fp8
+from systems.fp8 import FP8_CC
 from systems.expert_parallel import all_to_all_volume, grad_norm, gather, map_experts, shard_experts
 
 # ----------------------------------------------------------------------------- defaults
@@ -50,6 +53,7 @@ DEFAULTS = dict(
     # I/O: evaluate (and checkpoint) every eval_interval steps and at the end, on eval_iters batches per split
     out_dir="out", eval_interval=250, eval_iters=200, log_interval=10, eval_only=False,
     always_save_checkpoint=False,  # False: save only when val loss improves (the run overfits late); True: always
+    overwrite=False,              # True: a new run may replace the ckpt.pt in out_dir (else it refuses, one line)
     init_from="scratch",          # "scratch" | "resume" (out_dir/ckpt.pt) | a folder: a new run from its ckpt.pt's
                                   # weights, or from a folder in DeepSeek's layout (config.json + safetensors: checkpoint/hf.py)
     # data: Tiny Shakespeare or your text (a .txt file or a folder of them), tokenised once into data_dir/NAME/TOKENIZER/
@@ -83,34 +87,78 @@ SHAPE_KEYS = ("dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers",
 
 
 def configure(argv, world=None, log=print):
-    """(config, checkpoint to start from or None, device); world: torchrun's world size, None without. From a
-    checkpoint its config is the base and only keys given again change; with no preset on a CPU, CPU_PRESET."""
+    """(config, checkpoint to start from or None, device); world: torchrun's world size, None without. The config:
+    DEFAULTS, with CPU_PRESET's changes when no preset is given and no CUDA device runs it, then the config saved with
+    the checkpoint the run starts from (a folder in DeepSeek's layout saves only its model's), then the presets and
+    keys given. c.dtype stays as given ("auto"; configurator.compute_dtype says what runs)."""
     cfg, explicit, presets = parse_config(argv, DEFAULTS, __doc__)
     ckpt, path = None, init_path(cfg)
+    saved = {}
     if path:
         ckpt = read_checkpoint(path)
         saved = {k: v for k, v in ckpt["config"].items() if k in DEFAULTS and k != "expert_parallel"}   # chosen afresh
-        cfg = {**cfg, **saved, **{k: cfg[k] for k in explicit}}
-        if changed := [f"{k} {ckpt['model_args'][k]} -> {cfg[k]}" for k in SHAPE_KEYS if cfg[k] != ckpt["model_args"][k]]:
-            raise UserError(f"{', '.join(changed)} would change the shapes of {path}'s weights: a run from them keeps them")
-        if cfg["init_from"] != "resume" and "out_dir" not in explicit:     # not the base's: it would be overwritten
-            raise UserError(f"a new run from {path} needs an out_dir of its own (--out_dir=...)")
-    device = pick_device(cfg["device"])
+    device = pick_device({**cfg, **saved, **{k: cfg[k] for k in explicit}}["device"])
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:     # torchrun: one GPU per process
         device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}")
-    cpu_default = not (presets or ckpt or device.startswith("cuda"))
-    if cpu_default:
-        cfg = {**parse_config([CPU_PRESET, *argv], DEFAULTS)[0], "out_dir": cfg["out_dir"]}   # still "out" (sample.py's)
+    cpu_default = not (presets or device.startswith("cuda"))
+    base = parse_config([CPU_PRESET, *argv], DEFAULTS)[0] if cpu_default else cfg
+    cfg = {**base, "out_dir": cfg["out_dir"], **saved, **{k: cfg[k] for k in explicit}}   # out_dir: still "out"
+    if path:
+        if changed := [f"{k} {ckpt['model_args'][k]} -> {cfg[k]}" for k in SHAPE_KEYS if cfg[k] != ckpt["model_args"][k]]:
+            raise UserError(f"{', '.join(changed)} would change the shapes of {path}'s weights: a run from them keeps them")
+        if cfg["init_from"] != "resume" and ("out_dir" not in explicit or
+                                             Path(cfg["out_dir"]).resolve() == Path(cfg["init_from"]).resolve()):
+            raise UserError(f"a new run from {path} needs an out_dir of its own (--out_dir=...): it would overwrite "
+                            f"what it starts from")
+        if cfg["dtype"] == "float16" and not device.startswith("cuda") and "dtype" not in explicit:
+            raise UserError(f"dtype float16, from {path}'s config, needs a CUDA device: --dtype=auto (or float32, "
+                            f"bfloat16) runs it here")
     c = SimpleNamespace(**cfg)
-    if c.dtype == "auto":   # bf16 where the GPU has it natively (emulated bf16 is slow), else fp16
-        native = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
-        c.dtype = ("bfloat16" if native else "float16") if device.startswith("cuda") else "float32"
+    if c.score_func == "softmax" and c.bias_update_speed > 0:   # DeepSeek's V2 gate: no bias (as ModelArgs.from_json)
+        if "bias_update_speed" in explicit:
+            raise UserError("bias_update_speed must be 0 with score_func=softmax: DeepSeek's softmax (V2) gate has no "
+                            "balancing bias")
+        c.bias_update_speed = 0.0
+        log("score_func=softmax: bias_update_speed 0, as DeepSeek's V2 gate, which has no balancing bias")
+    if (Path(c.out_dir) / "ckpt.pt").exists() and c.init_from != "resume" and not c.overwrite:
+        raise UserError(f"{c.out_dir}/ckpt.pt exists and a new run would overwrite it: --init_from=resume continues it, "
+                        f"--out_dir=OTHER starts one beside it, --overwrite=True replaces it")
     check_config(c, device, world)
     if not presets and not ckpt:
         log(f"no preset: {f'config/{CPU_PRESET}.py on DEFAULTS' if cpu_default else 'DEFAULTS'}, nanoGPT's "
             f"{'CPU' if cpu_default else 'GPU'} budget ({c.max_iters} steps), into {c.out_dir}; a preset or --key=value "
             f"changes any key (GPT-2 BPE: --tokenizer=bpe)")
     return c, ckpt, device
+
+
+def check_config(c, device, world):
+    """Value checks that need no data: ranges, choices, out_dir, the model's own (ModelArgs) checks, and what the
+    device and torchrun's world size (None without) allow (c.dtype as compute_dtype resolves it there)."""
+    for key, least in dict(batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_interval=1, eval_iters=1,
+                           log_interval=1, max_iters=0).items():
+        if getattr(c, key) < least:
+            raise UserError(f"{key} must be at least {least}, not {getattr(c, key)}")
+    for key, allowed in dict(tokenizer=("bpe", "char"), dtype=("auto", "float32", "bfloat16", "float16")).items():
+        if getattr(c, key) not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
+    if blocked := next((p for p in (Path(c.out_dir), *Path(c.out_dir).parents) if p.exists() and not p.is_dir()), None):
+        raise UserError(f"out_dir {c.out_dir}: {blocked} is a file, not a folder")
+    model_args_from(vars(c), vocab_size=1)
+    cuda = device.startswith("cuda")
+    float16 = c.dtype == "float16" or c.dtype == "auto" and compute_dtype("auto", device) == torch.float16
+    if float16 and not cuda:
+        raise UserError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
+    if c.expert_parallel and world is None:
+        raise UserError("expert_parallel=True needs torchrun (one process per device), e.g. "
+                        "torchrun --standalone --nproc_per_node=2 train.py --expert_parallel=True")
+    if c.expert_parallel and c.n_routed_experts % world:
+        raise UserError(f"expert_parallel=True: the world size {world} must divide n_routed_experts={c.n_routed_experts}")
+    if c.expert_parallel and float16:     # its loss scaler would skip steps on some ranks only
+        raise UserError("expert_parallel=True needs dtype bfloat16 or float32, not float16")
+    # Inductor fuses the cast to E4M3 into a Triton kernel, and Triton stores E4M3 only from FP8_CC on
+    if c.compile and c.fp8 and cuda and torch.cuda.get_device_capability(device) < FP8_CC:
+        raise UserError("compile=True with fp8=True needs compute capability 8.9 or newer (Triton cannot store E4M3 "
+                        "below it): drop one of the two")
 
 
 def init_path(cfg):
@@ -143,7 +191,7 @@ def peak_flops(name):
 
 # ----------------------------------------------------------------------------- training
 
-def init_model(c, meta, ckpt, device, rank, world, log):
+def init_model(c, meta, ckpt, device, dtype, rank, world, log):
     """(model, expert slices {name: parameter} or {}, optimizer, grad scaler, step, best val loss, sizes: parameter
     counts and training FLOPs per token): fresh or from ckpt; kernels.py's MoE paths, FP8 and expert parallelism
     put in as the config asks."""
@@ -159,7 +207,7 @@ def init_model(c, meta, ckpt, device, rank, world, log):
         fp8.convert(model)
     sharded = shard_experts(model, world) if c.expert_parallel else {}
     optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=c.dtype == "float16")
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         path = init_path(vars(c))
@@ -245,23 +293,25 @@ def main(argv=None):
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     log = print if rank == 0 else (lambda *a, **k: None)
     c, ckpt, device = configure(sys.argv[1:] if argv is None else argv, world if ddp else None, log)
-    device_type, threads = torch.device(device).type, set_threads(c.threads, device)
+    device_type, dtype = torch.device(device).type, compute_dtype(c.dtype, device)
+    threads = set_threads(c.threads, device)
     if ddp:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     train_data, val_data, meta = load_data(c, ckpt, rank, log)
-    raw, sharded, optimizer, scaler, iter_num, best_val_loss, sizes = init_model(c, meta, ckpt, device, rank, world, log)
+    raw, sharded, optimizer, scaler, iter_num, best_val_loss, sizes = init_model(c, meta, ckpt, device, dtype, rank,
+                                                                                 world, log)
     del ckpt
     model = torch.compile(raw) if c.compile else raw
     train_model = wrap_ddp(model, device, sharded) if ddp else model
-    amp = nullcontext() if c.dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, c.dtype))
+    amp = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
     accum = c.gradient_accumulation_steps
     tokens_per_step = c.batch_size * c.block_size * accum * world
     peak = c.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else 0.0)
-    log(f"training on {device} ({c.dtype}{', compiled' if c.compile else ''}{f', {world} processes' if ddp else ''}"
-        f"{f', {threads} CPU threads' if device_type == 'cpu' else ''}): "
+    log(f"training on {device} ({str(dtype).removeprefix('torch.')}{', compiled' if c.compile else ''}"
+        f"{f', {world} processes' if ddp else ''}{f', {threads} CPU threads' if device_type == 'cpu' else ''}): "
         f"{tokens_per_step:,} tokens per step, {c.max_iters} steps; "
         f"data {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens")
-    log(kernels.describe(raw, device, getattr(torch, c.dtype)) + (f"; {fp8.describe(device)}" if c.fp8 else ""))
+    log(kernels.describe(raw, device, dtype) + (f"; {fp8.describe(device)}" if c.fp8 else ""))
     out_dir = Path(c.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,26 +320,31 @@ def main(argv=None):
         if rank == 0:
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
+    if rank == 0 and c.init_from != "resume":     # a new run: a new log (a resumed one goes on with its own)
+        (out_dir / "log.jsonl").unlink(missing_ok=True)
     record(kind="config", step=iter_num, config=vars(c), world_size=world, **sizes)
     start_iter, t_start, t_last, maxvios = iter_num, time.time(), time.time(), []
+    saved_at = (iter_num, best_val_loss) if c.init_from == "resume" else None     # out_dir's checkpoint: step, val
     hms = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))     # noqa: E731
+    stop = ctrl_c_stops() if not ddp else None       # under torchrun, ranks would stop at different steps
     raw.train()
     while True:
         # evaluate (and save) every eval_interval steps and at the end; a resumed step was evaluated already
         if (iter_num % c.eval_interval == 0 or iter_num == c.max_iters or c.eval_only) and \
                 not (iter_num == start_iter > 0 and not c.eval_only):
+            t_eval = time.time()
             losses = evaluate(model, dict(train=train_data, val=val_data), c, amp, device, rank, world)
             improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
             saved = ""
             if iter_num > start_iter and (improved or c.always_save_checkpoint):
                 save_checkpoint(checkpoint(raw, sharded, optimizer, scaler, meta, c, iter_num, best_val_loss, world),
                                 out_dir / "ckpt.pt")                         # every rank: the experts are gathered
-                saved = f" | saved {out_dir / 'ckpt.pt'}"
+                saved, saved_at = f" | saved {out_dir / 'ckpt.pt'}", (iter_num, best_val_loss)
             log(f"eval step {iter_num}: train {losses['train']:.4f} val {losses['val']:.4f} (mtp: train "
                 f"{losses['train_mtp']:.4f} val {losses['val_mtp']:.4f}) | best val {best_val_loss:.4f}{saved}")
             record(kind="eval", step=iter_num, best_val=best_val_loss, time_s=time.time() - t_start, **losses)
-            t_last = time.time()      # keep evaluation out of the tokens/s figure
-        if iter_num >= c.max_iters or c.eval_only:
+            t_last += time.time() - t_eval      # keep evaluation out of the tokens/s figure
+        if iter_num >= c.max_iters or c.eval_only or stop and stop.is_set():
             break
 
         # one optimizer step on the gradient of the mean loss over accum micro-batches
@@ -333,7 +388,18 @@ def main(argv=None):
             t_last, maxvios = time.time(), []
 
     wall = time.time() - t_start
-    log(f"done: best val loss {best_val_loss:.4f}, {hms(wall)} wall")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if stop and stop.is_set():
+        record(kind="stopped", step=iter_num, saved_step=saved_at and saved_at[0], wall_s=wall)
+        raise Stopped(f"Ctrl-C at step {iter_num}; " + (
+            f"the last checkpoint is {out_dir / 'ckpt.pt'} (step {saved_at[0]}, best val {saved_at[1]:.4f}): "
+            f"python train.py --init_from=resume --out_dir={c.out_dir} continues from it" if saved_at else
+            "no checkpoint saved yet (the first comes at the first evaluation that improves on step "
+            f"{start_iter}'s val loss)"))
+    nothing = "" if saved_at and saved_at[0] > start_iter or c.eval_only else (
+        f"; nothing saved: no evaluation improved on step {start_iter}'s val loss (--always_save_checkpoint=True "
+        f"keeps the last weights)")
+    log(f"done: best val loss {best_val_loss:.4f}, {hms(wall)} wall{nothing}")
     record(kind="done", step=iter_num, best_val=best_val_loss, wall_s=wall)
     if ddp:
         same = ranks_identical(raw, sharded)
@@ -347,17 +413,26 @@ def main(argv=None):
     return best_val_loss
 
 
+def ctrl_c_stops():
+    """From now on the first Ctrl-C (SIGINT) sets the event returned, and the loop stops at the end of the step;
+    a second one interrupts at once, as Python does by default."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
 def cli(argv=None):
-    """main() with user errors as one line on stderr (rank 0 only) and exit code 2."""
+    """main() with user errors as one line on stderr (rank 0 only) and exit code 2, Ctrl-C as one line (where the
+    last checkpoint is, how to resume) and exit code 130."""
     try:
-        main(argv)
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+        return run_cli(main, argv, quiet=os.environ.get("RANK", "0") != "0")
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

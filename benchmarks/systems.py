@@ -54,7 +54,7 @@ def bench_fp8(args):
 
 def fp8_gpu_speed(args):
     """Tokens/s of config/shakespeare_char.py on this GPU in bf16 autocast and with fp8=True, eager and compiled
-    (where the two combine: configurator.check_config), 60 steps each; labelled with the GEMM path FP8 took."""
+    (where the two combine: train.py's check_config), 60 steps each; labelled with the GEMM path FP8 took."""
     if not torch.cuda.is_available():
         print("fp8: no CUDA GPU here: FP8 vs bf16 tokens/s not measured")
         return

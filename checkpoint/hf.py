@@ -153,7 +153,7 @@ def config_from_args(args, meta):
     grouped = args.n_expert_groups > 1
     yarn = dict(type="yarn", factor=args.rope_factor, original_max_position_embeddings=args.original_seq_len,
                 beta_fast=args.beta_fast, beta_slow=args.beta_slow, mscale=args.mscale, mscale_all_dim=args.mscale)
-    bpe = meta and meta.get("tokenizer") == "bpe"
+    bos, eos = special_ids(meta)
     cfg = dict(
         architectures=["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
         model_type="deepseek_v2" if v2 else "deepseek_v3",
@@ -166,8 +166,19 @@ def config_from_args(args, meta):
         norm_topk_prob=not v2, rope_theta=args.rope_theta,
         rope_scaling=yarn if args.max_seq_len > args.original_seq_len else None,
         num_nextn_predict_layers=args.n_mtp, rope_interleave=True, **FIXED,
-        bos_token_id=None, eos_token_id=_tiktoken(meta["encoding"]).eot_token if bpe else None)
+        bos_token_id=bos, eos_token_id=eos)
     return cfg
+
+
+def special_ids(meta):
+    """(bos, eos) token ids: a chat tokenizer's begin- and end-of-sentence tokens (its first and last special token,
+    as posttraining/chat.py orders them), else GPT-2's end of text as eos (BPE), else none."""
+    if meta and meta.get("special"):
+        first = meta["vocab_size"] - len(meta["special"])
+        return first, meta["vocab_size"] - 1
+    if meta and meta.get("tokenizer") == "bpe":
+        return None, _tiktoken(meta["encoding"]).eot_token
+    return None, None
 
 
 # ----------------------------------------------------------------------------- names
@@ -451,16 +462,18 @@ def tokenizer_json(meta):
     """tokenizer.json (the tokenizers package's format, which AutoTokenizer reads) for our tokenizer meta: GPT-2
     style byte-level BPE from a tiktoken encoding (its regex, its ranks as the vocabulary, a merge for every way
     to split a token into two others, ordered by the token's rank: tiktoken's lowest-rank-first merging; a word
-    that is itself a token is taken whole, as tiktoken does), or one token per character."""
+    that is itself a token is taken whole, as tiktoken does), or one token per character; a chat template's
+    special tokens (meta["special"]) as added tokens after them, each matched whole."""
     added, model, pre, decoder = [], None, None, None
+    token = lambda i, s: dict(id=i, content=s, single_word=False, lstrip=False, rstrip=False,  # noqa: E731
+                              normalized=False, special=True)
     if meta["tokenizer"] == "bpe":
         enc = _tiktoken(meta["encoding"])
         sym = byte_chars()
         ranks = {"".join(sym[b] for b in token): rank for token, rank in enc._mergeable_ranks.items()}
         merges = sorted(((a, b, ranks[a + b]) for t in ranks for a, b in ((t[:i], t[i:]) for i in range(1, len(t)))
                          if a in ranks and b in ranks), key=lambda m: (m[2], ranks[m[0]], ranks[m[1]]))
-        added = [dict(id=i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
-                 for s, i in sorted(enc._special_tokens.items(), key=lambda x: x[1])]
+        added = [token(i, s) for s, i in sorted(enc._special_tokens.items(), key=lambda x: x[1])]
         model = dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None,
                      fuse_unk=False, byte_fallback=False, ignore_merges=True,
                      vocab={**ranks, **{a["content"]: a["id"] for a in added}}, merges=[[a, b] for a, b, _ in merges])
@@ -472,19 +485,28 @@ def tokenizer_json(meta):
         model = dict(type="WordLevel", vocab={ch: i for i, ch in enumerate(meta["chars"])}, unk_token="[UNK]")
         pre = dict(type="Split", pattern=dict(Regex=r"[\s\S]"), behavior="Isolated", invert=False)
         decoder = dict(type="Fuse")
+    special = meta.get("special", [])
+    added += [token(meta["vocab_size"] - len(special) + i, s) for i, s in enumerate(special)]
     return dict(version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=None, pre_tokenizer=pre,
                 post_processor=None, decoder=decoder, model=model)
 
 
 def tokenizer_config(meta, args):
+    """tokenizer_config.json: the fast tokenizer, the context, and a chat model's template and its bos/eos tokens
+    (transformers' apply_chat_template then writes the prompt our template does)."""
     special = dict(eos_token="<|endoftext|>") if meta["tokenizer"] == "bpe" else {}
+    if meta.get("special"):
+        special = dict(bos_token=meta["special"][0], eos_token=meta["special"][-1])
+        if meta.get("chat_template"):
+            special["chat_template"] = meta["chat_template"]
     return dict(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
                 model_max_length=args.max_seq_len, **special)
 
 
 def tokenizer_meta(folder):
-    """The folder's tokenizer as a data.py meta: characters or GPT-2's BPE when its tokenizer.json is exactly the one
-    export writes for them (train.py can then tokenise data for it), else {"tokenizer": "hf", "file": ...}
+    """The folder's tokenizer as a data.py meta: characters or GPT-2's BPE (with a chat template's special tokens
+    after them, and its template) when its tokenizer.json is exactly the one export writes for them (train.py can
+    then tokenise data for it, sample.py --chat use the template), else {"tokenizer": "hf", "file": ...}
     (data.tokenizer_from_meta runs it with the tokenizers package); None without a tokenizer.json."""
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
@@ -492,14 +514,23 @@ def tokenizer_meta(folder):
     tok = read_json(path)
     model = tok.get("model") or {}
     vocab = model.get("vocab") or {}
+    n = len(vocab)
+    extra = {}                                 # a chat template's special tokens: added after the vocabulary
+    special = [a.get("content") for a in sorted(tok.get("added_tokens") or [], key=lambda a: a.get("id", -1))
+               if a.get("id", -1) >= n]
+    if special:
+        config = read_json(path.with_name("tokenizer_config.json")) if path.with_name("tokenizer_config.json").is_file() \
+            else {}
+        extra = dict(special=special, **({"chat_template": config["chat_template"]} if "chat_template" in config else {}))
+    candidates = []
     if model.get("type") == "WordLevel" and all(isinstance(k, str) and len(k) == 1 for k in vocab):
         chars = "".join(sorted(vocab, key=vocab.get))
-        meta = dict(tokenizer="char", chars=chars, vocab_size=len(chars))
-        if tokenizer_json(meta) == tok:
-            return meta
-    if model.get("type") == "BPE" and len(vocab) == 50257:       # the size of GPT-2's, data.py's default BPE
+        candidates.append(dict(tokenizer="char", chars=chars))
+    if model.get("type") == "BPE" and n == 50257:       # the size of GPT-2's, data.py's default BPE
+        candidates.append(dict(tokenizer="bpe", encoding="r50k_base"))
+    for meta in candidates:
+        meta.update(vocab_size=n + len(special), **extra)
         try:
-            meta = dict(tokenizer="bpe", encoding="r50k_base", vocab_size=50257)
             if tokenizer_json(meta) == tok:
                 return meta
         except UserError:                      # no tiktoken data here: run the file as it is
@@ -569,12 +600,16 @@ def write_folder(tmp, tensors, groups, config, meta, args, dtype):
                                                    weight_map={n: f for f, g in zip(names, groups) for n, _, _ in g}))
         files.append("model.safetensors.index.json")
     write("config.json", dict(config, torch_dtype=str(dtype).removeprefix("torch.")))
+    bos, eos = special_ids(meta)
     if meta and meta.get("tokenizer") in ("char", "bpe"):
         write("tokenizer.json", tokenizer_json(meta))
         write("tokenizer_config.json", tokenizer_config(meta, args))
         files += ["tokenizer.json", "tokenizer_config.json"]
+        if eos is not None:                  # what transformers' generate starts and stops at
+            write("generation_config.json", dict(bos_token_id=bos, eos_token_id=eos))
+            files.append("generation_config.json")
     elif meta and meta.get("tokenizer") == "hf":     # a folder's own tokenizer (re-export): copied as it is
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             if (Path(meta["file"]).parent / name).is_file():
                 shutil.copyfile(Path(meta["file"]).parent / name, tmp / name)
                 files.append(name)

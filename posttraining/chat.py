@@ -25,6 +25,10 @@ from pretraining.data import MATH_KINDS, math_problems, tokenizer_from_meta
 
 # <｜begin▁of▁sentence｜><｜User｜>{question}<｜Assistant｜>{answer}<｜end▁of▁sentence｜>, ids after the base vocabulary
 SPECIAL = ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>")
+# the same template as transformers' apply_chat_template reads it (Jinja; export.py writes it to tokenizer_config.json)
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+                 "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
 HELD_OUT_SEED = 1           # the held-out draws; the corpus uses data.MATH_SEED (0), training pairs data.batch_seed(...)
 HELD_OUT_SHARE = 5          # one question text in 5 (by its CRC-32) is reserved for the held-out set
 HELD_OUT_MOST = 700         # 100 of each kind: the remainder kind has only 1,100 questions, about 220 of them held out
@@ -64,7 +68,7 @@ class Template:
 def chat_model(ckpt, path, max_seq_len, device="cpu"):
     """(model in training mode, kernels.py's MoE paths installed; tokenizer meta) from a train.py-style checkpoint dict
     read from `path`: a chat checkpoint as it is; a pretrained one with SPECIAL added to its vocabulary (new embedding and
-    output-head rows drawn as the model's init, N(0, 0.02); the old rows kept bit for bit). max_seq_len sets the RoPE
+    output-head rows drawn as the model's init, N(0, 0.02); the old rows kept bit for bit) and CHAT_TEMPLATE to its meta. max_seq_len sets the RoPE
     tables only (room for generate's left padding); the routing bias stays as trained (bias_update_speed 0: the balance
     counts would include padding)."""
     meta, args, state = dict(ckpt["meta"]), dict(ckpt["model_args"]), dict(ckpt["model"])
@@ -76,7 +80,7 @@ def chat_model(ckpt, path, max_seq_len, device="cpu"):
         for name in ("embed.weight", "head.weight"):
             rows = torch.randn(len(SPECIAL), state[name].size(1), generator=g) * 0.02
             state[name] = torch.cat([state[name], rows.to(state[name].dtype)])
-        meta.update(special=list(SPECIAL), vocab_size=n + len(SPECIAL))
+        meta.update(special=list(SPECIAL), vocab_size=n + len(SPECIAL), chat_template=CHAT_TEMPLATE)
         args["vocab_size"] = n + len(SPECIAL)
     try:
         model = ds.Transformer(ds.ModelArgs(**{**args, "max_seq_len": max_seq_len, "bias_update_speed": 0.0}))
@@ -229,7 +233,8 @@ def wilson(right, n, z=1.96):
 def configure(argv, defaults, least, doc):
     """(config, checkpoint dict to start from, device) for sft.py and grpo.py: their defaults, presets and --key=value as
     train.py parses its own (doc: the command's, for --help); least: {key: smallest value}. init_from is a folder of
-    either kind (checkpoint_path); a missing checkpoint is a one-line UserError. Sets the CPU threads (threads)."""
+    either kind (checkpoint_path); a missing checkpoint, or one in out_dir that the run would overwrite (without
+    overwrite=True), is a one-line UserError. Sets the CPU threads (threads)."""
     c = SimpleNamespace(**parse_config(sys.argv[1:] if argv is None else argv, defaults, doc)[0])
     for key, low in least.items():
         if getattr(c, key) < low:
@@ -238,6 +243,9 @@ def configure(argv, defaults, least, doc):
         raise UserError(f"out_dir {c.out_dir} is init_from's folder: a run from a checkpoint writes into one of its own")
     if c.eval_questions > HELD_OUT_MOST:
         raise UserError(f"eval_questions must be at most {HELD_OUT_MOST}, not {c.eval_questions}")
+    if (Path(c.out_dir) / "ckpt.pt").exists() and not c.overwrite:
+        raise UserError(f"{c.out_dir}/ckpt.pt exists and this run would overwrite it: --out_dir=OTHER writes beside it, "
+                        f"--overwrite=True replaces it")
     device = pick_device(c.device)
     set_threads(c.threads, device)
     return c, read_checkpoint(checkpoint_path(c.init_from)), device

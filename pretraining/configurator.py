@@ -4,7 +4,7 @@ values they would take. Then the values checked against each other and the machi
 threads, and the one-line error (UserError, exit code 2) that a mistake in a command, config or file becomes.
 
     cfg, explicit, presets = parse_config(["config/shakespeare_char_cpu.py", "--max_iters=500"], DEFAULTS, __doc__)
-    check_config(SimpleNamespace(**cfg), device=pick_device("auto"), world=None)
+    device = pick_device(cfg["device"]); set_threads(cfg["threads"], device)
 """
 import ast
 import difflib
@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from deepseek import ModelArgs
-from systems.fp8 import FP8_CC
 
 MODEL_KEYS = [k for k in ModelArgs.__dataclass_fields__ if k not in ("vocab_size", "max_seq_len")]
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -26,18 +25,30 @@ class UserError(ValueError):
     """A mistake in the command, config or files: reported as one line `error: ...`, exit code 2."""
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C, with what a command has to say about it (where its last checkpoint is, how to resume): reported as
+    one line `stopped: ...`, exit code 130."""
+
+
 def one_line(e):
     s = str(e).strip().splitlines()
     return f"{type(e).__name__}: {s[0] if s else ''}"
 
 
-def run_cli(main, argv=None):
-    """main(argv) for a command line: a UserError becomes one line `error: ...` on stderr and exit code 2."""
+def run_cli(main, argv=None, quiet=False):
+    """main(argv) for a command line: a UserError becomes one line `error: ...` on stderr and exit code 2, Ctrl-C
+    one line `stopped: ...` (what Stopped says) and exit code 130, the shell's for an interrupt. quiet: the code
+    alone (the other ranks of a torchrun)."""
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if not quiet:
+            print(f"stopped: {e if str(e) else 'Ctrl-C'}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -138,7 +149,7 @@ def pick_device(spec):
     return f"cuda:{index}"
 
 
-def idle_cores(seconds=0.2):
+def idle_cores(seconds=0.1):
     """How many of this machine's cores are idle now: /proc/stat's idle share over `seconds` (Linux), else
     the cores less the 1-minute load average; a float."""
     cores = os.cpu_count() or 1
@@ -156,7 +167,7 @@ def idle_cores(seconds=0.2):
 def set_threads(threads, device):
     """torch's CPU threads when the model runs on a CPU: `threads`, or with 0 the cores idle at start (at
     least 1). With more threads than idle cores, threads wait for each other at every operation: a training
-    step of the CPU preset with 2 threads on 2 cores, one of them busy, measured 5.7x slower than with 1.
+    step of the CPU preset with 2 threads on 2 cores, one of them busy, measured 3.4x slower than with 1.
     Other devices keep torch's default. -> the threads torch uses."""
     if threads < 0:
         raise UserError(f"threads must be at least 0 (0: the idle cores), not {threads}")
@@ -165,40 +176,19 @@ def set_threads(threads, device):
     return torch.get_num_threads()
 
 
+def compute_dtype(dtype, device):
+    """The dtype a run computes in: dtype, or for "auto" bf16 where the CUDA GPU has it natively (emulated bf16 is
+    slow), else fp16, and fp32 off CUDA."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def now():
     """time.perf_counter() once the current CUDA device has finished its queued work (kernels run
     asynchronously, so a clock read alone would time only their launch)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter()
-
-
-# ----------------------------------------------------------------------------- train.py's checks
-
-def check_config(c, device, world):
-    """Value checks that need no data: ranges, choices, out_dir, the model's own (ModelArgs) checks, and what the
-    device and torchrun's world size (None without) allow. c.dtype is already resolved (not "auto")."""
-    for key, least in dict(batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_interval=1, eval_iters=1,
-                           log_interval=1, max_iters=0).items():
-        if getattr(c, key) < least:
-            raise UserError(f"{key} must be at least {least}, not {getattr(c, key)}")
-    for key, allowed in dict(tokenizer=("bpe", "char"), dtype=("auto", "float32", "bfloat16", "float16")).items():
-        if getattr(c, key) not in allowed:
-            raise UserError(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
-    if blocked := next((p for p in (Path(c.out_dir), *Path(c.out_dir).parents) if p.exists() and not p.is_dir()), None):
-        raise UserError(f"out_dir {c.out_dir}: {blocked} is a file, not a folder")
-    model_args_from(vars(c), vocab_size=1)
-    cuda = device.startswith("cuda")
-    if c.dtype == "float16" and not cuda:
-        raise UserError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
-    if c.expert_parallel and world is None:
-        raise UserError("expert_parallel=True needs torchrun (one process per device), e.g. "
-                        "torchrun --standalone --nproc_per_node=2 train.py --expert_parallel=True")
-    if c.expert_parallel and c.n_routed_experts % world:
-        raise UserError(f"expert_parallel=True: the world size {world} must divide n_routed_experts={c.n_routed_experts}")
-    if c.expert_parallel and c.dtype == "float16":     # its loss scaler would skip steps on some ranks only
-        raise UserError("expert_parallel=True needs dtype bfloat16 or float32, not float16")
-    # Inductor fuses the cast to E4M3 into a Triton kernel, and Triton stores E4M3 only from FP8_CC on
-    if c.compile and c.fp8 and cuda and torch.cuda.get_device_capability(device) < FP8_CC:
-        raise UserError("compile=True with fp8=True needs compute capability 8.9 or newer (Triton cannot store E4M3 "
-                        "below it): drop one of the two")

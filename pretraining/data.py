@@ -15,6 +15,7 @@ import platform
 import random
 import re
 import sysconfig
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -48,8 +49,11 @@ def _tiktoken(encoding):
     except ValueError as e:
         raise UserError(f"unknown tiktoken encoding {encoding!r} ({one_line(e)})") from None
     except Exception as e:   # no network and no cached file
-        raise UserError(f"could not load tiktoken encoding {encoding!r} ({one_line(e)}); set TIKTOKEN_CACHE_DIR "
-                        f"to a folder holding its cached file, or use --tokenizer=char") from None
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+            f"{tempfile.gettempdir()}/data-gym-cache (tiktoken's default)"
+        raise UserError(f"tiktoken's {encoding!r} is not in its cache {cache} and could not be downloaded "
+                        f"({type(e).__name__}): set TIKTOKEN_CACHE_DIR to a folder holding its cached file, or use "
+                        f"--tokenizer=char") from None
 
 
 def tokenizer_from_meta(meta):
@@ -258,8 +262,10 @@ def prepare_data(data_dir="data", dataset="", text="", tokenizer="bpe", encoding
 
 
 def tokenizer_meta(meta):
-    """The part of a data meta that defines the tokenizer (what checkpoints store)."""
-    return {k: meta[k] for k in ("tokenizer", "encoding" if meta["tokenizer"] == "bpe" else "chars", "vocab_size")}
+    """The part of a data meta that defines the tokenizer (what checkpoints store): with a chat template's special
+    tokens and its Jinja text where the meta has them (posttraining/chat.py adds them)."""
+    keys = ("tokenizer", "encoding" if meta["tokenizer"] == "bpe" else "chars", "vocab_size", "special", "chat_template")
+    return {k: meta[k] for k in keys if k in meta}
 
 
 def load_split(folder, split, meta):

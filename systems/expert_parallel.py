@@ -3,7 +3,7 @@ deepseek.Transformer into a ParallelMoE, whose rank holds a slice of the routed 
 them by all-to-all (sorted and multiplied by kernels.py's paths). Below it, what training needs around
 it (train.py): gathering the slices into one ordinary checkpoint and re-sharding it on resume
 (map_experts, gather), the whole model's gradient norm for clipping (grad_norm), and the all-to-all
-volume for the log (all_to_all_volume). The config checks are configurator.check_config's.
+volume for the log (all_to_all_volume). The config checks are train.check_config's.
 """
 import torch
 import torch.distributed as dist
