@@ -50,6 +50,7 @@ from benchmarks import decode as bench_decode
 from benchmarks import hf as bench_hf
 from benchmarks import kernels as bench_kernels
 from benchmarks import specialization as bench_specialization
+from benchmarks import step as bench_step
 from checkpoint import ckpt as ckpts
 from checkpoint import hf
 from inference import routing, speculative
@@ -3468,10 +3469,22 @@ def saved_figures(monkeypatch):
 
 
 @pytest.mark.slow
+def test_bench_step_times_every_row():
+    """Every row of the step part, Muon's included, is timed (a positive median), and the rows differ in what they
+    say: Muon's step costs more than AdamW's on the same model (its Newton-Schulz iterations)."""
+    times = bench.main(["--parts=step", "--step_repeats=3"])["step"]
+    assert list(times) == [name for name, *_ in bench_step.ROWS] and all(t > 0 for t in times.values())
+    assert times["MoE + MTP, Muon"] > times["MoE + MTP (the preset)"]
+
+
+@pytest.mark.slow
 def test_bench_ablation_smoke(tmp_path, text_file, data_dir, monkeypatch):
     figures = saved_figures(monkeypatch)
     results = bench.main(["--parts=ablation", "--iters=4", "--timing_iters=3", "--quick", f"--out={tmp_path}",
-                          f"--data_dir={data_dir}", f"--text={text_file}"])["ablation"]
+                          f"--data_dir={data_dir}", f"--text={text_file}", "--optimizer=muon"])["ablation"]
+    for budget in ("steps", "time"):                                          # every run by the optimizer asked
+        assert {ckpts.read_checkpoint(r["runs"][0]["out"] / "ckpt.pt")["config"]["optimizer"]
+                for r in results[budget]} == {"muon"}
     names = [name for name, _ in bench_ablation.ABLATION]
     for budget in ("steps", "time"):
         assert [r["name"] for r in results[budget]] == names and all(len(r["runs"]) == 1 for r in results[budget])
