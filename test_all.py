@@ -2194,7 +2194,7 @@ def test_ddp_two_processes_stay_identical_and_resume(tmp_path, text_file, data_d
 def ep_worker(rank, world, store, kw):
     """One rank of an expert-parallel model (DDP for the rest, as train.py sets it up) against a
     single-process copy on the whole global batch: loss, every gradient, an AdamW step (gathered weights
-    and moments), a re-shard of the gathered state, the bias update and MaxVio, the node limit."""
+    and moments), a re-shard of the gathered state, the bias update and MaxVio, the node limit, a Muon step."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     ref, ep = model(**kw), model(**kw)
@@ -2260,6 +2260,15 @@ def ep_worker(rank, world, store, kw):
     assert abs(total.item() / world - want["total"].item()) < 2e-2
     for m in moes:
         assert m.bytes == m.sends * ((2 * D + K) * 2 + K * 4)
+    # Muon (the same gradients): each rank orthogonalizes the experts it holds, one by one, so its update is the
+    # single process's slice (one orthogonalization per rank's stack would not be)
+    before, ep_before = ({n: p.detach().clone() for n, p in m.named_parameters()} for m in (ref, ep))
+    for m in (ref, ep):
+        optim.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.95), "cpu", "muon").step()
+    for name, p in ep.named_parameters():
+        want = full[name].detach() - before[name]
+        want = want.chunk(world)[rank] if name in sharded else want
+        torch.testing.assert_close(p.detach() - ep_before[name], want, rtol=0, atol=1e-5, msg=name)
     del ddp
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
