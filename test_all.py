@@ -1485,6 +1485,9 @@ def test_presets_parse():
         configurator.model_args_from(cfg, 65)
     by_path, _, _ = configurator.parse_config([str(REPO / "config" / "shakespeare_char_cpu.py")], train.DEFAULTS)
     assert configurator.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0] == by_path != train.DEFAULTS     # a bare preset name
+    fast = configurator.parse_config(["shakespeare_char_cpu_fast"], train.DEFAULTS)[0]   # nanoGPT's task and width
+    same = ("text", "dataset", "tokenizer", "block_size", "eval_iters", "dim", "n_layers", "n_heads", "dropout")
+    assert {k: fast[k] for k in same} == {k: by_path[k] for k in same}
 
 
 @pytest.mark.parametrize("argv, msg", [

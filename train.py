@@ -6,6 +6,8 @@
     python train.py --text=my_book.txt --tokenizer=bpe  # your own text (a .txt file or a folder of them)
     python train.py --init_from=resume --out_dir=out    # continue the run saved in out/ckpt.pt
     python train.py config/shakespeare_char_cpu_256.py  # a new run from its weights: context 64 -> 256 with YaRN
+    python train.py config/shakespeare_char_cpu_fast.py # nanoGPT's CPU quality in the least wall: dense, Muon, no MTP
+    python train.py --optimizer=muon                    # Muon (DeepSeek-V4's) for the matrices: pretraining/optim.py
     python train.py --init_from=out-hf --out_dir=out-ft # fine-tune a folder in DeepSeek's layout (checkpoint/hf.py, export.py)
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
     torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: systems/expert_parallel.py
