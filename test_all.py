@@ -6,8 +6,8 @@
                                 balancing, MTP, model, generation (against the equations written out)
     kernels                     kernels.py against deepseek.py (gate, dispatch, the expert GEMMs)
     FP8                         systems/fp8.py against its definition (§3.3)
-    training                    configuration, data and tokenizers, optimizers (AdamW, Muon) and schedule, the loop, expert
-                                parallelism (systems/expert_parallel.py), checkpoints, context extension
+    training                    configuration, data and tokenizers, optimizers (AdamW, Muon) and schedule, the
+                                loop, expert parallelism (systems/expert_parallel.py), checkpoints, context extension
     sampling                    sample.py, inference/ (speculative decoding, routing shown)
     DeepSeek's checkpoint format  checkpoint/hf.py both ways, and against transformers
     post-training               posttraining/chat.py, sft.py, grpo.py (§5)

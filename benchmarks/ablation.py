@@ -46,7 +46,8 @@ def train_row(args, root, name, over, seed, iters, tag):
     out = root / f"{tag}_{args.optimizer}_row{name.split()[0]}_seed{seed}"
     every = iters if tag == "timing" else max(iters // 8, 1)      # a timing run evaluates once, at the end
     argv = ["shakespeare_char_cpu", "--device=cpu", f"--data_dir={args.data_dir}", f"--seed={1337 + seed}",
-            "--always_save_checkpoint=True", f"--optimizer={args.optimizer}", f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+            "--always_save_checkpoint=True", f"--optimizer={args.optimizer}", f"--max_iters={iters}",
+            f"--lr_decay_iters={iters}",
             f"--mtp_lambda_step={round(0.7 * iters)}", f"--eval_interval={every}", f"--log_interval={min(every, 10)}"]
     argv += (["--eval_iters=4"] if args.quick or tag == "timing" else []) + ([f"--text={args.text}"] if args.text else [])
     argv += [f"--{k}={v}" for k, v in over.items()]

@@ -47,9 +47,9 @@ def orthogonalize(G, steps=NS_STEPS):
     """About U V^T for each matrix G = U S V^T in G (..., m, n): quintic Newton-Schulz iterations
     X <- aX + (bA + cA^2)X, A = XX^T, from X = G over its Frobenius norm (spectral norm at most 1).
     The coefficients buy speed, not exactness: a singular value from 1/100 of the largest up ends in
-    about [0.68, 1.21], not at 1 (smaller ones lower). The leading dimensions are a batch of matrices, each on
-    its own: a stack of experts (E, m, n) is orthogonalized expert by expert. In bf16 on CUDA (as
-    modded-nanogpt), else in fp32."""
+    about [0.68, 1.21], not at 1 (smaller ones lower). The leading dimensions are a batch of matrices,
+    each on its own: a stack of experts (E, m, n) is orthogonalized expert by expert. In bf16 on CUDA
+    (as modded-nanogpt), else in fp32."""
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32).reshape(-1, *G.shape[-2:])
     wide = X.size(-2) <= X.size(-1)
     X = X if wide else X.mT                        # A = XX^T on the smaller side
