@@ -4,7 +4,7 @@
 #   python train.py config/shakespeare_char_cpu_fast.py --device=cpu
 # - Muon (DeepSeek-V4's optimizer) for the blocks' matrices: 0.09 lower than AdamW at 500 steps here;
 # - dense FFNs, no routed experts: at 12-24 x 64 tokens a step, 8 experts' small GEMMs and their per-expert
-#   Newton-Schulz iterations cost more per second than MoE buys; no MTP: its extra block costs 25% a step;
+#   Newton-Schulz iterations cost more per second than MoE buys; no MTP: its extra block costs 30-40% a step;
 # - 24 sequences a step, 300 steps: Muon gains from the bigger batch, AdamW does not;
 # - two evaluations (the first step and the last), 20 batches each as nanoGPT's recipe.
 out_dir = "out-shakespeare-char-cpu-fast"
