@@ -3,9 +3,11 @@ one file per part in benchmarks/ (their shared helpers in benchmarks/common.py);
 
     python bench.py --parts=kernels      # registers / spills of the Triton kernels per CUDA target (no GPU
                                          # needed); on a GPU also their timings vs the PyTorch references
-    python bench.py --parts=step         # a training step: MoE (grouped GEMM, loop) vs dense of equal active size
+    python bench.py --parts=step         # a training step: MoE (grouped GEMM, loop) vs dense of equal active size,
+                                         # AdamW vs Muon
     python bench.py --parts=decode       # decoding: recompute vs naive / absorbed MLA cache vs MTP speculative
     python bench.py --parts=ablation     # what each DeepSeek idea buys: a ladder of models, same steps and same time
+                                         # (--optimizer=muon: every row by Muon)
     python bench.py --parts=specialization   # what the experts learn on English, code and maths (report Fig. 9)
     python bench.py --parts=fp8          # FP8 training (report §3.3) beside fp32: loss, step time, saved activations
     python bench.py --parts=ep           # expert parallelism: all-to-all volume with and without the node limit
@@ -34,6 +36,7 @@ DEFAULTS = dict(
     data_dir="data",          # ablation, specialization, fp8, context, posttrain: the data cache (as train.py's)
     text="",                  # ablation, fp8, context: the text to train on; specialization, posttrain: its English
     repeats=1,                # ablation, specialization, context, posttrain: seeds per row (mean and spread)
+    optimizer="adamw",        # ablation: every row's optimizer, train.py's --optimizer (adamw | muon)
     iters=0,                  # ablation, specialization, fp8, context: steps per run (0: 2000, quick 200; fp8 quick
                               # 50; context, posttrain: the base's, context's phases run iters / 8)
     timing_iters=0,           # ablation: steps of each row's timing run (0: 50, quick 10)
@@ -52,6 +55,8 @@ def main(argv=None):
     parts = ["gpu"] if args["gpu"] else [p.strip() for p in args["parts"].split(",") if p.strip()]
     if unknown := [p for p in parts if p not in PARTS]:
         raise UserError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if args["optimizer"] not in ("adamw", "muon"):
+        raise UserError(f"optimizer must be one of adamw, muon, not {args['optimizer']!r}")
     set_threads(args["threads"], "cpu")
     quick = args["quick"]
     args.update(iters=args["iters"] or (200 if quick else 2000), long_tokens=args["long_tokens"] or (16 if quick else 64),

@@ -6,8 +6,8 @@
                                 balancing, MTP, model, generation (against the equations written out)
     kernels                     kernels.py against deepseek.py (gate, dispatch, the expert GEMMs)
     FP8                         systems/fp8.py against its definition (§3.3)
-    training                    configuration, data and tokenizers, optimizer and schedule, the loop, expert
-                                parallelism (systems/expert_parallel.py), checkpoints, context extension
+    training                    configuration, data and tokenizers, optimizers (AdamW, Muon) and schedule, the
+                                loop, expert parallelism (systems/expert_parallel.py), checkpoints, context extension
     sampling                    sample.py, inference/ (speculative decoding, routing shown)
     DeepSeek's checkpoint format  checkpoint/hf.py both ways, and against transformers
     post-training               posttraining/chat.py, sft.py, grpo.py (§5)
@@ -50,6 +50,7 @@ from benchmarks import decode as bench_decode
 from benchmarks import hf as bench_hf
 from benchmarks import kernels as bench_kernels
 from benchmarks import specialization as bench_specialization
+from benchmarks import step as bench_step
 from checkpoint import ckpt as ckpts
 from checkpoint import hf
 from inference import routing, speculative
@@ -1484,6 +1485,9 @@ def test_presets_parse():
         configurator.model_args_from(cfg, 65)
     by_path, _, _ = configurator.parse_config([str(REPO / "config" / "shakespeare_char_cpu.py")], train.DEFAULTS)
     assert configurator.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0] == by_path != train.DEFAULTS     # a bare preset name
+    fast = configurator.parse_config(["shakespeare_char_cpu_fast"], train.DEFAULTS)[0]   # nanoGPT's task and width
+    same = ("text", "dataset", "tokenizer", "block_size", "eval_iters", "dim", "n_layers", "n_heads", "dropout")
+    assert {k: fast[k] for k in same} == {k: by_path[k] for k in same}
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -1532,7 +1536,7 @@ def small_text(tmp_path):
 
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing text", "block > data", "batch > data",
                                   "bad device", "absent cuda", "bad model", "missing ckpt", "corrupt ckpt",
-                                  "out_dir is a file"])
+                                  "out_dir is a file", "bad optimizer"])
 def test_bad_input_one_line_exit_2(case, tmp_path, small_text, text_file, capsys):
     out = tmp_path / "out"
     base = [str(preset(tmp_path)), f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", "--device=cpu"]
@@ -1548,6 +1552,7 @@ def test_bad_input_one_line_exit_2(case, tmp_path, small_text, text_file, capsys
         "missing ckpt": ["--init_from=resume"],
         "corrupt ckpt": ["--init_from=resume"],
         "out_dir is a file": [f"--text={small_text}", "--block_size=8", f"--out_dir={small_text}"],
+        "bad optimizer": [f"--text={small_text}", "--block_size=8", "--optimizer=Muon"],
     }[case]
     if case == "corrupt ckpt":
         out.mkdir()
@@ -1559,11 +1564,13 @@ def test_bad_input_one_line_exit_2(case, tmp_path, small_text, text_file, capsys
 
 
 @pytest.mark.slow
-def test_cli_exit_code_in_a_real_process(tmp_path):
-    r = subprocess.run([sys.executable, "train.py", "--n_layer=4", f"--out_dir={tmp_path / 'out'}"],
+@pytest.mark.parametrize("arg,message", [("--n_layer=4", "error: unknown config key 'n_layer'"),
+                                         ("--optimizer=sgd", "error: optimizer must be one of adamw, muon, not 'sgd'")])
+def test_cli_exit_code_in_a_real_process(tmp_path, arg, message):
+    r = subprocess.run([sys.executable, "train.py", arg, f"--out_dir={tmp_path / 'out'}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.startswith("error: unknown config key 'n_layer'") and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(message) and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
 
 
@@ -1845,6 +1852,74 @@ def test_weight_decay_on_matrices_only():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+
+def test_muon_orthogonalizes_within_the_quintic_band():
+    """Newton-Schulz maps G = U S V^T to about U V^T: singular values from 1/100 of the largest up end in
+    the quintic coefficients' band (about 0.68 to 1.21, not 1), and the directions are G's (U V^T's)."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((32, 96), (96, 32), (48, 48)):
+        U, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g))
+        V, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=g))
+        k = min(shape)
+        G = 3 * U[:, :k] @ torch.diag(torch.logspace(0, -2, k)) @ V[:, :k].T
+        O = optim.orthogonalize(G)
+        s = torch.linalg.svdvals(O)
+        assert 0.65 < s.min() and s.max() < 1.25, (shape, s.min(), s.max())
+        polar = U[:, :k] @ V[:, :k].T                                  # U V^T
+        assert F.cosine_similarity(O.flatten(), polar.flatten(), dim=0) > 0.97
+
+
+def test_muon_orthogonalizes_each_expert_on_its_own():
+    """A stack of experts (E, m, n) takes the update its experts would take one by one (matrices of
+    their own), not one orthogonalization of the stack; each update has RMS lr * rms (Moonlight's
+    shape-matched scaling), after the decoupled weight decay, along Nesterov momentum."""
+    g = torch.Generator().manual_seed(0)
+    stack = torch.nn.Parameter(torch.randn(4, 16, 40, generator=g))
+    alone = [torch.nn.Parameter(w.clone()) for w in stack.detach()]
+    lr, wd, rms, mu = 0.01, 0.1, 0.5, 0.9
+    opts = [optim.Muon([dict(params=ps, muon=True, weight_decay=wd)], lr=lr, betas=(0.9, 0.95), rms=rms,
+                       momentum=mu) for ps in ([stack], alone)]
+    grads = [torch.randn(4, 16, 40, generator=g) * torch.tensor([1, 10, 100, 0.1]).view(4, 1, 1)
+             for _ in range(2)]
+    W, M = stack.detach().clone(), torch.zeros_like(stack)
+    for G in grads:
+        stack.grad = G.clone()
+        for p, gp in zip(alone, G):
+            p.grad = gp.clone()
+        for opt in opts:
+            opt.step()
+        M = mu * M + (1 - mu) * G                  # written out: W <- (1 - lr wd) W - lr rms sqrt(40) NS(...)
+        decayed = (1 - lr * wd) * W
+        W = decayed - lr * rms * 40 ** 0.5 * optim.orthogonalize(mu * M + (1 - mu) * G)
+        torch.testing.assert_close(stack.detach(), W)
+        rms_update = (W - decayed).pow(2).mean(dim=(1, 2)).sqrt()
+        torch.testing.assert_close(rms_update, torch.full((4,), lr * rms), rtol=0.25, atol=0)
+    torch.testing.assert_close(stack.detach(), torch.stack([p.detach() for p in alone]))
+
+
+@pytest.mark.parametrize("muon_experts", [True, False])
+def test_muon_groups_cover_every_parameter_once(muon_experts):
+    """Muon takes the blocks' matrices (MLA's projections, FFNs, shared and routed experts, MTP's); AdamW the
+    embedding, head and gate centroids (decayed) and the norms (not); the balancing biases are buffers."""
+    m = model(n_mtp=1)
+    opt = optim.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.95), "cpu", "muon", muon_experts=muon_experts)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters())              # each exactly once
+    muon, adam, vectors = opt.param_groups
+    names = {id(p): n for n, p in m.named_parameters()}
+    experts = {n for n in names.values() if ".experts." in n}
+    assert experts and {names[id(p)] for p in adam["params"]} == \
+        {"embed.weight", "head.weight"} | {n for n in names.values() if n.endswith("gate.weight")} | \
+        (set() if muon_experts else experts)
+    matrices = {n for n, p in m.named_parameters() if p.dim() >= 2}
+    assert {names[id(p)] for p in muon["params"]} == matrices - {names[id(p)] for p in adam["params"]}
+    assert {"mtp.0.eh_proj.weight", "layers.1.attn.wkv_a.weight", "layers.1.ffn.shared_experts.w1.weight"} <= \
+        {names[id(p)] for p in muon["params"]}
+    assert muon["muon"] and not adam["muon"] and not vectors["muon"]
+    assert muon["weight_decay"] == adam["weight_decay"] == 0.1 and vectors["weight_decay"] == 0
+    assert all(p.dim() >= 2 for p in muon["params"] + adam["params"]) and all(p.dim() == 1 for p in vectors["params"])
+    assert (experts <= {names[id(p)] for p in muon["params"]}) == muon_experts
+
 def test_lr_and_mtp_schedule():
     c = types.SimpleNamespace(decay_lr=True, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110,
                               mtp_lambda=0.3, mtp_lambda_late=0.1, mtp_lambda_step=50)
@@ -2056,9 +2131,12 @@ def test_accumulated_gradient_is_that_of_the_mean_loss(tmp_path, text_file, data
 
 
 @pytest.mark.slow
-def test_resume_continues_the_same_trajectory(tmp_path, text_file, data_dir):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_the_same_trajectory(tmp_path, text_file, data_dir, optimizer):
+    """8 steps, and 4 then a resume for 4 more, agree to the bit: the weights, the optimizer's state (AdamW's
+    moments; Muon's momentum and its AdamW part's), the data order and dropout's RNG."""
     kw = dict(dropout=0.1, max_iters=8, eval_interval=4)      # dropout: the RNG state is part of the resume
-    extra = ["--gradient_accumulation_steps=2", "--mtp_lambda_step=6"]
+    extra = ["--gradient_accumulation_steps=2", "--mtp_lambda_step=6", f"--optimizer={optimizer}"]
     full = run(tmp_path, text_file, data_dir, *extra, out="full", **kw)
     half = run(tmp_path, text_file, data_dir, *extra, "--max_iters=4", out="half", **kw)
     resumed = run(tmp_path, text_file, data_dir, *extra, "--init_from=resume", out="half", **kw)
@@ -2073,6 +2151,13 @@ def test_resume_continues_the_same_trajectory(tmp_path, text_file, data_dir):
     assert s1["iter_num"] == s2["iter_num"] == 8
     for k in s1["model"]:
         assert torch.equal(s1["model"][k], s2["model"][k]), k
+    assert s1["optimizer"]["state"].keys() == s2["optimizer"]["state"].keys()
+    for i, state in s1["optimizer"]["state"].items():
+        assert all(torch.equal(v, s2["optimizer"]["state"][i][k]) for k, v in state.items()), i
+    assert ("momentum_buffer" in s1["optimizer"]["state"][3]) == (optimizer == "muon")    # a block matrix
+    other = "adamw" if optimizer == "muon" else "muon"      # the saved state fits its own optimizer only
+    with pytest.raises(configurator.UserError, match=f"trains with optimizer={optimizer}: a resumed run keeps it"):
+        run(tmp_path, text_file, data_dir, *extra, "--init_from=resume", f"--optimizer={other}", out="half", **kw)
 
 
 @pytest.mark.slow
@@ -2112,7 +2197,7 @@ def test_ddp_two_processes_stay_identical_and_resume(tmp_path, text_file, data_d
 def ep_worker(rank, world, store, kw):
     """One rank of an expert-parallel model (DDP for the rest, as train.py sets it up) against a
     single-process copy on the whole global batch: loss, every gradient, an AdamW step (gathered weights
-    and moments), a re-shard of the gathered state, the bias update and MaxVio, the node limit."""
+    and moments), a re-shard of the gathered state, the bias update and MaxVio, the node limit, a Muon step."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     ref, ep = model(**kw), model(**kw)
@@ -2178,6 +2263,15 @@ def ep_worker(rank, world, store, kw):
     assert abs(total.item() / world - want["total"].item()) < 2e-2
     for m in moes:
         assert m.bytes == m.sends * ((2 * D + K) * 2 + K * 4)
+    # Muon (the same gradients): each rank orthogonalizes the experts it holds, one by one, so its update is the
+    # single process's slice (one orthogonalization per rank's stack would not be)
+    before, ep_before = ({n: p.detach().clone() for n, p in m.named_parameters()} for m in (ref, ep))
+    for m in (ref, ep):
+        optim.configure_optimizer(m, 1e-3, 0.1, (0.9, 0.95), "cpu", "muon").step()
+    for name, p in ep.named_parameters():
+        want = full[name].detach() - before[name]
+        want = want.chunk(world)[rank] if name in sharded else want
+        torch.testing.assert_close(p.detach() - ep_before[name], want, rtol=0, atol=1e-5, msg=name)
     del ddp
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -3406,10 +3500,22 @@ def saved_figures(monkeypatch):
 
 
 @pytest.mark.slow
+def test_bench_step_times_every_row():
+    """Every row of the step part, Muon's included, is timed (a positive median), and the rows differ in what they
+    say: Muon's step costs more than AdamW's on the same model (its Newton-Schulz iterations)."""
+    times = bench.main(["--parts=step", "--step_repeats=3"])["step"]
+    assert list(times) == [name for name, *_ in bench_step.ROWS] and all(t > 0 for t in times.values())
+    assert times["MoE + MTP, Muon"] > times["MoE + MTP (the preset)"]
+
+
+@pytest.mark.slow
 def test_bench_ablation_smoke(tmp_path, text_file, data_dir, monkeypatch):
     figures = saved_figures(monkeypatch)
     results = bench.main(["--parts=ablation", "--iters=4", "--timing_iters=3", "--quick", f"--out={tmp_path}",
-                          f"--data_dir={data_dir}", f"--text={text_file}"])["ablation"]
+                          f"--data_dir={data_dir}", f"--text={text_file}", "--optimizer=muon"])["ablation"]
+    for budget in ("steps", "time"):                                          # every run by the optimizer asked
+        assert {ckpts.read_checkpoint(r["runs"][0]["out"] / "ckpt.pt")["config"]["optimizer"]
+                for r in results[budget]} == {"muon"}
     names = [name for name, _ in bench_ablation.ABLATION]
     for budget in ("steps", "time"):
         assert [r["name"] for r in results[budget]] == names and all(len(r["runs"]) == 1 for r in results[budget])

@@ -6,6 +6,8 @@
     python train.py --text=my_book.txt --tokenizer=bpe  # your own text (a .txt file or a folder of them)
     python train.py --init_from=resume --out_dir=out    # continue the run saved in out/ckpt.pt
     python train.py config/shakespeare_char_cpu_256.py  # a new run from its weights: context 64 -> 256 with YaRN
+    python train.py config/shakespeare_char_cpu_fast.py # nanoGPT's CPU quality in the least wall: dense, Muon, no MTP
+    python train.py --optimizer=muon                    # Muon (DeepSeek-V4's) for the matrices: pretraining/optim.py
     python train.py --init_from=out-hf --out_dir=out-ft # fine-tune a folder in DeepSeek's layout (checkpoint/hf.py, export.py)
     torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
     torchrun --standalone --nproc_per_node=8 train.py --expert_parallel=True   # experts sharded: systems/expert_parallel.py
@@ -69,6 +71,11 @@ DEFAULTS = dict(
     # AdamW (weight decay on matrices only), linear warmup then cosine decay to min_lr; grad_clip 0: none
     learning_rate=1e-3, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
     decay_lr=True, warmup_iters=100, lr_decay_iters=5000, min_lr=1e-4,
+    # optimizer: "adamw" (DeepSeek-V3's) | "muon" (DeepSeek-V4's: the blocks' matrices by Muon, each routed expert
+    # on its own unless muon_experts=False puts them on AdamW; embedding, head, norms and gate centroids by AdamW;
+    # pretraining/optim.py). muon_rms: a Muon update's RMS per unit of learning rate (Moonlight's 0.2 is AdamW's;
+    # 2.0 measured best at the CPU preset's size)
+    optimizer="adamw", muon_rms=2.0, muon_momentum=0.95, muon_experts=True,
     # system; compile: torch.compile the model; peak_flops: per-device peak FLOP/s for MFU (0: PEAK_BF16)
     device="auto",                # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (CUDA: bf16 where native, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
@@ -110,6 +117,10 @@ def configure(argv, world=None, log=print):
                                              Path(cfg["out_dir"]).resolve() == Path(cfg["init_from"]).resolve()):
             raise UserError(f"a new run from {path} needs an out_dir of its own (--out_dir=...): it would overwrite "
                             f"what it starts from")
+        was = saved.get("optimizer", "adamw")
+        if cfg["init_from"] == "resume" and cfg["optimizer"] != was:     # its optimizer state would not fit
+            raise UserError(f"{path} trains with optimizer={was}: a resumed run keeps it (a new run from its "
+                            f"weights, --init_from=FOLDER, may take another)")
         if cfg["dtype"] == "float16" and not device.startswith("cuda") and "dtype" not in explicit:
             raise UserError(f"dtype float16, from {path}'s config, needs a CUDA device: --dtype=auto (or float32, "
                             f"bfloat16) runs it here")
@@ -138,7 +149,8 @@ def check_config(c, device, world):
                            log_interval=1, max_iters=0).items():
         if getattr(c, key) < least:
             raise UserError(f"{key} must be at least {least}, not {getattr(c, key)}")
-    for key, allowed in dict(tokenizer=("bpe", "char"), dtype=("auto", "float32", "bfloat16", "float16")).items():
+    for key, allowed in dict(tokenizer=("bpe", "char"), dtype=("auto", "float32", "bfloat16", "float16"),
+                             optimizer=("adamw", "muon")).items():
         if getattr(c, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
     if blocked := next((p for p in (Path(c.out_dir), *Path(c.out_dir).parents) if p.exists() and not p.is_dir()), None):
@@ -206,7 +218,8 @@ def init_model(c, meta, ckpt, device, dtype, rank, world, log):
     if c.fp8:
         fp8.convert(model)
     sharded = shard_experts(model, world) if c.expert_parallel else {}
-    optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device_type)
+    optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device_type,
+                                    c.optimizer, c.muon_rms, c.muon_momentum, c.muon_experts)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:

@@ -1,5 +1,6 @@
 """bench.py --parts=ablation: what each DeepSeek idea buys. A ladder of models on char-level Tiny Shakespeare,
-each row the CPU preset with some ideas turned off, trained for the same steps and for the same time."""
+each row the CPU preset with some ideas turned off, trained for the same steps and for the same time, every row
+by one optimizer (--optimizer=adamw, V3's, or muon)."""
 import statistics
 import sys
 import textwrap
@@ -42,14 +43,15 @@ def expert_load(out_dir, text, data_dir, batches=10):
 
 def train_row(args, root, name, over, seed, iters, tag):
     """One run of an ablation row for `iters` steps (schedule scaled to them)."""
-    out = root / f"{tag}_row{name.split()[0]}_seed{seed}"
+    out = root / f"{tag}_{args.optimizer}_row{name.split()[0]}_seed{seed}"
     every = iters if tag == "timing" else max(iters // 8, 1)      # a timing run evaluates once, at the end
     argv = ["shakespeare_char_cpu", "--device=cpu", f"--data_dir={args.data_dir}", f"--seed={1337 + seed}",
-            "--always_save_checkpoint=True", f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+            "--always_save_checkpoint=True", f"--optimizer={args.optimizer}", f"--max_iters={iters}",
+            f"--lr_decay_iters={iters}",
             f"--mtp_lambda_step={round(0.7 * iters)}", f"--eval_interval={every}", f"--log_interval={min(every, 10)}"]
     argv += (["--eval_iters=4"] if args.quick or tag == "timing" else []) + ([f"--text={args.text}"] if args.text else [])
     argv += [f"--{k}={v}" for k, v in over.items()]
-    print(f"bench: {name}, seed {seed}, {iters} steps ...", file=sys.stderr, flush=True)
+    print(f"bench: {name}, {args.optimizer}, seed {seed}, {iters} steps ...", file=sys.stderr, flush=True)
     return dict(train_run(args, out, argv, root / f"{out.name}.log"), mtp=over.get("n_mtp", 1) > 0)
 
 
@@ -74,7 +76,8 @@ def run(args):
                  flops=model.flops_per_token(model.args.max_seq_len))
 
     mean = lambda r, k: statistics.mean(x[k] for x in r["runs"])   # noqa: E731
-    print(f"\nablation: char-level Tiny Shakespeare, {args.repeats} seed(s) per row, {torch.get_num_threads()} CPU threads")
+    print(f"\nablation: char-level Tiny Shakespeare, {args.optimizer}, {args.repeats} seed(s) per row, "
+          f"{torch.get_num_threads()} CPU threads")
     print(f"\nsame steps ({args.iters}):\n")
     print("| row | params | active | train GFLOPs/token | best val loss | final MaxVio | ms/step | val vs row 1 | time vs row 1 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

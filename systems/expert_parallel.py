@@ -105,14 +105,14 @@ def shard_experts(model, world):
 # ----------------------------------------------------------------------------- what train.py needs around it
 
 def map_experts(optimizer, sharded, state, opt_state, fn):
-    """Replace the expert weights and their AdamW moments in a model and an optimizer state dict by fn
-    of them: gather (saving) or slice (resuming) along the expert dimension."""
+    """Replace the expert weights and their optimizer state (AdamW's moments, Muon's momentum) in a model and an
+    optimizer state dict by fn of them: gather (saving) or slice (resuming) along the expert dimension."""
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     for name, p in sharded.items():
         state[name] = fn(state[name])
         i = index[id(p)]
         if i in opt_state["state"]:     # a fresh dict: optimizer.state_dict() shares the live one
-            opt_state["state"][i] = {k: fn(v) if k in ("exp_avg", "exp_avg_sq") else v
+            opt_state["state"][i] = {k: fn(v) if k in ("exp_avg", "exp_avg_sq", "momentum_buffer") else v
                                      for k, v in opt_state["state"][i].items()}
 
 
