@@ -3802,20 +3802,26 @@ def test_bench_posttrain_smoke(tmp_path, text_file, capsys, monkeypatch):
     greedy = [row[1] for row in result["before"][0]]
     assert int(before[2]) == 14 and float(before[3]) == pytest.approx(100 * sum(greedy) / 14, abs=0.05)
     assert greedy == result["evals"]["thinking"][0]["greedy"]            # one model, one greedy decoding
+    preset = runpy.run_path(str(REPO / "config" / "grpo_cpu.py"))
+    plain = preset.get("kl_beta", 0.04) > 0 or preset.get("updates_per_batch", 2) > 1   # else it would be GRPO itself
+    assert ("grpo_plain" in result["runs"]) == plain and ("without the KL term and the clip" in out) != plain
+    names = ("thinking", "grpo", "more_sft") + ("grpo_plain",) * plain
     models = [r for r in rows if r[0] in ("SFT, thinking traces", "GRPO from the thinking SFT",
                                           "GRPO's seconds as more SFT instead", "GRPO without KL and clip")]
-    assert len(models) == 5 and all(len(r) == 5 for r in models[1:])
-    for r, name in zip(models[1:], ("thinking", "grpo", "more_sft", "grpo_plain")):
+    assert len(models) == 1 + 2 * len(names) and all(len(r) == 5 for r in models[1:])   # Table 9, GRPO's, the stages
+    for r, name in zip(models[1:1 + len(names)], names):
         assert r[3].startswith(f"{100 * sum(result['evals'][name][0]['greedy']) / 14:.1f} (")
+    for r, name in zip(models[1 + len(names):], [n for n in ("thinking", "grpo", "grpo_plain", "more_sft") if n in names]):
+        assert r[1] == str(next(e for e in result["runs"][name][0] if e["kind"] == "done")["step"])
     paired = [r for r in rows if " - " in r[0]]
-    assert len(paired) == 16 and {r[2] for r in paired} == {"greedy", "sampled"}
+    assert len(paired) == 4 * (len(names) - 1) + 4 and {r[2] for r in paired} == {"greedy", "sampled"}
     grpo_s = next(e for e in result["runs"]["grpo"][0] if e["kind"] == "done")["train_s"]
     more = next(e for e in result["runs"]["more_sft"][0] if e["kind"] == "done")
     assert more["train_s"] >= grpo_s and more["step"] >= 1             # stopped once it had spent GRPO's seconds
     assert "| all questions in one batch (Q prefills, Q x G rows) |" in out and "| each sample alone" in out
     if figures is not None:   # GRPO's greedy accuracy on the aimed kinds at each evaluation, in percent
         acc = figures["posttrain.png"].axes[0]
-        for line, name in zip(acc.get_lines(), ("grpo", "grpo_plain")):
+        for line, name in zip(acc.get_lines(), ("grpo", "grpo_plain")[:1 + plain]):
             evals = [e["accuracy"] for e in result["runs"][name][0] if e["kind"] == "eval"]
             kinds = [k for k in data.MATH_KINDS if k in command_mix()] or data.MATH_KINDS
             want = [100 * sum(a[k][0] for k in kinds) / sum(a[k][1] for k in kinds) for a in evals]

@@ -6,9 +6,10 @@
 2. Before RL, the thinking model: greedy and sampled (temperature 1) accuracy, pass@G, majority vote and the share of
    groups of G replies with mixed rewards, per kind and difficulty (the trace's steps up to or above the kind's median).
 3. GRPO (config/grpo_cpu.py, on the kinds of its mix) from the thinking model, against the same training seconds spent
-   on more SFT of the same mix, and against GRPO without the KL term and the clip: greedy and sampled accuracy on the
-   held-out questions of the kinds it aimed at and on all of them, paired question by question within each seed
-   (McNemar's test, the paired 95% interval of the difference).
+   on more SFT of the same mix, and against GRPO without the KL term and the clip (where the preset has either: with
+   β = 0 and one update per batch, ρ is 1 and the clip never binds, so that run would be GRPO itself): greedy and
+   sampled accuracy on the held-out questions of the kinds it aimed at and on all of them, paired question by question
+   within each seed (McNemar's test, the paired 95% interval of the difference).
 Each with --repeats seeds; each stage's time; GRPO's curves (a plot); rollout tokens/s batched against generating each
 sample alone, side by side."""
 import collections
@@ -72,6 +73,7 @@ def run(args):
     G = QUICK["group_size"] if quick else grpo_cfg["group_size"]
     held_out = chat.held_out_problems(n_eval)
     aimed = [i for i, p in enumerate(held_out) if not grpo_cfg["mix"] or grpo_cfg["mix"].get(p.kind, 0) > 0]
+    plain = grpo_cfg["kl_beta"] > 0 or grpo_cfg["updates_per_batch"] > 1      # else the ablation is GRPO itself
     model, ckpt = load_checkpoint(base / "ckpt.pt", args=dict(max_seq_len=128))   # room for the batch's left padding
     floor = chat.evaluate(model, ckpt["meta"], held_out, ckpt["model_args"]["max_seq_len"])
     common = ["--device=cpu", f"--eval_questions={n_eval}"]
@@ -89,9 +91,11 @@ def run(args):
             go("sft", SFT, answers, f"--init_from={extended}", f"--answers={answers}")
         print(f"posttrain: seed {r}: before RL ...", file=sys.stderr, flush=True)
         before.append(before_rl(out("thinking"), held_out, G, seed))
-        print(f"posttrain: seed {r}: GRPO, with and without the KL term and the clip ...", file=sys.stderr, flush=True)
+        print(f"posttrain: seed {r}: GRPO{', and without the KL term and the clip' if plain else ''} ...",
+              file=sys.stderr, flush=True)
         go("grpo", GRPO, "grpo", f"--init_from={out('thinking')}")
-        go("grpo", GRPO, "grpo_plain", f"--init_from={out('thinking')}", "--kl_beta=0", "--clip_eps=0")
+        if plain:
+            go("grpo", GRPO, "grpo_plain", f"--init_from={out('thinking')}", "--kl_beta=0", "--clip_eps=0")
         # GRPO's training seconds spent on more SFT from the same model, on the same mix, at SFT's final learning rate
         seconds, steps = final(runs["grpo"][-1])["train_s"], final(runs["thinking"][-1])["step"]
         per_step = final(runs["thinking"][-1])["train_s"] / steps
@@ -100,7 +104,7 @@ def run(args):
            f"--mix={grpo_cfg['mix']}", "--decay_lr=False", f"--learning_rate={sft_cfg['min_lr']}",
            f"--max_seconds={seconds}", f"--pairs={2 * sft_cfg['batch_size'] * (int(seconds / per_step) + 1)}",
            f"--eval_interval={10 ** 9}")
-        for name in ("thinking", "grpo", "more_sft", "grpo_plain"):
+        for name in ("thinking", "grpo", "more_sft") + ("grpo_plain",) * plain:
             evals[name].append(evaluate_both(out(name), held_out, seed))
     report(floor, runs, evals, before, held_out, aimed, grpo_cfg, args, base, n_eval, G)
     rollout_speed(out("thinking"), args.timing_repeats, quick)
@@ -184,7 +188,7 @@ def report(floor, runs, evals, before, held_out, aimed, grpo_cfg, args, base, n_
           f"{seeds} seed(s) pooled (per seed after /)\n")
     print("| model | aimed, greedy | aimed, sampled | all, greedy | all, sampled |")
     print("|---|---:|---:|---:|---:|")
-    for name in ("thinking", "grpo", "more_sft", "grpo_plain"):
+    for name in [n for n in ("thinking", "grpo", "more_sft", "grpo_plain") if n in evals]:
         cells = []
         for subset in (aimed, range(n_eval)):
             for mode in ("greedy", "sampled"):
@@ -195,7 +199,8 @@ def report(floor, runs, evals, before, held_out, aimed, grpo_cfg, args, base, n_
           "McNemar's exact p\n")
     print("| comparison | set | decoding | difference | McNemar p | per seed |")
     print("|---|---|---|---:|---:|---:|")
-    for first, second in (("grpo", "more_sft"), ("grpo", "grpo_plain"), ("grpo", "thinking"), ("more_sft", "thinking")):
+    for first, second in [(a, b) for a, b in (("grpo", "more_sft"), ("grpo", "grpo_plain"), ("grpo", "thinking"),
+                                              ("more_sft", "thinking")) if b in evals]:
         for label, subset in ((f"aimed ({len(aimed)})", aimed), (f"all ({n_eval})", range(n_eval))):
             for mode in ("greedy", "sampled"):
                 a = [[e[mode][i] for i in subset] for e in evals[first]]
@@ -208,19 +213,22 @@ def report(floor, runs, evals, before, held_out, aimed, grpo_cfg, args, base, n_
     print(f"\nthe stages, mean over seeds ({torch.get_num_threads()} threads):\n")
     print("| stage | steps | training s | s/step | wall s (with evaluations) |")
     print("|---|---:|---:|---:|---:|")
-    for name in ("thinking", "worked", "bare", "grpo", "grpo_plain", "more_sft"):
+    for name in [n for n in ("thinking", "worked", "bare", "grpo", "grpo_plain", "more_sft") if n in runs]:
         done = [final(e) for e in runs[name]]
         steps = " / ".join(dict.fromkeys(str(d["step"]) for d in done))          # per seed where they differ
         print(f"| {NAMES[name]} | {steps} | {statistics.mean(d['train_s'] for d in done):.0f} | "
               f"{statistics.mean(d['train_s'] / max(d['step'], 1) for d in done):.3f} | "
               f"{statistics.mean(d['wall_s'] for d in done):.0f} |")
-    for name in ("grpo", "grpo_plain"):
+    for name in [n for n in ("grpo", "grpo_plain") if n in runs]:
         logs = [[e for e in entries if e["kind"] == "train"] for entries in runs[name]]
         mean = lambda k: statistics.mean(e[k] for log in logs for e in log)          # noqa: E731
         print(f"\n{NAMES[name]}, all its steps and seeds: right {mean('right'):.1%} of the replies drawn (a group "
               f"{mean('group_right'):.0%}), groups with signal {mean('signal'):.0%} of {mean('drawn'):.1f} drawn a "
               f"step ({mean('kept'):.1f} kept), KL {mean('kl'):.4f}, clipped {mean('clipped'):.2%}, replies of "
               f"{mean('length'):.1f} tokens, well formed {mean('well_formed'):.1%}", end="")
+    if "grpo_plain" not in runs:
+        print(f"\n(no run without the KL term and the clip: the preset has β = {grpo_cfg['kl_beta']} and one update a "
+              f"batch, where ρ = 1 and the clip never binds: that run would be GRPO itself)", end="")
     print()
     n = sum(prepare_data(args.data_dir, "domains", args.text, "char", log=lambda *a: None)[1]["domains"]["math"])
     corpus = set(math_text(n)[:n].splitlines()[::2])
@@ -262,7 +270,7 @@ def plot(runs, evals, aimed, held_out, root):
         return
     kinds = {held_out[i].kind for i in aimed}
     fig, (acc_ax, signal_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("grpo", "grpo_plain"):
+    for name in [n for n in ("grpo", "grpo_plain") if n in runs]:
         curves = [[(e["step"], 100 * sum(e["accuracy"][k][0] for k in kinds) / sum(e["accuracy"][k][1] for k in kinds))
                    for e in entries if e["kind"] == "eval"] for entries in runs[name]]
         signals = [[(e["step"], 100 * e["signal"]) for e in entries if e["kind"] == "train"] for entries in runs[name]]

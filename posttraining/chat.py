@@ -303,8 +303,10 @@ def configure(argv, defaults, least, doc):
 
 
 def recorder(out_dir):
-    """record(**entry): one JSON line appended to out_dir/log.jsonl (created with its folder)."""
+    """record(**entry): one JSON line appended to out_dir/log.jsonl (created with its folder); a new run starts the
+    log afresh, as train.py does."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "log.jsonl").unlink(missing_ok=True)
 
     def record(**entry):
         with open(Path(out_dir) / "log.jsonl", "a") as f:
