@@ -3080,6 +3080,23 @@ def test_every_thinking_trace_is_arithmetically_right():
                                                         "790+158: 0+8=8, 9+5=14, 7+1+1=9, so 948")]:
         with pytest.raises(AssertionError):
             check_trace(kind, operands, wrong)
+def test_readme_post_training_how_to_is_the_generator_and_the_results():
+    """README's post-training table: each of the seven kinds with a question and the worked answer the generator
+    writes for it, and the accuracies of RESULTS.md's SFT and GRPO rows; its commands name presets that exist."""
+    readme, results = (REPO / "README.md").read_text(), (REPO / "RESULTS.md").read_text()
+    section = readme.split("## Post-training")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| kind")]
+    written = {(q, worked): kind for q, _, worked, kind in itertools.islice(data.math_problems(5), 500)}
+    assert [r[0] for r in rows] == list(data.MATH_KINDS) + ["all"]
+    for kind, q, worked, *_ in rows[:-1]:
+        assert written.get((q, worked)) == kind, (q, worked)
+    for label, column in (("(b) SFT, worked steps", 3), ("(c) GRPO from (b)", 4)):
+        line = next(line for line in results.splitlines() if line.startswith(f"| {label} |"))
+        measured = [float(c.split()[0]) for c in line.strip("|").split("|")[1:9]]
+        assert [float(r[column].rstrip("%")) for r in rows] == measured, label
+    for preset in re.findall(r"^python \w+\.py (config/\S+\.py)", section, re.M):
+        assert (REPO / preset).exists(), preset
 
 
 def chat_meta():
