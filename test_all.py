@@ -3081,17 +3081,18 @@ def test_every_thinking_trace_is_arithmetically_right():
         with pytest.raises(AssertionError):
             check_trace(kind, operands, wrong)
 def test_readme_post_training_how_to_is_the_generator_and_the_results():
-    """README's post-training table: each of the seven kinds with a question and the worked answer the generator
-    writes for it, and the accuracies of RESULTS.md's SFT and GRPO rows; its commands name presets that exist."""
+    """README's post-training table: each of the seven kinds with a question, the thinking trace SFT teaches for it
+    (reasoning.thinking) and the generator's answer, and the accuracies of RESULTS.md's SFT and GRPO rows; its
+    commands name presets that exist."""
     readme, results = (REPO / "README.md").read_text(), (REPO / "RESULTS.md").read_text()
     section = readme.split("## Post-training")[1].split("\n## ")[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| kind")]
-    written = {(q, worked): kind for q, _, worked, kind in itertools.islice(data.math_problems(5), 500)}
+    written = {(p.question, reasoning.thinking(p), p.answer): p.kind for p in itertools.islice(data.math_problems(5), 500)}
     assert [r[0] for r in rows] == list(data.MATH_KINDS) + ["all"]
-    for kind, q, worked, *_ in rows[:-1]:
-        assert written.get((q, worked)) == kind, (q, worked)
-    for label, column in (("(b) SFT, worked steps", 3), ("(c) GRPO from (b)", 4)):
+    for kind, q, thought, answer, *_ in rows[:-1]:
+        assert written.get((q, thought.strip("`"), answer)) == kind, (q, thought)
+    for label, column in (("SFT, thinking traces", 4), ("GRPO from the SFT model", 5)):
         line = next(line for line in results.splitlines() if line.startswith(f"| {label} |"))
         measured = [float(c.split()[0]) for c in line.strip("|").split("|")[1:9]]
         assert [float(r[column].rstrip("%")) for r in rows] == measured, label
@@ -3105,8 +3106,9 @@ def chat_meta():
 
 
 def test_conversations_need_the_extended_context():
-    """With its thinking trace the longest conversation takes 179 positions: more than the pretrained context (64),
-    within the extended one (config/domains_cpu_256.py); its reply, 127 tokens, within ANSWER_TOKENS."""
+    """With its thinking trace the longest conversation takes 159 tokens (158 positions, the last only a target):
+    more than the pretrained context (64), within the extended one (config/domains_cpu_256.py); its reply, 127
+    tokens, within ANSWER_TOKENS."""
     template = chat.Template(chat_meta())
     longest, reply = 0, 0
     for p in itertools.islice(data.math_problems(0), 20000):

@@ -1,6 +1,6 @@
 # Context extension (report §4.3) of config/domains_cpu.py's model for post-training: trained at 64 characters, it
 # continues at 256 with YaRN for a short phase at a constant learning rate, the last one of its pretraining, so that a
-# question with its thinking trace (up to 179 tokens) fits the context it was trained at. The recipe is
+# question with its thinking trace (up to 159 tokens) fits the context it was trained at. The recipe is
 # config/shakespeare_char_cpu_256.py's (measured there: RESULTS.md, "Context extension"); only the folders differ.
 #   python train.py config/domains_cpu.py --device=cpu          # first the base, into out-domains-cpu
 #   python train.py config/domains_cpu_256.py --device=cpu      # then this phase, into out-domains-cpu-256
