@@ -7,8 +7,9 @@
 #   python sample.py --out_dir=out-sft-cpu --chat="What is 12 times 7?" --show_thinking=True
 init_from = "out-domains-cpu-256"
 out_dir = "out-sft-cpu"
-answers = "thinking"     # against one worked line and bare answers: Table 9 at nano scale in RESULTS.md
-# the comparisons, learned first, half as often; the kinds whose traces are longest more often (measured: RESULTS.md)
+answers = "thinking"     # a trace before the answer (worked, bare: the comparison of bench.py --parts=posttrain)
+# the comparisons, learned first, half as often; the kinds with the most errors more often (a choice from the
+# prototype runs' errors, not measured against equal shares)
 mix = dict(sum=1, difference=1, product=1.5, bigger=0.5, less=0.5, remainder=2, solve=1.5)
 pairs = 48000            # fresh pairs, one epoch, in batches of 16: 3000 steps
 epochs = 1
