@@ -9,6 +9,7 @@ an MTP module, lossless MTP speculative decoding (report §5.4.3).
     python sample.py --init_from=DeepSeek-V2-Lite --device=cuda --dtype=bfloat16 --start="The capital of France is"
     python sample.py --out_dir=out-grpo-cpu --chat="What is 12 times 7?"   # a chat checkpoint's answer (greedy)
     python sample.py --out_dir=out-grpo-cpu --chat=FILE:questions.txt     # one answer per line of the file, batched
+    python sample.py --out_dir=out-grpo-cpu --chat="What is 12 times 7?" --show_thinking=True   # and its thinking
 """
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ DEFAULTS = dict(
     kernels=True,             # kernels.py's MoE paths (False: deepseek.py's reference loop over experts)
     show_experts=-1,          # LAYER: mark each token with its top routed expert in MoE layer LAYER (-1: off)
     chat="",                  # a chat checkpoint (sft.py, grpo.py) answers this question, or each line of FILE:path
+    show_thinking=False,      # with --chat: print the whole reply, <think>thinking</think>answer, not the answer alone
 )
 
 
@@ -51,6 +53,8 @@ def configure(argv):
         cfg["temperature"] = 0.0
     if cfg["chat"] and (explicit & {"speculative", "show_experts"}):
         raise UserError("--chat answers in one batch from the latent cache: without --speculative or --show_experts")
+    if cfg["show_thinking"] and not cfg["chat"]:
+        raise UserError("--show_thinking shows a chat model's thinking: with --chat")
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 1 or cfg["temperature"] < 0 or cfg["top_k"] < 1:
         raise UserError("num_samples, max_new_tokens and top_k must be >= 1, temperature >= 0")
     for key, allowed in dict(dtype=("float32", "bfloat16", "float16"), attn_impl=("absorb", "naive")).items():
@@ -70,7 +74,9 @@ def read_prompt(start):
 
 def answer(model, template, text, a, batch_size=256):
     """--chat: each question of text (a line of a FILE:, or the text itself) through the chat template, answered in
-    batches (chat.generate) up to the end token or max_new_tokens; one printed line per answer (a newline in one as \\n)."""
+    batches (chat.generate) up to the end token or max_new_tokens; one printed line per question (a newline in it as
+    \\n): the answer after </think>, or with show_thinking (or when the thinking never ended) the whole reply from
+    <think>."""
     questions = read_prompt(text).splitlines() if text.startswith("FILE:") else [text]
     prompts = []
     for i, q in enumerate(questions):
@@ -87,7 +93,11 @@ def answer(model, template, text, a, batch_size=256):
     torch.manual_seed(a.seed)
     for at in range(0, len(prompts), batch_size):
         for tokens, _ in chat.generate(model, prompts[at:at + batch_size], limit, template.eos, 1, a.temperature, a.top_k):
-            print(template.decode(tokens).replace("\n", "\\n"))
+            reply = template.decode(tokens)
+            shown = chat.final_answer(reply)
+            if a.show_thinking or shown is None:
+                shown = template.decode([template.think]) + reply
+            print(shown.replace("\n", "\\n"))
 
 
 # ----------------------------------------------------------------------------- command line

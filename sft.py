@@ -1,13 +1,16 @@
-"""Supervised fine-tuning (report §5.1): a pretrained checkpoint learns the chat template on maths question/answer
-pairs, the loss on the assistant's tokens only, a few epochs with the learning rate decaying (cosine) to a lower value.
+"""Supervised fine-tuning (report §5.1): a pretrained checkpoint learns the chat template on maths questions answered
+after a thinking trace (the reasoning data of §5.1: steps a small model can carry out, posttraining/reasoning.py), the
+loss on the assistant's reply only, the learning rate decaying (cosine) to a lower value.
 
-    python sft.py config/sft_cpu.py                      # out-domains-cpu -> out-sft-cpu
-    python sft.py config/sft_cpu.py --worked=False --out_dir=out-sft-bare   # bare answers, no worked steps
-    python sample.py --out_dir=out-sft-cpu --chat="What is 12 times 7?"
+    python train.py config/domains_cpu_256.py            # first the context the traces need (YaRN, report §4.3)
+    python sft.py config/sft_cpu.py                      # out-domains-cpu-256 -> out-sft-cpu
+    python sft.py config/sft_cpu.py --answers=bare --out_dir=out-sft-bare   # no thinking: <think></think>answer
+    python sample.py --out_dir=out-sft-cpu --chat="What is 12 times 7?" --show_thinking=True
 
-The template's tokens join the pretrained vocabulary (chat.chat_model). Each batch is padded, not packed: a sample
-fills up to 64 of the context's positions, so a packed row would hold one or two of them, and padding needs no change to
-the model (the padding share is logged). Evaluation: greedy exact match on the held-out questions (chat.evaluate).
+The template's tokens join the pretrained vocabulary (chat.chat_model). Each batch is padded, not packed, and made of
+conversations of similar lengths (those of LENGTH_GROUP batches sorted by length, then cut): 7% padding instead of 37%
+(the padding share is logged). Every conversation must fit the context the checkpoint was trained at. Evaluation:
+greedy exact match on the held-out questions (chat.evaluate) and the replies' mean length.
 """
 import itertools
 import math
@@ -26,24 +29,39 @@ from pretraining.data import batch_seed
 from pretraining.optim import configure_optimizer, get_lr
 
 DEFAULTS = dict(
-    out_dir="out-sft", init_from="out-domains-cpu",   # init_from: the folder whose ckpt.pt the run starts from
-    worked=True,             # answers after worked steps ("45 + -23 = 45 - 23 = 22"); False: the bare answer
-    pairs=16000, epochs=2, batch_size=32,             # max_iters = ceil(epochs * pairs / batch_size)
-    block_size=128,          # the RoPE tables' length (room for generation's left padding); a sample takes <= 64
+    out_dir="out-sft", init_from="out-domains-cpu-256",   # init_from: the folder whose checkpoint the run starts from
+    answers="thinking",      # what the reply thinks before its answer: thinking (a trace), worked (one line), bare
+    mix={},                  # {kind: weight}: the kinds of question trained on and their shares ({}: all, equal shares)
+    pairs=48000, epochs=1, batch_size=16,             # max_iters = ceil(epochs * pairs / batch_size)
+    max_seconds=0.0,         # > 0: stop once training took this many seconds (a compute budget; evaluations aside)
+    block_size=256,          # the RoPE tables' length (room for generation's left padding)
     learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, decay_lr=True, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,
-    eval_interval=250, eval_questions=420, log_interval=50, device="auto", seed=1337, threads=0,
+    eval_interval=2000, eval_questions=700, log_interval=100, device="auto", seed=1337, threads=0,
     overwrite=False,         # True: replace a ckpt.pt already in out_dir (else the run refuses, one line)
 )
-LEAST = dict(pairs=1, epochs=1, batch_size=1, block_size=65, eval_interval=1, eval_questions=1, log_interval=1)
+LEAST = dict(pairs=1, epochs=1, batch_size=1, block_size=2, eval_interval=1, eval_questions=1, log_interval=1)
+LENGTH_GROUP = 8             # batches whose conversations are sorted by length together
 
 
-def sft_examples(template, problems, worked):
-    """(tokens, which are the assistant's) per (question, answer, worked answer, kind)."""
+def sft_examples(template, problems, answers):
+    """(tokens, which are the assistant's) per problem, its reply written as `answers` says (chat.thought)."""
     try:
-        return [template.example(q, steps if worked else answer) for q, answer, steps, _ in problems]
+        return [template.example(p.question, chat.thought(p, answers), p.answer) for p in problems]
     except ValueError as e:              # a char vocabulary without some character of the pairs
-        raise UserError(f"the training pairs{' (worked)' if worked else ''}: {e}") from None
+        raise UserError(f"the training pairs ({answers}): {e}") from None
+
+
+def length_grouped(order, lengths, batch_size, seed):
+    """The examples' order cut into batches of batch_size, each LENGTH_GROUP batches' worth sorted by length first
+    (so that a batch pads little), the batches then shuffled (seeded)."""
+    group = batch_size * LENGTH_GROUP
+    batches = []
+    for at in range(0, len(order), group):
+        chunk = sorted(order[at:at + group], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [batches[i] for i in shuffle]
 
 
 def sft_batch(examples, pad, device):
@@ -67,30 +85,43 @@ def sft_loss(model, x, y):
 
 def main(argv=None):
     c, ckpt, device = chat.configure(argv, DEFAULTS, LEAST, __doc__)
+    if c.answers not in chat.ANSWERS:
+        raise UserError(f"answers must be one of {', '.join(chat.ANSWERS)}, not {c.answers!r}")
+    context = ckpt["model_args"]["max_seq_len"]                          # the context it was trained at
     model, meta = chat.chat_model(ckpt, c.init_from, c.block_size, device)
     del ckpt
     template = chat.Template(meta)
-    examples = sft_examples(template, itertools.islice(chat.training_problems(batch_seed(c.seed, 5)), c.pairs), c.worked)
+    problems = chat.mixed(chat.training_problems(batch_seed(c.seed, 5)), c.mix, batch_seed(c.seed, 10))
+    examples = sft_examples(template, itertools.islice(problems, c.pairs), c.answers)
+    longest = max(len(tokens) - 1 for tokens, _ in examples)            # the last token is only a target
+    if longest > min(context, c.block_size):
+        raise UserError(f"the longest conversation ({longest} tokens) does not fit {c.init_from}'s context of {context}"
+                        f"{f' (block_size {c.block_size})' if c.block_size < context else ''}: extend the context first "
+                        f"(python train.py config/domains_cpu_256.py), or shorter answers (--answers=worked or bare)")
     held_out = chat.held_out_problems(c.eval_questions)
     c.max_iters = c.lr_decay_iters = math.ceil(c.epochs * c.pairs / c.batch_size)
-    order = torch.cat([torch.randperm(c.pairs, generator=torch.Generator().manual_seed(batch_seed(c.seed, 6, e)))
-                       for e in range(c.epochs)]).tolist()
+    lengths = [len(tokens) for tokens, _ in examples]
+    batches = [b for e in range(c.epochs) for b in length_grouped(
+        torch.randperm(c.pairs, generator=torch.Generator().manual_seed(batch_seed(c.seed, 6, e))).tolist(), lengths,
+        c.batch_size, batch_seed(c.seed, 7, e))]
     optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), torch.device(device).type)
     record = chat.recorder(c.out_dir)
     record(kind="config", config=vars(c))
-    print(f"sft: {c.pairs} pairs ({'worked steps' if c.worked else 'bare answers'}) x {c.epochs} epochs = {c.max_iters} "
-          f"steps of {c.batch_size}, from {c.init_from} (vocabulary {model.args.vocab_size} with the chat tokens), on {device}")
+    print(f"sft: {c.pairs} pairs ({c.answers}{f', mix {c.mix}' if c.mix else ''}) x {c.epochs} epochs = {c.max_iters} steps of "
+          f"{c.batch_size}, the longest {longest} tokens, from {c.init_from} (vocabulary {model.args.vocab_size} with "
+          f"the chat tokens), on {device}")
     t_start, train_s, real, seen = time.time(), 0.0, 0, 0
     for it in range(c.max_iters + 1):
-        if it % c.eval_interval == 0 or it == c.max_iters:
+        out_of_time = 0 < c.max_seconds <= train_s
+        if it % c.eval_interval == 0 or it == c.max_iters or out_of_time:
             acc = chat.held_out_eval(model, meta, held_out, it, record, train_s)
-        if it == c.max_iters:
+        if it == c.max_iters or out_of_time:
             break
         t0 = time.time()
         lr = get_lr(it, c)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [examples[i] for i in order[it * c.batch_size:(it + 1) * c.batch_size]]
+        batch = [examples[i] for i in batches[it]]
         x, y = sft_batch(batch, template.eos, device)
         loss = sft_loss(model, x, y)
         loss.backward()
@@ -107,9 +138,9 @@ def main(argv=None):
             record(kind="train", step=it + 1, loss=loss, lr=lr, padding=1 - real / seen, train_s=train_s)
     wall = time.time() - t_start
     save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.args), meta=meta, optimizer=optimizer.state_dict(),
-                         iter_num=c.max_iters, config=vars(c), stage="sft", held_out=acc), Path(c.out_dir) / "ckpt.pt")
+                         iter_num=it, config=vars(c), stage="sft", held_out=acc), Path(c.out_dir) / "ckpt.pt")
     print(f"done: held-out {chat.describe(acc)}; {train_s:.0f} s training, {wall:.0f} s wall; saved {c.out_dir}/ckpt.pt")
-    record(kind="done", step=c.max_iters, accuracy=acc, train_s=train_s, wall_s=wall)
+    record(kind="done", step=it, accuracy=acc, train_s=train_s, wall_s=wall)
     return acc
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -54,7 +55,7 @@ from benchmarks import step as bench_step
 from checkpoint import ckpt as ckpts
 from checkpoint import hf
 from inference import routing, speculative
-from posttraining import chat
+from posttraining import chat, reasoning
 from pretraining import configurator, data, optim
 from systems import expert_parallel, fp8
 from conftest import D, HAS_BPE, REPO, TINY, V, fit, model, preset, run, tiny
@@ -3088,8 +3089,9 @@ def test_bench_hf_smoke(tmp_path, capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------- post-training (report §5)
 
-# what the maths corpus and the worked answers write
-MATH_CHARS = "".join(sorted(set("\n".join(map("\n".join, itertools.islice(data.math_problems(2), 5000))))))
+# what the maths corpus, the worked answers and the thinking traces write
+MATH_CHARS = "".join(sorted(set("\n".join(
+    "\n".join([*p[:3], reasoning.thinking(p)]) for p in itertools.islice(data.math_problems(2), 5000)))))
 
 
 def test_math_corpus_unchanged_by_the_generator_refactor():
@@ -3104,29 +3106,87 @@ def test_worked_steps_are_true_and_end_in_the_answer():
     """Every step of a worked answer is an equation that holds (the unknown of an equation replaced by its solution),
     and the answer after the last "= " is the corpus's answer."""
     kinds = set()
-    for q, answer, worked, kind in itertools.islice(data.math_problems(3), 3000):
-        assert chat.final_answer(worked) == answer and worked.count("= ") >= 1
-        unknown = re.search(r"for (\w)\.$", q)
-        env = {unknown.group(1): int(answer)} if unknown else {}
-        for chain in re.split(r", (?=\w = )", worked):               # an equation's: "k*v = c - b = kx, v = x"
+    for p in itertools.islice(data.math_problems(3), 3000):
+        assert p.worked.rsplit("= ", 1)[-1] == p.answer and p.worked.count("= ") >= 1
+        env = {p.operands[1]: int(p.answer)} if p.kind == "solve" else {}
+        for chain in re.split(r", (?=\w = )", p.worked):               # an equation's: "k*v = c - b = kx, v = x"
             sides = [eval(side, {"max": max}, env) for side in chain.split(" = ")]
-            assert all(v == sides[0] for v in sides), (q, worked)
-        kinds.add(kind)
+            assert all(v == sides[0] for v in sides), p
+        kinds.add(p.kind)
     assert kinds == set(data.MATH_KINDS)
 
 
+def expected_answer(kind, operands):
+    """The answer of a question from its operands, worked out here (not by the generator)."""
+    a, b = operands[:2]
+    return str({"sum": lambda: a + b, "difference": lambda: a - b, "product": lambda: a * b,
+                "bigger": lambda: max(a, b) / 10, "less": lambda: a < b, "remainder": lambda: a % b,
+                "solve": lambda: (operands[3] - operands[2]) // operands[0]}[kind]())
+
+
+def check_trace(kind, operands, trace):
+    """An evaluator independent of reasoning.py: every clause of the trace that states a relation holds when Python
+    evaluates it (the unknown of an equation replaced by the answer); every count of multiples goes up by the divisor
+    from it and stops at the first past its number; every block "EXPRESSION: steps, so X" ends in its expression's
+    value; the trace ends with the answer."""
+    answer = expected_answer(kind, operands)
+    env = {operands[1]: int(answer)} if kind == "solve" else {}
+    assert trace.endswith(answer), (trace, answer)
+    for clause in re.split(r", |; |: ", trace):
+        clause = clause.removeprefix("so ")
+        if counted := re.fullmatch(r"(\d+(?: \d+)*)>(\d+)", clause):
+            multiples, n = [int(v) for v in counted.group(1).split()], int(counted.group(2))
+            assert multiples == [operands[1] * j for j in range(1, len(multiples) + 1)], trace
+            assert all(v <= n for v in multiples[:-1]) and multiples[-1] > n, trace
+        elif re.search(r"[=<>]", clause) and " vs " not in clause:
+            assert eval(re.sub(r"(?<![<>=])=(?!=)", "==", clause), {}, env) is True, (clause, trace)
+    for block in trace.split("; "):
+        if ": " in block and ", so " in block.rpartition(": ")[2]:
+            expression = re.split(r", |: ", block.rpartition(": ")[0])[-1].removeprefix("so ")
+            if re.fullmatch(r"[-+*()\d ]+( = [-+*()\d ]+)*", expression):
+                value = int(block.rpartition("so ")[2])
+                assert all(eval(side) == value for side in expression.split(" = ")), (block, trace)
+
+
+EDGES = dict(sum=[(0, 0), (0, -5), (-5, 0), (38, -38), (-38, 38), (99, 99), (-99, -99), (7, -16), (-16, 7), (50, -50)],
+             difference=[(0, 0), (0, 5), (-5, 0), (38, 38), (-38, -38), (99, -99), (-99, 99), (7, 16), (16, 7)],
+             product=[(0, 5), (7, 0), (0, 0), (-1, -99), (1, 99), (10, -43), (-10, -43), (11, -82), (-12, -99),
+                      (12, 99), (12, 1), (-9, 89), (9, -9)],
+             bigger=[(0, 0), (-5, 0), (0, -5), (45, 47), (-45, -47), (-47, -45), (99, -99), (3, 45), (45, 45)],
+             less=[(0, 0), (-5, 0), (0, -5), (45, 47), (-45, -47), (-47, -45), (99, -99), (3, 45), (45, 45)],
+             remainder=[(0, 3), (5, 7), (7, 7), (86, 7), (99, 2), (60, 12), (48, 8), (11, 12), (99, 11), (10, 10)],
+             solve=[(3, "x", 5, 5), (-7, "n", 7, 21), (9, "m", -99, -9), (-2, "q", 0, 20), (2, "a", 99, 79),
+                    (-9, "b", -99, -9), (5, "c", 0, 0)])
+
+
+def test_every_thinking_trace_is_arithmetically_right():
+    """The traces of 20,000 generated problems (all seven kinds) and of chosen edges (zero, equal sizes of opposite
+    signs, the largest and smallest operands, multipliers 10 to 12, a remainder of a number below its divisor) pass
+    check_trace; and check_trace catches a wrong fact, a wrong count and a wrong block value."""
+    problems = [(p.kind, p.operands) for p in itertools.islice(data.math_problems(4), 20000)]
+    problems += [(kind, ops) for kind, edges in EDGES.items() for ops in edges]
+    for kind, operands in problems:
+        check_trace(kind, operands, reasoning.thinking(data.MathProblem("", "", "", kind, operands)))
+    assert {k for k, _ in problems} == set(data.MATH_KINDS)
+    for kind, operands, wrong in [("sum", (45, 38), "45 + 38: 5+8=13, 4+3+1=9, so 83"),
+                                  ("remainder", (43, 6), "43 mod 6: 43: 6 12 18 24 30 36 42>43, 43-36=7; so 1"),
+                                  ("product", (12, 79), "12*79: 10*79=790, 2*79: 2*9=18, 2*7=14, 14+1=15, so 168; "
+                                                        "790+158: 0+8=8, 9+5=14, 7+1+1=9, so 948")]:
+        with pytest.raises(AssertionError):
+            check_trace(kind, operands, wrong)
 def test_readme_post_training_how_to_is_the_generator_and_the_results():
-    """README's post-training table: each of the seven kinds with a question and the worked answer the generator
-    writes for it, and the accuracies of RESULTS.md's SFT and GRPO rows; its commands name presets that exist."""
+    """README's post-training table: each of the seven kinds with a question, the thinking trace SFT teaches for it
+    (reasoning.thinking) and the generator's answer, and the accuracies of RESULTS.md's SFT and GRPO rows; its
+    commands name presets that exist."""
     readme, results = (REPO / "README.md").read_text(), (REPO / "RESULTS.md").read_text()
     section = readme.split("## Post-training")[1].split("\n## ")[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| kind")]
-    written = {(q, worked): kind for q, _, worked, kind in itertools.islice(data.math_problems(5), 500)}
+    written = {(p.question, reasoning.thinking(p), p.answer): p.kind for p in itertools.islice(data.math_problems(5), 500)}
     assert [r[0] for r in rows] == list(data.MATH_KINDS) + ["all"]
-    for kind, q, worked, *_ in rows[:-1]:
-        assert written.get((q, worked)) == kind, (q, worked)
-    for label, column in (("(b) SFT, worked steps", 3), ("(c) GRPO from (b)", 4)):
+    for kind, q, thought, answer, *_ in rows[:-1]:
+        assert written.get((q, thought.strip("`"), answer)) == kind, (q, thought)
+    for label, column in (("SFT, thinking traces", 4), ("GRPO from the SFT model", 5)):
         line = next(line for line in results.splitlines() if line.startswith(f"| {label} |"))
         measured = [float(c.split()[0]) for c in line.strip("|").split("|")[1:9]]
         assert [float(r[column].rstrip("%")) for r in rows] == measured, label
@@ -3135,24 +3195,47 @@ def test_readme_post_training_how_to_is_the_generator_and_the_results():
 
 
 def chat_meta():
-    return dict(tokenizer="char", chars=MATH_CHARS, vocab_size=len(MATH_CHARS) + 4, special=list(chat.SPECIAL))
+    return dict(tokenizer="char", chars=MATH_CHARS, vocab_size=len(MATH_CHARS) + len(chat.SPECIAL),
+                special=list(chat.SPECIAL))
 
 
-def test_every_conversation_fits_the_pretrained_context():
-    """The longest conversation (the remainder kind with worked steps) fills 64 positions: the pretrained context."""
+def test_conversations_need_the_extended_context():
+    """With its thinking trace the longest conversation takes 159 tokens (158 positions, the last only a target):
+    more than the pretrained context (64), within the extended one (config/domains_cpu_256.py); its reply, 127
+    tokens, within ANSWER_TOKENS."""
     template = chat.Template(chat_meta())
-    lengths = [len(template.example(q, worked)[0]) for q, _, worked, _ in itertools.islice(data.math_problems(0), 20000)]
-    assert max(lengths) == 65        # its last token is only a target
+    longest, reply = 0, 0
+    for p in itertools.islice(data.math_problems(0), 20000):
+        tokens, assistant = template.example(p.question, chat.thought(p, "thinking"), p.answer)
+        longest, reply = max(longest, len(tokens)), max(reply, sum(assistant))
+    extended = runpy.run_path(str(REPO / "config" / "domains_cpu_256.py"))["block_size"]
+    assert 64 < longest - 1 <= extended and reply <= chat.ANSWER_TOKENS        # the last token is only a target
 
 
 def test_held_out_questions_are_disjoint_from_training_pairs():
-    held = chat.held_out_problems(420)
-    assert [p[3] for p in held] == [k for k in data.MATH_KINDS for _ in range(60)] and len({p[0] for p in held}) == 420
+    """No held-out question among the SFT or RL questions of two seeds, whatever the mix (remainder questions, of
+    which there are only 1,100, drawn most)."""
+    held = chat.held_out_problems(700)
+    assert [p.kind for p in held] == [k for k in data.MATH_KINDS for _ in range(100)] and len({p[0] for p in held}) == 700
     assert chat.HELD_OUT_SEED != data.MATH_SEED
-    seeds = [data.batch_seed(s, stream) for s in (1337, 1338) for stream in (5, 8)]        # sft.py's and grpo.py's
-    pairs = {p[0] for seed in seeds for p in itertools.islice(chat.training_problems(seed), 20000)}
-    assert not pairs & {p[0] for p in held}
+    mixes = [{}, {"remainder": 1}, {"solve": 1.5, "remainder": 2, "product": 1}]
+    pairs = {p.question for s in (1337, 1338) for stream, salt in ((5, 10), (8, 11)) for mix in mixes
+             for p in itertools.islice(chat.mixed(chat.training_problems(data.batch_seed(s, stream)), mix,
+                                                  data.batch_seed(s, salt)), 10000)}
+    assert not pairs & {p.question for p in held}
+    assert len({q for q in pairs if "remainder" in q}) > 850          # of the 1,100 less those held out
     assert len(chat.held_out_problems(10)) == 10 and chat.held_out_problems(10) == chat.held_out_problems(10)
+
+
+def test_mix_draws_the_kinds_in_its_shares():
+    problems = list(itertools.islice(chat.mixed(data.math_problems(5), {"sum": 2, "solve": 1}, 0), 3000))
+    share = sum(p.kind == "sum" for p in problems) / len(problems)
+    assert {p.kind for p in problems} == {"sum", "solve"} and 0.62 < share < 0.72
+    assert list(itertools.islice(chat.mixed(data.math_problems(5), {}, 0), 50)) == list(
+        itertools.islice(data.math_problems(5), 50))
+    for bad in ({"sums": 1}, {"sum": -1}, {"sum": 0}):
+        with pytest.raises(configurator.UserError, match="mix: "):
+            chat.mixed(data.math_problems(5), bad, 0)
 
 
 def test_wilson_interval():
@@ -3161,24 +3244,30 @@ def test_wilson_interval():
         1.96 ** 2 / (120 + 1.96 ** 2))
 
 
-def test_answer_checker_on_malformed_replies():
-    right = chat.is_correct
-    assert right("22", True, "22") and right("45 + -23 = 45 - 23 = 22", True, "22")
-    assert right("45 + -23 = 99 = 22", True, "22")             # the final answer decides, not the steps
-    assert not right("22", False, "22")                        # no end token within the length limit
-    for reply in ("22 apples", " 22", "22 ", "22\n", "the answer is 22", "22 = 23", "=22"):
-        assert not right(reply, True, "22"), reply
-    assert not right("-0", True, "0") and not right("3.0", True, "3") and not right("3", True, "3.0")
-    assert right("True", True, "True") and not right("true", True, "True")
+def test_answer_rule_reads_only_what_follows_the_thinking():
+    """The answer is what follows </think>, exactly: a number inside the thinking never counts, a reply whose thinking
+    never ended has no answer, and the format is the data's."""
+    right, end = chat.is_correct, chat.SPECIAL[4]
+    assert right(f"{end}22", True, "22") and right(f"5+8=13, so 22{end}22", True, "22")
+    assert right(f"so 99{end}22", True, "22")                       # what the thinking says does not decide
+    assert not right("22", True, "22") and not right("5+8=13, so 22", True, "22")   # no </think>: no answer
+    assert not right(f"so 22{end}21", True, "22") and chat.final_answer(f"22{end}") == ""
+    assert not right(f"{end}22", False, "22")                      # no end token within the length limit
+    for reply in ("22 apples", " 22", "22 ", "22\n", "the answer is 22", f"22{end}22", "=22"):
+        assert not right(f"{end}{reply}", True, "22"), reply
+    assert not right(f"{end}-0", True, "0") and not right(f"{end}3.0", True, "3") and not right(f"{end}3", True, "3.0")
+    assert right(f"{end}True", True, "True") and not right(f"{end}true", True, "True")
 
 
 @pytest.fixture(scope="module")
 def math_base(tmp_path_factory):
-    """A pretrained checkpoint as train.py writes it: a tiny model trained a little on the maths corpus's characters."""
+    """A pretrained checkpoint as train.py writes it: a tiny model trained a little on the maths corpus's characters,
+    its RoPE tables long enough for a question and its thinking (max_seq_len 256, the context a checkpoint says it was
+    trained at)."""
     encode, _ = data.tokenizer_from_meta(dict(tokenizer="char", chars=MATH_CHARS))
     tokens = torch.tensor(encode(data.math_text(20000)))
     torch.manual_seed(0)
-    m = ds.Transformer(tiny(vocab_size=len(MATH_CHARS), max_seq_len=64, n_layers=2)).train()
+    m = ds.Transformer(tiny(vocab_size=len(MATH_CHARS), max_seq_len=256, n_layers=2)).train()
 
     def batch(step):
         starts = torch.randint(0, len(tokens) - 33, (16,))
@@ -3188,60 +3277,96 @@ def math_base(tmp_path_factory):
     out = tmp_path_factory.mktemp("math_base")
     ckpts.save_checkpoint(dict(model=m.state_dict(), model_args=vars(m.args).copy(), optimizer={}, iter_num=150,
                                meta=dict(tokenizer="char", chars=MATH_CHARS, vocab_size=len(MATH_CHARS)),
-                               best_val_loss=0.0, config=dict(block_size=64)), out / "ckpt.pt")
+                               best_val_loss=0.0, config=dict(block_size=256)), out / "ckpt.pt")
     return out
 
 
 def test_chat_tokens_join_the_vocabulary_and_keep_the_old_rows(math_base):
+    """chat_model adds SPECIAL after the vocabulary (new rows drawn, the old ones kept bit for bit, the pretrained
+    model's logits unchanged); a conversation with its thinking encodes and decodes back, each chat token whole."""
     ckpt = ckpts.read_checkpoint(math_base / "ckpt.pt")
-    model, meta = chat.chat_model(ckpt, math_base, max_seq_len=128)
-    n = len(MATH_CHARS)
-    state = model.state_dict()
+    model_, meta = chat.chat_model(ckpt, math_base, max_seq_len=256)
+    n, k = len(MATH_CHARS), len(chat.SPECIAL)
+    state = model_.state_dict()
     for name in ("embed.weight", "head.weight"):
-        assert state[name].shape[0] == n + 4 and torch.equal(state[name][:n], ckpt["model"][name])
+        assert state[name].shape[0] == n + k and torch.equal(state[name][:n], ckpt["model"][name])
         assert not torch.equal(state[name][n], state[name][n + 1])
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in state.items() if k not in ("embed.weight", "head.weight"))
     base, _ = ckpts.load_checkpoint(math_base / "ckpt.pt")
     x = torch.randint(0, n, (2, 20))
-    assert torch.allclose(model.eval()(x)[0][..., :n], base(x)[0], atol=1e-6)     # the pretrained model, intact
+    assert torch.allclose(model_.eval()(x)[0][..., :n], base(x)[0], atol=1e-6)     # the pretrained model, intact
     # the tokens: ids after the base vocabulary, each encoded whole; plain text as before
-    assert meta["special"] == list(chat.SPECIAL) and meta["vocab_size"] == n + 4
+    assert meta["special"] == list(chat.SPECIAL) and meta["vocab_size"] == n + k
     template, (plain, _) = chat.Template(meta), data.tokenizer_from_meta(ckpt["meta"])
-    tokens, assistant = template.example("What is 3 + 4?", "7")
-    assert tokens == [n, n + 1, *plain("What is 3 + 4?"), n + 2, *plain("7"), n + 3]
-    assert assistant == [False] * (len(tokens) - 2) + [True] * 2
-    text = "".join([chat.SPECIAL[0], chat.SPECIAL[1], "What is 3 + 4?", chat.SPECIAL[2], "7", chat.SPECIAL[3]])
+    bos, user, assistant, think, end_think, eos = range(n, n + k)
+    tokens, reply = template.example("What is 3 + 4?", "3+4=7, so 7", "7")
+    assert tokens == [bos, user, *plain("What is 3 + 4?"), assistant, think, *plain("3+4=7, so 7"), end_think,
+                      *plain("7"), eos]
+    assert reply == [False] * (len(plain("What is 3 + 4?")) + 4) + [True] * (len(plain("3+4=7, so 7")) + 3)
+    text = "".join([*chat.SPECIAL[:4], "3+4=7, so 7", chat.SPECIAL[4], "7", chat.SPECIAL[5]]).replace(
+        chat.SPECIAL[2], f"What is 3 + 4?{chat.SPECIAL[2]}")
     assert template.decode(tokens) == text and template.encode(text) == tokens
     # a chat checkpoint loads as it is
-    again, meta2 = chat.chat_model(dict(ckpt, model=state, meta=meta, model_args=vars(model.args).copy()), "x", 128)
+    again, meta2 = chat.chat_model(dict(ckpt, model=state, meta=meta, model_args=vars(model_.args).copy()), "x", 256)
     assert meta2 == meta and all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
+
+
+def test_the_prompt_is_how_training_examples_present_the_question():
+    """What generation starts from ends with the assistant's token and the thinking opener, and is exactly the
+    prefix of every training example before its reply, whatever the answers written (thinking, worked, bare: an
+    empty thinking); the Jinja template (what transformers renders) writes the same text."""
+    template = chat.Template(chat_meta())
+    for p in itertools.islice(data.math_problems(6), 50):
+        prompt = template.prompt(p.question)
+        assert prompt[-2:] == [template.assistant, template.think] and prompt[0] == template.bos
+        for answers in chat.ANSWERS:
+            tokens, reply = template.example(p.question, chat.thought(p, answers), p.answer)
+            assert tokens[:len(prompt)] == prompt and reply == [False] * len(prompt) + [True] * (len(tokens) - len(prompt))
+            assert tokens[-1] == template.eos and template.decode(tokens[len(prompt):]).endswith(
+                f"{chat.SPECIAL[4]}{p.answer}{chat.SPECIAL[5]}")
+    jinja = pytest.importorskip("jinja2")
+    rendered = jinja.Template(chat.CHAT_TEMPLATE).render(messages=[dict(role="user", content="What is 3 + 4?")],
+                                                         add_generation_prompt=True, bos_token=chat.SPECIAL[0])
+    assert template.encode(rendered) == template.prompt("What is 3 + 4?")
 
 
 @pytest.mark.skipif(not HAS_BPE, reason="needs the local tiktoken cache")
 def test_special_tokens_with_bpe():
-    meta = dict(tokenizer="bpe", encoding="r50k_base", vocab_size=50257 + 4, special=list(chat.SPECIAL))
+    meta = dict(tokenizer="bpe", encoding="r50k_base", vocab_size=50257 + 6, special=list(chat.SPECIAL))
     encode, decode = data.tokenizer_from_meta(meta)
     plain, _ = data.tokenizer_from_meta(dict(tokenizer="bpe", encoding="r50k_base"))
-    text = f"{chat.SPECIAL[1]}naïve café{chat.SPECIAL[2]}ok{chat.SPECIAL[3]}"
-    assert encode(text) == [50258, *plain("naïve café"), 50259, *plain("ok"), 50260] and decode(encode(text)) == text
+    text = f"{chat.SPECIAL[1]}naïve café{chat.SPECIAL[2]}{chat.SPECIAL[3]}hm{chat.SPECIAL[4]}ok{chat.SPECIAL[5]}"
+    assert encode(text) == [50258, *plain("naïve café"), 50259, 50260, *plain("hm"), 50261, *plain("ok"), 50262]
+    assert decode(encode(text)) == text
 
 
 def test_sft_loss_sees_only_the_assistants_tokens():
     template = chat.Template(chat_meta())
-    examples = [template.example("What is 3 + 4?", "7"), template.example("Is 5 less than 70?", "5 < 70 = True")]
+    examples = [template.example("What is 3 + 4?", "", "7"), template.example("Is 5 less than 70?", "5 < 70", "True")]
     x, y = sft.sft_batch(examples, template.eos, "cpu")
     for row, (tokens, assistant) in enumerate(examples):
-        # target t is token t + 1: kept exactly where that token is the assistant's (answer and end token)
+        # target t is token t + 1: kept exactly where that token is the assistant's (reply and end token)
         kept = [t for t in range(x.size(1)) if y[row, t] != -1]
         assert kept == [t - 1 for t, a in enumerate(assistant) if a]
         assert y[row, kept].tolist() == [tok for tok, a in zip(tokens, assistant) if a]
         assert x[row, :len(tokens) - 1].tolist() == tokens[:-1]
-    logits = torch.randn(*x.shape, len(MATH_CHARS) + 4, requires_grad=True)
+    logits = torch.randn(*x.shape, len(MATH_CHARS) + len(chat.SPECIAL), requires_grad=True)
     loss = sft.sft_loss(lambda idx: (logits, None), x, y)
     keep = y != -1
     assert loss.item() == pytest.approx(F.cross_entropy(logits[keep], y[keep]).item(), rel=1e-6)
     loss.backward()
     assert (logits.grad[~keep] == 0).all() and (logits.grad[keep].abs().sum(-1) > 0).all()
+
+
+def test_length_grouped_batches():
+    """Every example once, in batches of batch_size (the last of a group shorter), each cut from a group of
+    LENGTH_GROUP batches sorted by length: a batch's longest example is far shorter than at random."""
+    lengths = torch.randint(20, 180, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
+    batches = sft.length_grouped(order, lengths, 16, seed=2)
+    assert sorted(i for b in batches for i in b) == list(range(1000)) and {len(b) for b in batches} <= {16, 8}
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 30 and batches != sft.length_grouped(order, lengths, 16, seed=3)
 
 
 def test_group_advantages_by_hand():
@@ -3250,6 +3375,8 @@ def test_group_advantages_by_hand():
     a = grpo.group_advantages(r)
     assert a[0].tolist() == pytest.approx([(v - mean) / sd for v in (1.1, 0.1, 0.1, 0.0)], rel=1e-5)
     assert a[1].tolist() == [0.0] * 4                             # all equal: no signal, no NaN
+    a = grpo.group_advantages(r, divide_std=False)                # Dr. GRPO
+    assert a[0].tolist() == pytest.approx([v - mean for v in (1.1, 0.1, 0.1, 0.0)], rel=1e-5) and a[1].eq(0).all()
 
 
 def test_grpo_objective_by_hand():
@@ -3272,12 +3399,16 @@ def test_grpo_objective_by_hand():
     assert s["kl"].item() == pytest.approx((kl(0.1) + kl(-0.2) + kl(0.3)) / 5, rel=1e-5) and kl(-0.2) > 0
 
 
+def grpo_config(**kw):
+    return types.SimpleNamespace(**{**dict(group_size=8, clip_eps=0.2, kl_beta=0.04, updates_per_batch=2,
+                                           grad_clip=1.0, advantage_std=True), **kw})
+
+
 def test_grpo_raises_the_probability_of_rewarded_outputs():
     """A constructed task: any output whose first token is below 30 earns 1. A few GRPO steps (the KL term and the clip
     on) raise that probability after each prompt."""
     m = model(seed=1).train()
     prompts, stop = [[5, 9, 2, 7], [11, 3]], 0
-    c = types.SimpleNamespace(group_size=8, clip_eps=0.2, kl_beta=0.04, updates_per_batch=2, grad_clip=1.0)
     reference = copy.deepcopy(m).eval().requires_grad_(False)
 
     def p_rewarded():
@@ -3289,9 +3420,88 @@ def test_grpo_raises_the_probability_of_rewarded_outputs():
     for _ in range(8):
         outputs = chat.generate(m, prompts, 3, stop, group=8, temperature=1.0)
         r = torch.tensor([float(bool(t) and t[0] < 30) for t, _ in outputs]).view(2, 8)
-        grpo.grpo_update(m.train(), reference, opt, prompts, outputs, r, stop, c)
+        grpo.grpo_update(m.train(), reference, opt, prompts, outputs, r, stop, grpo_config())
     after = p_rewarded()
     assert all(a > b + 0.2 for a, b in zip(after, before)), (before, after)
+
+
+def test_grpo_logprobs_come_from_the_sampling_policy_with_dropout_off():
+    """With dropout in the model (0.5), the log-probabilities GRPO trains on are those of the eval-mode forward that
+    sampled the outputs, with their gradient, whatever mode the model is in; the mode is left as it was. A forward with
+    dropout on gives others (so π_old would not be the sampler, and ρ and the KL noise)."""
+    m = model(seed=2, dropout=0.5).train()
+    x, y = torch.randint(0, V, (3, 9)), torch.randint(0, V, (3, 9))
+    with torch.no_grad():
+        sampler = torch.log_softmax(m.eval()(x)[0], -1).gather(-1, y[..., None])[..., 0]
+        dropped = torch.log_softmax(m.train()(x)[0], -1).gather(-1, y[..., None])[..., 0]
+    assert not torch.allclose(dropped, sampler, atol=1e-3)
+    logp = grpo.token_logprobs(m, x, y)
+    assert m.training and logp.requires_grad and torch.allclose(logp, sampler, atol=1e-5)
+
+
+def test_dynamic_sampling_drops_groups_whose_rewards_are_all_equal():
+    """keep_signal keeps, in the order drawn, only groups whose rewards differ, and exactly `questions` of them when
+    there are that many (the batch keeps its size); rollouts draws rounds until it has them, or max_draws rounds."""
+    rewards = [[1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1], [0.1, 0.1, 0.1, 0.1], [0, 0, 1, 0], [1, 0, 0, 0]]
+    groups = [grpo.Group(i, None, None, torch.tensor(r, dtype=torch.float)) for i, r in enumerate(rewards)]
+    assert [g.problem for g in grpo.keep_signal(groups, 3)] == [1, 3, 5]
+    assert [g.problem for g in grpo.keep_signal(groups, 9)] == [1, 3, 5, 6]
+    # through rollouts: a model that always answers "7" after </think>; of each round of 4 questions two have answer
+    # 7 (all right), two another (all wrong): no group carries signal, so it draws max_draws rounds and keeps none
+    template = chat.Template(chat_meta())
+    problems = iter([data.MathProblem(f"What is {i} + 0?", "7" if i % 2 else "8", "", "sum", (i, 0))
+                     for i in range(40)])
+    reply = [template.end_think, *template.encode("7")]
+
+    def always_seven(model_, prompts, n, stop, group, temperature):
+        return [(reply, True)] * (len(prompts) * group)
+    c = types.SimpleNamespace(questions=4, group_size=3, max_draws=3, dynamic_sampling=True, max_new_tokens=8,
+                              temperature=1.0, format_reward=0.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chat, "generate", always_seven)
+        kept, drawn, tokens = grpo.rollouts(None, template, problems, c)
+        assert kept == [] and len(drawn) == 12 and tokens == 12 * 3 * 3
+        kept, drawn, _ = grpo.rollouts(None, template, problems, types.SimpleNamespace(**{**vars(c),
+                                                                                          "dynamic_sampling": False}))
+        assert len(kept) == len(drawn) == 4
+
+
+def test_each_reward_belongs_to_its_own_question():
+    """Several questions share a batch, replies grouped per question (G each): every reply answering its own
+    question right earns 1, answering the neighbour's 0 (answers tiled over the batch instead of repeated per
+    group would fail this)."""
+    template = chat.Template(chat_meta())
+    problems = [data.MathProblem("What is 3 + 4?", "7", "", "sum", (3, 4)),
+                data.MathProblem("What is 5 + 7?", "12", "", "sum", (5, 7))]
+    G = 3
+    own = [(template.encode("3+4=7") + [template.end_think] + template.encode(a), True) for a in ("7", "12")]
+    outputs = [own[0]] * G + [own[1]] * G
+    assert grpo.group_rewards(problems, outputs, template.decode, G, 0.0).tolist() == [[1.0] * G] * 2
+    swapped = [own[1]] * G + [own[0]] * G
+    assert grpo.group_rewards(problems, swapped, template.decode, G, 0.0).tolist() == [[0.0] * G] * 2
+    unfinished = [(template.encode("3+4=7"), False)] * G + [own[1]] * G
+    assert grpo.group_rewards(problems, unfinished, template.decode, G, 0.5).tolist() == [[0.0] * G, [1.5] * G]
+
+
+def test_grpo_loss_sees_only_the_outputs_tokens():
+    """The batch GRPO trains on: each row a prompt and one of its replies (with its end token when it stopped); the
+    mask covers the reply's tokens alone, and the objective's gradient reaches the logits at those positions only."""
+    prompts, eos = [[5, 9, 2, 7], [11, 3]], 0
+    outputs = [([4, 4], True), ([6], False), ([8, 1, 2], True), ([], True)]
+    x, y, mask = grpo.rollout_batch(prompts, outputs, eos, 2, "cpu")
+    for row, (tokens, stopped) in enumerate(outputs):
+        prompt, reply = prompts[row // 2], tokens + [eos] * stopped
+        assert x[row, :len(prompt) + len(reply) - 1].tolist() == (prompt + reply)[:-1]
+        assert mask[row].nonzero().flatten().tolist() == list(range(len(prompt) - 1, len(prompt) - 1 + len(reply)))
+        assert y[row][mask[row].bool()].tolist() == reply
+    logits = torch.randn(*x.shape, V, requires_grad=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ds.Transformer, "__call__", lambda self, idx: (logits, None))
+        logp = grpo.token_logprobs(model(), x, y)
+    J, _ = grpo.grpo_objective(logp, logp.detach(), None, torch.tensor([1.0, -1.0, 0.5, 2.0]), mask, 0.2, 0.0)
+    J.backward()
+    touched = logits.grad.abs().sum(-1) > 0
+    assert torch.equal(touched, mask.bool())
 
 
 @pytest.mark.parametrize("attn, impl", [("mla", "absorb"), ("mla", "naive"), ("mha", "absorb")])
@@ -3316,22 +3526,40 @@ def test_left_padded_prefill_matches_each_prompt_alone(attn, impl):
             assert torch.allclose(step[i], alone[0], atol=1e-5)
 
 
+def batched_equals_alone(model_, prompts, n, stop):
+    """chat.generate's rows for prompts (3 replies each, greedy, one left-padded batch) are each prompt's greedy
+    decoding alone by Transformer.generate (no padding, no mask): the same tokens up to the stop token, stopping
+    where it does."""
+    batched = chat.generate(model_, prompts, n, stop, group=3)
+    for i, p in enumerate(prompts):
+        alone = model_.generate(torch.tensor([p]), n, temperature=0)[0, len(p):].tolist()
+        tokens = alone[:alone.index(stop)] if stop in alone else alone
+        if batched[3 * i:3 * i + 3] != [(tokens, stop in alone)] * 3:
+            return False
+    return True
+
+
 def test_batched_generation_equals_each_prompt_alone(math_base):
-    """Greedy, prompts of different lengths, a group of 3 rows each from one prefill: the tokens and where each row
-    stopped are those of the prompt decoded alone (and of Transformer.generate up to the stop token)."""
+    """Greedy, prompts of very different lengths (4 to over 40 tokens), a group of 3 rows each from one prefill: the
+    tokens and where each row stopped are those of the prompt decoded alone by Transformer.generate; rows leave the
+    batch at different steps. A key mask that hides each row's first prompt token (a mask off by one) fails it."""
     model_, ckpt = ckpts.load_checkpoint(math_base / "ckpt.pt", args=dict(max_seq_len=96))
     encode, _ = data.tokenizer_from_meta(ckpt["meta"])
     stop = encode("\n")[0]
-    prompts = [encode(f"{q}\n") for q, *_ in itertools.islice(data.math_problems(7), 6)]
-    assert len({len(p) for p in prompts}) > 2
+    questions = [p.question for p in itertools.islice(data.math_problems(7), 6)]
+    prompts = [encode(f"{questions[0]}\n{q}\n" if i % 2 else q[-4:]) for i, q in enumerate(questions)]
+    assert min(map(len, prompts)) == 4 and max(map(len, prompts)) > 40
+    assert batched_equals_alone(model_, prompts, 12, stop)
     batched = chat.generate(model_, prompts, 12, stop, group=3)
-    for i, p in enumerate(prompts):
-        alone = chat.generate(model_, [p], 12, stop)
-        assert batched[3 * i:3 * i + 3] == alone * 3
-        full = model_.generate(torch.tensor([p]), len(alone[0][0]) + 1, temperature=0)[0, len(p):].tolist()
-        assert full[:len(alone[0][0])] == alone[0][0] and (full[-1] == stop) == alone[0][1]
-    lengths = {len(t) for t, s in batched}
-    assert len(lengths) > 1 and any(s for _, s in batched)         # rows left the batch at different steps
+    assert len({len(t) for t, s in batched}) > 1 and any(s for _, s in batched)    # rows left at different steps
+    padded_mask = chat.padded_mask
+
+    def hides_the_first_prompt_token(keep, start_pos, S):
+        first = keep.int().argmax(1)                   # each row's first real token
+        return padded_mask(keep.scatter(1, first[:, None], False), start_pos, S)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chat, "padded_mask", hides_the_first_prompt_token)
+        assert not batched_equals_alone(model_, prompts, 12, stop)
 
 
 def test_generation_stops_each_row_at_the_limit_or_its_stop_token():
@@ -3343,13 +3571,11 @@ def test_generation_stops_each_row_at_the_limit_or_its_stop_token():
         assert 7 not in tokens and (stopped or len(tokens) == 6) and len(tokens) <= 6
     with pytest.raises(ValueError, match="exceed max_seq_len"):
         chat.generate(m, [[1] * 30], 6, stop=7)
-
-
 @pytest.fixture(scope="module")
 def chat_ckpt(math_base, tmp_path_factory):
     """math_base with the chat tokens, as sft.py would start it (no training)."""
     ckpt = ckpts.read_checkpoint(math_base / "ckpt.pt")
-    model_, meta = chat.chat_model(ckpt, math_base, max_seq_len=128)
+    model_, meta = chat.chat_model(ckpt, math_base, max_seq_len=256)
     out = tmp_path_factory.mktemp("chat_ckpt")
     ckpts.save_checkpoint(dict(ckpt, model=model_.state_dict(), meta=meta, model_args=vars(model_.args).copy()),
                           out / "ckpt.pt")
@@ -3357,17 +3583,26 @@ def chat_ckpt(math_base, tmp_path_factory):
 
 
 def test_sample_chat_answers_each_question_on_one_line(chat_ckpt, capsys, tmp_path):
+    """--chat prints one line a question: the answer after </think> alone, or, with --show_thinking (or when the
+    thinking never ended), the whole reply from <think>; each the greedy reply of its question alone."""
     questions = ["What is 3 + 4?", "Is 5 less than 7?", "Which is bigger: 0.5 or 0.3?"]
     (tmp_path / "q.txt").write_text("\n".join(questions) + "\n")
     rc, out, err = run_sample(capsys, f"--out_dir={chat_ckpt}", f"--chat=FILE:{tmp_path / 'q.txt'}", "--max_new_tokens=12")
     assert rc == 0 and err == "" and len(out.splitlines()) == 3
     model_, ckpt = ckpts.load_checkpoint(chat_ckpt / "ckpt.pt")
     template = chat.Template(ckpt["meta"])
-    for q, line in zip(questions, out.splitlines()):         # each the greedy answer of its question alone
-        tokens, _ = chat.generate(model_, [template.prompt(q)], 12, template.eos)[0]
-        assert line == template.decode(tokens).replace("\n", "\\n")
+    for q, line in zip(questions, out.splitlines()):         # each the greedy reply of its question alone
+        reply = template.decode(chat.generate(model_, [template.prompt(q)], 12, template.eos)[0][0])
+        answer = chat.final_answer(reply)
+        assert line == (chat.SPECIAL[3] + reply if answer is None else answer).replace("\n", "\\n")
         rc, one, _ = run_sample(capsys, f"--out_dir={chat_ckpt}", f"--chat={q}", "--max_new_tokens=12")
         assert rc == 0 and one == line + "\n"
+    finished = template.encode("3+4=7") + [template.end_think] + template.encode("7")
+    with pytest.MonkeyPatch.context() as mp:                  # a reply whose thinking ended
+        mp.setattr(chat, "generate", lambda model_, prompts, *a: [(finished, True)] * len(prompts))
+        assert run_sample(capsys, f"--out_dir={chat_ckpt}", "--chat=What is 3 + 4?")[1] == "7\n"
+        assert run_sample(capsys, f"--out_dir={chat_ckpt}", "--chat=What is 3 + 4?", "--show_thinking=True")[1] == \
+            f"{chat.SPECIAL[3]}3+4=7{chat.SPECIAL[4]}7\n"
 
 
 # transformers' side of test_a_chat_model_exports_with_its_template (a process of its own: see TRANSFORMERS_SIDE)
@@ -3387,8 +3622,8 @@ print(json.dumps(dict(prompt=ids, answer=out, eos=m.generation_config.eos_token_
 def test_a_chat_model_exports_with_its_template(chat_ckpt, tmp_path, capsys):
     """export.py of a chat checkpoint writes its special tokens (after the vocabulary), its template and its end
     token: the folder reads back with the same tokenizer meta, and sample.py --chat answers from it as from the
-    checkpoint. In transformers: apply_chat_template(add_generation_prompt=True) gives our prompt's tokens, and
-    generate our greedy answer, stopping at the end-of-sentence token."""
+    checkpoint. In transformers: apply_chat_template(add_generation_prompt=True) gives our prompt's tokens (the
+    thinking opener included), and generate our greedy reply, stopping at the end-of-sentence token."""
     assert export.cli([f"--init_from={chat_ckpt}", f"--out_dir={tmp_path / 'hf'}"]) == 0
     capsys.readouterr()
     model_, ckpt = ckpts.load_checkpoint(chat_ckpt / "ckpt.pt")
@@ -3396,7 +3631,7 @@ def test_a_chat_model_exports_with_its_template(chat_ckpt, tmp_path, capsys):
     assert hf.tokenizer_meta(tmp_path / "hf") == meta and meta["chat_template"] == chat.CHAT_TEMPLATE
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert (config["bos_token_id"], config["eos_token_id"]) == (n - 4, n - 1) == tuple(generation.values())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (n - len(chat.SPECIAL), n - 1) == tuple(generation.values())
     q = "What is 3 + 4?"
     answers = [run_sample(capsys, source, f"--chat={q}", "--max_new_tokens=12")
                for source in (f"--out_dir={chat_ckpt}", f"--init_from={tmp_path / 'hf'}")]
@@ -3416,15 +3651,16 @@ def test_a_chat_model_exports_with_its_template(chat_ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["plain checkpoint", "unknown characters", "unknown on a line", "chat token",
-                                  "chat with speculative"])
+                                  "chat with speculative", "thinking without chat"])
 def test_sample_chat_bad_input(case, chat_ckpt, math_base, capsys, tmp_path):
     (tmp_path / "q.txt").write_text("What is 3 + 4?\nWhat is 3 × 4?\n")
     ckpt, question, extra, message = {
         "plain checkpoint": (math_base, "What is 3 + 4?", [], "has no chat tokens in its vocabulary"),
         "unknown characters": (chat_ckpt, "What is 3 × 4 ü?", [], "question: characters not in the vocabulary: '×ü'"),
         "unknown on a line": (chat_ckpt, f"FILE:{tmp_path / 'q.txt'}", [], "question on line 2: characters not in"),
-        "chat token": (chat_ckpt, f"What{chat.SPECIAL[3]}", [], "holds the chat token"),
+        "chat token": (chat_ckpt, f"What{chat.SPECIAL[4]}", [], "holds the chat token"),
         "chat with speculative": (chat_ckpt, "What is 3 + 4?", ["--speculative=True"], "without --speculative"),
+        "thinking without chat": (chat_ckpt, "", ["--show_thinking=True"], "--show_thinking shows a chat model's"),
     }[case]
     rc, out, err = run_sample(capsys, f"--out_dir={ckpt}", f"--chat={question}", *extra)
     assert rc == 2 and out == "" and err.startswith("error: ") and message in err and err.count("\n") == 1, err
@@ -3440,8 +3676,12 @@ def stage(module, tmp_path, *argv):
 
 @pytest.mark.parametrize("case", ["sft from no checkpoint", "grpo from no checkpoint", "grpo from a pretrained one",
                                   "sft into its own folder", "sft over a finished run", "bad key", "group of one",
-                                  "too many questions"])
+                                  "too many questions", "traces longer than the context", "unknown answers",
+                                  "unknown kind", "no kind"])
 def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, capsys):
+    short = tmp_path / "short"                                 # math_base trained at 64 positions, never extended
+    ckpt = ckpts.read_checkpoint(math_base / "ckpt.pt")
+    ckpts.save_checkpoint(dict(ckpt, model_args={**ckpt["model_args"], "max_seq_len": 64}), short / "ckpt.pt")
     module, argv, message = {
         "sft from no checkpoint": (sft, [f"--init_from={tmp_path}"], "no checkpoint at"),
         "grpo from no checkpoint": (grpo, [f"--init_from={tmp_path}"], "no checkpoint at"),
@@ -3451,6 +3691,11 @@ def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, caps
         "bad key": (sft, [f"--init_from={math_base}", "--pair=3"], "unknown config key 'pair' (did you mean pairs?)"),
         "group of one": (grpo, [f"--init_from={math_base}", "--group_size=1"], "group_size must be at least 2"),
         "too many questions": (sft, [f"--init_from={math_base}", "--eval_questions=701"], "eval_questions must be at most 700"),
+        "traces longer than the context": (sft, [f"--init_from={short}", "--pairs=300"],
+                                           "short's context of 64: extend the context first"),
+        "unknown answers": (sft, [f"--init_from={math_base}", "--answers=long"], "answers must be one of thinking"),
+        "unknown kind": (sft, [f"--init_from={math_base}", "--mix={'sums': 1}"], "mix: unknown kind sums"),
+        "no kind": (sft, [f"--init_from={math_base}", "--mix={'sum': 0}"], "mix: the weights must be >= 0, one of"),
     }[case]
     if case == "sft over a finished run":
         shutil.copytree(math_base, tmp_path / "sft")
@@ -3461,25 +3706,28 @@ def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, caps
 
 @pytest.mark.slow
 def test_sft_then_grpo_then_chat(math_base, tmp_path, capsys):
-    """The stages end to end on the tiny model: sft.py from a pretrained checkpoint (the chat tokens added), grpo.py from
-    its output, sample.py --chat from GRPO's; each logs and evaluates as it goes, and the SFT loss falls."""
+    """The stages end to end on the tiny model: sft.py from a pretrained checkpoint (the chat tokens added) on replies
+    with thinking traces, grpo.py from its output (with and without dynamic sampling), sample.py --chat from GRPO's;
+    each logs and evaluates as it goes, and the SFT loss falls."""
     rc, log = stage(sft, tmp_path, f"--init_from={math_base}", "--pairs=240", "--epochs=2", "--batch_size=16",
-                    "--eval_interval=15", "--log_interval=5", "--learning_rate=3e-3", "--worked=True")
+                    "--eval_interval=15", "--log_interval=5", "--learning_rate=3e-3")
     assert rc == 0 and [e["step"] for e in log if e["kind"] == "eval"] == [0, 15, 30]
     losses = [e["loss"] for e in log if e["kind"] == "train"]
     assert len(losses) == 6 and losses[-1] < losses[0] and 0 < log[-1]["train_s"] <= log[-1]["wall_s"]
-    assert all(e["accuracy"]["all"][1] == 14 for e in log if e["kind"] == "eval")
+    assert all(e["accuracy"]["all"][1] == 14 and 1 <= e["length"] <= chat.ANSWER_TOKENS for e in log if e["kind"] == "eval")
     ckpt = ckpts.read_checkpoint(tmp_path / "sft" / "ckpt.pt")
     assert ckpt["stage"] == "sft" and ckpt["meta"]["special"] == list(chat.SPECIAL) and ckpt["iter_num"] == 30
-    rc, log = stage(grpo, tmp_path, f"--init_from={tmp_path / 'sft'}", "--max_iters=3", "--questions=2",
-                    "--group_size=4", "--eval_interval=3", "--log_interval=1", "--max_new_tokens=12")
-    assert rc == 0
-    steps = [e for e in log if e["kind"] == "train"]
-    assert [e["step"] for e in steps] == [1, 2, 3] and [e["step"] for e in log if e["kind"] == "eval"] == [0, 3]
-    for e in steps:
-        assert 0 <= e["reward"] <= 1.1 and e["kl"] >= 0 and 0 <= e["clipped"] <= 1 and 1 <= e["length"] <= 13
-        assert 0 <= e["no_signal"] <= 1 and e["rollout_tokens_per_s"] > 0
-    assert steps[0]["kl"] > 0 or steps[0]["clipped"] >= 0
+    for dynamic in (True, False):
+        rc, log = stage(grpo, tmp_path, f"--init_from={tmp_path / 'sft'}", "--max_iters=3", "--questions=2",
+                        "--group_size=4", "--eval_interval=3", "--log_interval=1", "--max_new_tokens=12",
+                        f"--dynamic_sampling={dynamic}", "--max_draws=2", "--overwrite=True", "--format_reward=0.1")
+        assert rc == 0
+        steps = [e for e in log if e["kind"] == "train"]
+        assert [e["step"] for e in steps] == [1, 2, 3] and [e["step"] for e in log if e["kind"] == "eval"] == [0, 3]
+        for e in steps:
+            assert 0 <= e["right"] <= e["group_right"] <= 1 and e["kl"] >= 0 and 0 <= e["clipped"] <= 1
+            assert e["rollout_tokens_per_s"] > 0 and e["drawn"] in ((2, 4) if dynamic else (2,))
+            assert e["kept"] == (min(2, round(e["signal"] * e["drawn"])) if dynamic else 2)
     capsys.readouterr()
     rc, out, _ = run_sample(capsys, f"--out_dir={tmp_path / 'grpo'}", "--chat=What is 3 + 4?")
     assert rc == 0 and len(out.splitlines()) == 1
@@ -3667,21 +3915,47 @@ def test_bench_posttrain_smoke(tmp_path, text_file, capsys, monkeypatch):
     english.write_text(text_file.read_text()[:30000])
     result = bench.main(["--parts=posttrain", "--iters=4", "--quick", f"--out={tmp_path}", f"--data_dir={tmp_path / 'data'}",
                          f"--text={english}"])["posttrain"]
-    out, err = capsys.readouterr()
-    rows = [[c.strip() for c in line.strip("| ").split("|")] for line in out.splitlines() if line.startswith("| (")]
-    accuracy, stages = rows[:6], rows[6:11]
-    more = re.search(r"seed 0: (\d+) more SFT steps", err).group(1)      # (c)'s training time at (b)'s step time
-    assert [r[0][:4] for r in accuracy] == ["(a) ", "(b) ", "(c) ", "(d) ", "(e) ", "(b2)"] and all(len(r) == 10 for r in accuracy)
-    for r, key in zip(accuracy[1:], ("(b)", "(c)", "(d)", "(e)", "(b2)")):     # pooled over the one seed: its final eval
-        right, n = result["results"][key][0]["all"]
-        assert n == 14 and r[8].startswith(f"{100 * right / n:.1f} (")
-    assert [r[1] for r in stages] == ["3", "3", "2", more, "2"] and int(more) >= 1
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip("| ").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    table9 = rows[1:5]
+    assert [r[0] for r in table9] == ["pretrained, one solved example", "SFT, bare answers", "SFT, one worked line",
+                                      "SFT, thinking traces"] and all(len(r) == 11 for r in table9)
+    for r, name in zip(table9[1:], ("bare", "worked", "thinking")):     # pooled over the one seed: its final eval
+        right, n = next(e for e in result["runs"][name][0] if e["kind"] == "done")["accuracy"]["all"]
+        assert n == 14 and r[8].startswith(f"{100 * right / n:.1f} (") and float(r[10]) >= 1
+    before = next(r for r in rows if r[:2] == ["all", "all"])
+    greedy = [row[1] for row in result["before"][0]]
+    assert int(before[2]) == 14 and float(before[3]) == pytest.approx(100 * sum(greedy) / 14, abs=0.05)
+    assert greedy == result["evals"]["thinking"][0]["greedy"]            # one model, one greedy decoding
+    preset = runpy.run_path(str(REPO / "config" / "grpo_cpu.py"))
+    plain = preset.get("kl_beta", 0.04) > 0 or preset.get("updates_per_batch", 2) > 1   # else it would be GRPO itself
+    assert ("grpo_plain" in result["runs"]) == plain and ("without the KL term and the clip" in out) != plain
+    names = ("thinking", "grpo", "more_sft") + ("grpo_plain",) * plain
+    models = [r for r in rows if r[0] in ("SFT, thinking traces", "GRPO from the thinking SFT",
+                                          "GRPO's seconds as more SFT instead", "GRPO without KL and clip")]
+    assert len(models) == 1 + 2 * len(names) and all(len(r) == 5 for r in models[1:])   # Table 9, GRPO's, the stages
+    for r, name in zip(models[1:1 + len(names)], names):
+        assert r[3].startswith(f"{100 * sum(result['evals'][name][0]['greedy']) / 14:.1f} (")
+    for r, name in zip(models[1 + len(names):], [n for n in ("thinking", "grpo", "grpo_plain", "more_sft") if n in names]):
+        assert r[1] == str(next(e for e in result["runs"][name][0] if e["kind"] == "done")["step"])
+    paired = [r for r in rows if " - " in r[0]]
+    assert len(paired) == 4 * (len(names) - 1) + 4 and {r[2] for r in paired} == {"greedy", "sampled"}
+    grpo_s = next(e for e in result["runs"]["grpo"][0] if e["kind"] == "done")["train_s"]
+    more = next(e for e in result["runs"]["more_sft"][0] if e["kind"] == "done")
+    assert more["train_s"] >= grpo_s and more["step"] >= 1             # stopped once it had spent GRPO's seconds
     assert "| all questions in one batch (Q prefills, Q x G rows) |" in out and "| each sample alone" in out
-    if figures is not None:   # GRPO's held-out accuracy at each evaluation, (c) and (e), in percent
+    if figures is not None:   # GRPO's greedy accuracy on the aimed kinds at each evaluation, in percent
         acc = figures["posttrain.png"].axes[0]
-        for line, key in zip(acc.get_lines(), ("(c)", "(e)")):
-            evals = [e["accuracy"]["all"] for e in result["runs"][key][0] if e["kind"] == "eval"]
-            assert list(line.get_ydata()) == pytest.approx([100 * r / n for r, n in evals])
+        for line, name in zip(acc.get_lines(), ("grpo", "grpo_plain")[:1 + plain]):
+            evals = [e["accuracy"] for e in result["runs"][name][0] if e["kind"] == "eval"]
+            kinds = [k for k in data.MATH_KINDS if k in command_mix()] or data.MATH_KINDS
+            want = [100 * sum(a[k][0] for k in kinds) / sum(a[k][1] for k in kinds) for a in evals]
+            assert list(line.get_ydata()) == pytest.approx(want)
+
+
+def command_mix():
+    """The kinds config/grpo_cpu.py's GRPO draws."""
+    return {k for k, w in runpy.run_path(str(REPO / "config" / "grpo_cpu.py")).get("mix", {}).items() if w > 0}
 
 
 def test_bench_decode_reports_first_difference():

@@ -1,14 +1,19 @@
-# Supervised fine-tuning (report §5.1, sft.py) of config/domains_cpu.py's pretrained model on maths question/answer
-# pairs in DeepSeek-V3's chat template; held-out accuracy: python bench.py --parts=posttrain (RESULTS.md).
+# Supervised fine-tuning (report §5.1, sft.py) of config/domains_cpu.py's model, extended to 256 positions
+# (config/domains_cpu_256.py), on maths questions answered after a thinking trace (posttraining/reasoning.py) in
+# DeepSeek's thinking template; held-out accuracy: python bench.py --parts=posttrain (RESULTS.md).
 #   python train.py config/domains_cpu.py --device=cpu          # the pretrained model, out-domains-cpu
-#   python sft.py config/sft_cpu.py --device=cpu                # about 2 minutes on 2 cores
-#   python sample.py --out_dir=out-sft-cpu --chat="What is 12 times 7?"
-init_from = "out-domains-cpu"
+#   python train.py config/domains_cpu_256.py --device=cpu      # its context extended, out-domains-cpu-256
+#   python sft.py config/sft_cpu.py --device=cpu
+#   python sample.py --out_dir=out-sft-cpu --chat="What is 12 times 7?" --show_thinking=True
+init_from = "out-domains-cpu-256"
 out_dir = "out-sft-cpu"
-worked = True            # answers after worked steps: measured against bare answers in RESULTS.md
-pairs = 16000            # 2 epochs of 16,000 pairs in batches of 32: 1000 steps
-epochs = 2
-batch_size = 32
+answers = "thinking"     # a trace before the answer (worked, bare: the comparison of bench.py --parts=posttrain)
+# the comparisons, learned first, half as often; the kinds with the most errors more often (a choice from the
+# prototype runs' errors, not measured against equal shares)
+mix = dict(sum=1, difference=1, product=1.5, bigger=0.5, less=0.5, remainder=2, solve=1.5)
+pairs = 48000            # fresh pairs, one epoch, in batches of 16: 3000 steps
+epochs = 1
+batch_size = 16
 learning_rate = 1e-3     # the pretraining peak, cosine down to its final 1e-4 (the report: 5e-6 to 1e-6)
 min_lr = 1e-4
-eval_interval = 250
+eval_interval = 3000     # the held-out evaluation at the end (700 questions)

@@ -8,6 +8,7 @@ and a three-domain corpus (English, code, mathematics) for the report's expert-s
     x, y = get_batch(load_split(folder, "train", meta), batch_size=12, block_size=64, seed=batch_seed(1337, 0))
     encode, decode = tokenizer_from_meta(meta)
 """
+import collections
 import itertools
 import json
 import os
@@ -151,24 +152,27 @@ def stdlib_code(size):
 
 
 MATH_KINDS = ("sum", "difference", "product", "bigger", "less", "remainder", "solve")
+MathProblem = collections.namedtuple("MathProblem", "question answer worked kind operands")
 
 
 def math_problems(seed=MATH_SEED):
-    """The maths generator, endless, in the spirit of DM Mathematics: (question, answer, worked, kind) of the
-    seven MATH_KINDS (sums, differences, products, comparisons, remainders, linear equations in one unknown). answer
-    is the text the corpus writes; worked reaches it after short steps the generator knows ("45 + -23 = 45 - 23
-    = 22"): the answer always follows the last "= "."""
+    """The maths generator, endless, in the spirit of DM Mathematics: MathProblem(question, answer, worked, kind,
+    operands) of the seven MATH_KINDS (sums, differences, products, comparisons, remainders, linear equations in one
+    unknown). answer is the text the corpus writes; worked reaches it after short steps the generator knows ("45 + -23
+    = 45 - 23 = 22"): the answer always follows the last "= "; operands are the numbers the question is made of, for
+    whoever writes longer solutions (posttraining/reasoning.py): (a, b) for sums, differences and less, (m, b) for
+    products, tenths (a, b) for bigger, (n, d) for remainders, (k, v, b, c) for k*v + b = c."""
     rng = random.Random(seed)
     while True:
         a, b, m, d = rng.randint(-99, 99), rng.randint(-99, 99), rng.randint(-12, 12), rng.randint(2, 12)
         x, k, v = rng.randint(-10, 10), rng.choice((-1, 1)) * rng.randint(2, 9), rng.choice("abcfgjklmnpqrstuvwxyz")
-        kind = rng.choice(MATH_KINDS)
+        kind, operands = rng.choice(MATH_KINDS), (a, b)
         if kind == "sum":
             q, answer, steps = f"What is {a} + {b}?", a + b, [f"{a} + {b}"] + [f"{a} - {-b}"] * (b < 0)
         elif kind == "difference":
             q, answer, steps = f"Calculate {a} - {b}.", a - b, [f"{a} - {b}"] + [f"{a} + {-b}"] * (b < 0)
         elif kind == "product":          # the sign first, then the product of the sizes
-            q, answer, steps = f"What is {m} times {b}?", m * b, [f"{m}*{b}"]
+            q, answer, steps, operands = f"What is {m} times {b}?", m * b, [f"{m}*{b}"], (m, b)
             if m * b and min(m, b) < 0:
                 steps.append(f"{-m}*{-b}" if m < 0 and b < 0 else f"-({abs(m)}*{abs(b)})")
         elif kind == "bigger":
@@ -176,21 +180,22 @@ def math_problems(seed=MATH_SEED):
         elif kind == "less":
             q, answer, steps = f"Is {a} less than {b}?", a < b, [f"{a} < {b}"]
         elif kind == "remainder":
-            q, answer, steps = f"What is the remainder when {abs(a)} is divided by {d}?", abs(a) % d, [f"{abs(a)} - {abs(a) // d}*{d}"]
+            q, answer, operands = f"What is the remainder when {abs(a)} is divided by {d}?", abs(a) % d, (abs(a), d)
+            steps = [f"{abs(a)} - {abs(a) // d}*{d}"]
         else:                            # k*v + b = c: k*v = c - b, then v
             c, op = k * x + b, "+" if b < 0 else "-"
-            q, answer = f"Solve {k}*{v} {'-' if b < 0 else '+'} {abs(b)} = {c} for {v}.", x
+            q, answer, operands = f"Solve {k}*{v} {'-' if b < 0 else '+'} {abs(b)} = {c} for {v}.", x, (k, v, b, c)
             steps = [f"{k}*{v} = {c} {op} {abs(b)} = {c - b}, {v}"]
-        yield q, str(answer), " = ".join(steps + [str(answer)]), kind
+        yield MathProblem(q, str(answer), " = ".join(steps + [str(answer)]), kind, operands)
 
 
 def math_text(size, seed=MATH_SEED):
     """The corpus's mathematics: a question line and its answer line from math_problems, until `size` characters."""
     lines, n = [], 0
-    for q, answer, _, _ in math_problems(seed):
+    for p in math_problems(seed):
         if n >= size:
             break
-        lines.append(f"{q}\n{answer}\n")
+        lines.append(f"{p.question}\n{p.answer}\n")
         n += len(lines[-1])
     return "".join(lines)
 
