@@ -774,7 +774,7 @@ def windowed_greedy(m, idx, n):
 
 
 @pytest.mark.parametrize("impl", ["absorb", "naive"])
-@pytest.mark.parametrize("prompt", [3, 7, 8, 11])
+@pytest.mark.parametrize("prompt", [8, 11] + [pytest.param(n, marks=pytest.mark.slow) for n in (3, 7)])
 def test_generate_sliding_window_keeps_max_seq_len_tokens(impl, prompt):
     """Cached decoding past the context predicts each token from exactly the window's tokens, up to max_seq_len
     of them (not one fewer): a prompt longer than the context keeps its last max_seq_len tokens, and a full
@@ -1949,6 +1949,7 @@ def test_loss_falls(trained):
     assert any(g.bias.abs().sum() > 0 for g in model.gates())          # the balancing biases moved and were saved
 
 
+@pytest.mark.slow
 def test_fp8_training_loss_falls_and_samples_without_fp8(tmp_path, text_file, data_dir, capsys):
     """--fp8=True trains (the loss falls as in fp32); its checkpoint holds fp32 masters, loads into a plain
     model and samples."""
@@ -2877,6 +2878,7 @@ def test_hf_char_tokenizer_round_trip(tmp_path, text_file):
     assert hf.tokenizer_meta(tmp_path) == meta
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_BPE, reason="no local tiktoken cache")
 def test_hf_bpe_tokenizer_round_trip(tmp_path, text_file):
     """GPT-2's BPE (tiktoken r50k_base) as a byte-level BPE tokenizer.json: the same tokens as tiktoken on English,
@@ -3160,10 +3162,10 @@ EDGES = dict(sum=[(0, 0), (0, -5), (-5, 0), (38, -38), (-38, 38), (99, 99), (-99
 
 
 def test_every_thinking_trace_is_arithmetically_right():
-    """The traces of 20,000 generated problems (all seven kinds) and of chosen edges (zero, equal sizes of opposite
+    """The traces of 5,000 generated problems (all seven kinds) and of chosen edges (zero, equal sizes of opposite
     signs, the largest and smallest operands, multipliers 10 to 12, a remainder of a number below its divisor) pass
     check_trace; and check_trace catches a wrong fact, a wrong count and a wrong block value."""
-    problems = [(p.kind, p.operands) for p in itertools.islice(data.math_problems(4), 20000)]
+    problems = [(p.kind, p.operands) for p in itertools.islice(data.math_problems(4), 5000)]
     problems += [(kind, ops) for kind, edges in EDGES.items() for ops in edges]
     for kind, operands in problems:
         check_trace(kind, operands, reasoning.thinking(data.MathProblem("", "", "", kind, operands)))
@@ -3212,6 +3214,7 @@ def test_conversations_need_the_extended_context():
     assert 64 < longest - 1 <= extended and reply <= chat.ANSWER_TOKENS        # the last token is only a target
 
 
+@pytest.mark.slow
 def test_held_out_questions_are_disjoint_from_training_pairs():
     """No held-out question among the SFT or RL questions of two seeds, whatever the mix (remainder questions, of
     which there are only 1,100, drawn most)."""
@@ -3281,6 +3284,7 @@ def math_base(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_chat_tokens_join_the_vocabulary_and_keep_the_old_rows(math_base):
     """chat_model adds SPECIAL after the vocabulary (new rows drawn, the old ones kept bit for bit, the pretrained
     model's logits unchanged); a conversation with its thinking encodes and decodes back, each chat token whole."""
@@ -3539,6 +3543,7 @@ def batched_equals_alone(model_, prompts, n, stop):
     return True
 
 
+@pytest.mark.slow
 def test_batched_generation_equals_each_prompt_alone(math_base):
     """Greedy, prompts of very different lengths (4 to over 40 tokens), a group of 3 rows each from one prefill: the
     tokens and where each row stopped are those of the prompt decoded alone by Transformer.generate; rows leave the
@@ -3652,6 +3657,7 @@ def test_a_chat_model_exports_with_its_template(chat_ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["plain checkpoint", "unknown characters", "unknown on a line", "chat token",
                                   "chat with speculative", "thinking without chat"])
+@pytest.mark.slow
 def test_sample_chat_bad_input(case, chat_ckpt, math_base, capsys, tmp_path):
     (tmp_path / "q.txt").write_text("What is 3 + 4?\nWhat is 3 × 4?\n")
     ckpt, question, extra, message = {
@@ -3678,6 +3684,7 @@ def stage(module, tmp_path, *argv):
                                   "sft into its own folder", "sft over a finished run", "bad key", "group of one",
                                   "too many questions", "traces longer than the context", "unknown answers",
                                   "unknown kind", "no kind"])
+@pytest.mark.slow
 def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, capsys):
     short = tmp_path / "short"                                 # math_base trained at 64 positions, never extended
     ckpt = ckpts.read_checkpoint(math_base / "ckpt.pt")
