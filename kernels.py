@@ -316,7 +316,13 @@ def gate_config(n_experts, topk, n_groups, topk_groups, score_func):
                 BLOCK_T=max(1, GATE_TILE // (GP * SP)))
 
 
-@torch.library.triton_op("deepseek::route", mutates_args=())
+def triton_op(name):
+    """torch.library.triton_op: a torch op torch.compile sees into. Registered only where Triton is installed (the
+    registration looks for the Triton kernels, and warns on every import without it); never called elsewhere."""
+    return torch.library.triton_op(name, mutates_args=()) if HAS_TRITON else lambda fn: fn
+
+
+@triton_op("deepseek::route")
 def route_triton(s: torch.Tensor, bias: torch.Tensor, topk: int, n_groups: int = 1, topk_groups: int = 1,
                  score_func: str = "sigmoid") -> torch.Tensor:
     """The experts deepseek.Gate.route chooses from the affinities s (T, E), one kernel launch: ids (T, topk)
@@ -332,7 +338,7 @@ def route_triton(s: torch.Tensor, bias: torch.Tensor, topk: int, n_groups: int =
     return ids
 
 
-@torch.library.triton_op("deepseek::dispatch", mutates_args=())
+@triton_op("deepseek::dispatch")
 def dispatch_triton(ids: torch.Tensor, n_experts: int, BLOCK: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """dispatch's outputs (counts, perm; int64), bit-identical, deterministic (no atomics): 1) per-block counts
     bc[e, b]; 2) exclusive prefix sum over bc in (expert, block) order = where each block starts writing each
