@@ -157,7 +157,7 @@ def check_config(c, device, world):
         raise UserError(f"out_dir {c.out_dir}: {blocked} is a file, not a folder")
     model_args_from(vars(c), vocab_size=1)
     cuda = device.startswith("cuda")
-    float16 = c.dtype == "float16" or c.dtype == "auto" and compute_dtype("auto", device) == torch.float16
+    float16 = compute_dtype(c.dtype, device) == torch.float16
     if float16 and not cuda:
         raise UserError("dtype float16 needs a CUDA device (use bfloat16 or float32)")
     if c.expert_parallel and world is None:
