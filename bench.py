@@ -36,6 +36,8 @@ DEFAULTS = dict(
     data_dir="data",          # ablation, specialization, fp8, context, posttrain: the data cache (as train.py's)
     text="",                  # ablation, fp8, context: the text to train on; specialization, posttrain: its English
     repeats=1,                # ablation, specialization, context, posttrain: seeds per row (mean and spread)
+    jobs=1,                   # ablation: trainings at once, each on 1 CPU thread (1: one at a time on the idle
+                              # cores); every run's timing is then under that load
     optimizer="adamw",        # ablation: every row's optimizer, train.py's --optimizer (adamw | muon)
     iters=0,                  # ablation, specialization, fp8, context: steps per run (0: 2000, quick 200; fp8 quick
                               # 50; context, posttrain: the base's, context's phases run iters / 8)
@@ -57,6 +59,8 @@ def main(argv=None):
         raise UserError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     if args["optimizer"] not in ("adamw", "muon"):
         raise UserError(f"optimizer must be one of adamw, muon, not {args['optimizer']!r}")
+    if args["jobs"] < 1:
+        raise UserError(f"jobs must be at least 1, not {args['jobs']}")
     set_threads(args["threads"], "cpu")
     quick = args["quick"]
     args.update(iters=args["iters"] or (200 if quick else 2000), long_tokens=args["long_tokens"] or (16 if quick else 64),

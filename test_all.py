@@ -3767,7 +3767,7 @@ def test_bench_step_times_every_row():
 def test_bench_ablation_smoke(tmp_path, text_file, data_dir, monkeypatch):
     figures = saved_figures(monkeypatch)
     results = bench.main(["--parts=ablation", "--iters=4", "--timing_iters=3", "--quick", f"--out={tmp_path}",
-                          f"--data_dir={data_dir}", f"--text={text_file}", "--optimizer=muon"])["ablation"]
+                          f"--data_dir={data_dir}", f"--text={text_file}", "--optimizer=muon", "--jobs=2"])["ablation"]
     for budget in ("steps", "time"):                                          # every run by the optimizer asked
         assert {ckpts.read_checkpoint(r["runs"][0]["out"] / "ckpt.pt")["config"]["optimizer"]
                 for r in results[budget]} == {"muon"}
@@ -3779,9 +3779,14 @@ def test_bench_ablation_smoke(tmp_path, text_file, data_dir, monkeypatch):
     assert moe == [False, False, True, True, True, True]
     assert all((r["runs"][0]["maxvio"] is not None) == m for r, m in zip(results["steps"], moe))
     assert all(r["load"].sum() > 0 for r in results["steps"] if r["load"] is not None)
-    # same time: every row gets the steps that its timing run's step time fits into row 1's 4 steps
-    step_s = results["timing_step_s"]
-    assert [r["runs"][0]["iters"] for r in results["time"]] == [max(1, round(4 * step_s[0] / t)) for t in step_s]
+    # same time: every row gets the steps that its timing run's step time fits into row 1's 4 steps by AdamW
+    step_s, base_s = results["timing_step_s"], results["base_step_s"]
+    assert ckpts.read_checkpoint(tmp_path / "timing_adamw_row1_seed0" / "ckpt.pt")["config"]["optimizer"] == "adamw"
+    assert base_s != step_s[0]
+    assert [r["runs"][0]["iters"] for r in results["time"]] == [max(1, round(4 * base_s / t)) for t in step_s]
+    # two at a time, each on one thread
+    assert {ckpts.read_checkpoint(r["runs"][0]["out"] / "ckpt.pt")["config"]["threads"]
+            for r in results["steps"]} == {1}
     if figures is not None:   # one validation curve per row and budget, each the run's own evaluations
         axes = figures["ablation_val_loss.png"].axes
         for ax, budget, x in ((axes[0], "steps", 0), (axes[1], "time", 1)):
@@ -3791,6 +3796,16 @@ def test_bench_ablation_smoke(tmp_path, text_file, data_dir, monkeypatch):
                 kept = [c for c in curve if c[0] >= curve[-1][0] // 4]
                 assert list(line.get_ydata()) == [c[2] for c in kept] and list(line.get_xdata()) == [c[x] for c in kept]
         assert len(figures["ablation_expert_load.png"].axes) >= 4                 # 4 MoE rows (+ colour bars)
+
+
+@pytest.mark.parametrize("arg,message", [("--parts=ablation,nope", "unknown part(s) nope; choose from kernels"),
+                                         ("--optimizer=sgd", "optimizer must be one of adamw, muon, not 'sgd'"),
+                                         ("--jobs=0", "jobs must be at least 1, not 0")])
+def test_bench_bad_input_one_line_exit_2(tmp_path, arg, message, capsys):
+    assert configurator.run_cli(bench.main, [arg, f"--out={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()                                   # stopped before any work
 
 
 def test_relative_load_of_a_constructed_router():

@@ -4,6 +4,7 @@ by one optimizer (--optimizer=adamw, V3's, or muon)."""
 import statistics
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -41,43 +42,51 @@ def expert_load(out_dir, text, data_dir, batches=10):
     return model, torch.stack([g.load.clone() for g in model.gates()]) if model.gates() else None
 
 
-def train_row(args, root, name, over, seed, iters, tag):
-    """One run of an ablation row for `iters` steps (schedule scaled to them)."""
-    out = root / f"{tag}_{args.optimizer}_row{name.split()[0]}_seed{seed}"
+def train_row(args, root, name, over, seed, iters, tag, optimizer):
+    """One run of an ablation row for `iters` steps (schedule scaled to them) by `optimizer`; with
+    args.jobs > 1 on one CPU thread, else on the cores idle when it starts."""
+    out = root / f"{tag}_{optimizer}_row{name.split()[0]}_seed{seed}"
     every = iters if tag == "timing" else max(iters // 8, 1)      # a timing run evaluates once, at the end
     argv = ["shakespeare_char_cpu", "--device=cpu", f"--data_dir={args.data_dir}", f"--seed={1337 + seed}",
-            "--always_save_checkpoint=True", f"--optimizer={args.optimizer}", f"--max_iters={iters}",
-            f"--lr_decay_iters={iters}",
+            "--always_save_checkpoint=True", f"--optimizer={optimizer}", f"--max_iters={iters}",
+            f"--lr_decay_iters={iters}", f"--threads={1 if args.jobs > 1 else 0}",
             f"--mtp_lambda_step={round(0.7 * iters)}", f"--eval_interval={every}", f"--log_interval={min(every, 10)}"]
     argv += (["--eval_iters=4"] if args.quick or tag == "timing" else []) + ([f"--text={args.text}"] if args.text else [])
     argv += [f"--{k}={v}" for k, v in over.items()]
-    print(f"bench: {name}, {args.optimizer}, seed {seed}, {iters} steps ...", file=sys.stderr, flush=True)
+    print(f"bench: {name}, {optimizer}, seed {seed}, {iters} steps ...", file=sys.stderr, flush=True)
     return dict(train_run(args, out, argv, root / f"{out.name}.log"), mtp=over.get("n_mtp", 1) > 0)
 
 
 def run(args):
     """Train every row of ABLATION on the same data and seeds, twice: for the same number of steps, and
-    for the same training time as row 1 (each row's steps from a short timing run of every row in this
-    process). Prints a Markdown table per budget with differences against row 1, and saves the
-    validation curves (per step and per second) and the MoE expert loads as PNG."""
+    for the same training time as row 1 trained by AdamW (DeepSeek-V3's optimizer, so that both optimizers'
+    tables share one budget; each row's steps from a short timing run of every row in this process).
+    args.jobs runs train at once. Prints a Markdown table per budget with differences against row 1, and
+    saves the validation curves (per step and per second) and the MoE expert loads as PNG."""
     root = Path(args.out)
-    step_s = [train_row(args, root, name, over, 0, args.timing_iters, "timing")["step_s"] for name, over in ABLATION]
+    timed = [(name, over, args.optimizer) for name, over in ABLATION]
+    timed += [(ABLATION[0][0], ABLATION[0][1], "adamw")] if args.optimizer != "adamw" else []
+    times = [r["step_s"] for r in train_rows(args, root, [
+        (name, over, 0, args.timing_iters, "timing", optimizer) for name, over, optimizer in timed])]
+    step_s, base_s = times[:len(ABLATION)], times[-1] if args.optimizer != "adamw" else times[0]
     budgets = {"steps": [args.iters] * len(ABLATION),
-               "time": [max(1, round(args.iters * step_s[0] / s)) for s in step_s]}
-    results = {"timing_step_s": step_s}
-    for budget, iters in budgets.items():
-        results[budget] = []
-        for (name, over), n in zip(ABLATION, iters):
-            runs = [train_row(args, root, name, over, r, n, budget) for r in range(args.repeats)]
-            results[budget].append(dict(name=name, runs=runs))
+               "time": [max(1, round(args.iters * base_s / s)) for s in step_s]}
+    runs = iter(train_rows(args, root, [(name, over, seed, n, budget, args.optimizer)
+                                        for budget, iters in budgets.items()
+                                        for (name, over), n in zip(ABLATION, iters)
+                                        for seed in range(args.repeats)]))
+    results = {"timing_step_s": step_s, "base_step_s": base_s}
+    for budget in budgets:
+        results[budget] = [dict(name=name, runs=[next(runs) for _ in range(args.repeats)]) for name, _ in ABLATION]
     for r in results["steps"]:
         model, r["load"] = expert_load(r["runs"][0]["out"], args.text, args.data_dir)
         r.update(total=model.num_params(), active=model.num_params(active=True),
                  flops=model.flops_per_token(model.args.max_seq_len))
 
     mean = lambda r, k: statistics.mean(x[k] for x in r["runs"])   # noqa: E731
-    print(f"\nablation: char-level Tiny Shakespeare, {args.optimizer}, {args.repeats} seed(s) per row, "
-          f"{torch.get_num_threads()} CPU threads")
+    threads = (f"{args.jobs} runs at once, 1 CPU thread each" if args.jobs > 1
+               else f"{torch.get_num_threads()} CPU threads")
+    print(f"\nablation: char-level Tiny Shakespeare, {args.optimizer}, {args.repeats} seed(s) per row, {threads}")
     print(f"\nsame steps ({args.iters}):\n")
     print("| row | params | active | train GFLOPs/token | best val loss | final MaxVio | ms/step | val vs row 1 | time vs row 1 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -88,8 +97,8 @@ def run(args):
               f"{spread([x['best'] for x in r['runs']])} | {f'{statistics.mean(mv):.2f}' if mv else '-'} | "
               f"{1000 * mean(r, 'step_s'):.1f} | {mean(r, 'best') - mean(base, 'best'):+.4f} | "
               f"{mean(r, 'step_s') / mean(base, 'step_s'):.2f}x |")
-    print(f"\nsame training time ({args.iters} steps of row 1, {args.iters * step_s[0]:.0f} s at the timing run's "
-          f"speed; steps per row from a {args.timing_iters}-step timing run):\n")
+    print(f"\nsame training time ({args.iters} steps of row 1 by AdamW, {args.iters * base_s:.0f} s at the timing "
+          f"run's speed; steps per row from a {args.timing_iters}-step timing run):\n")
     print("| row | steps | ms/step (timing run) | best val loss | val vs row 1 |")
     print("|---|---:|---:|---:|---:|")
     base = results["time"][0]
@@ -98,6 +107,13 @@ def run(args):
               f"{mean(r, 'best') - mean(base, 'best'):+.4f} |")
     plot(results, root)
     return results
+
+
+def train_rows(args, root, rows):
+    """train_row for each (name, over, seed, iters, tag, optimizer) of rows, args.jobs at once; their
+    summaries in order."""
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(lambda row: train_row(args, root, *row), rows))
 
 
 def plot(results, root):
