@@ -38,7 +38,8 @@ DEFAULTS = dict(
     repeats=1,                # ablation, specialization, context, posttrain: seeds per row (mean and spread)
     jobs=1,                   # ablation: trainings at once, each on 1 CPU thread (1: one at a time on the idle
                               # cores); every run's timing is then under that load
-    optimizer="adamw",        # ablation: every row's optimizer, train.py's --optimizer (adamw | muon)
+    optimizer="adamw",        # ablation: every row's optimizer and its CPU preset (adamw: shakespeare_char_cpu,
+                              # muon: shakespeare_char_cpu_muon)
     iters=0,                  # ablation, specialization, fp8, context: steps per run (0: 2000, quick 200; fp8 quick
                               # 50; context, posttrain: the base's, context's phases run iters / 8)
     timing_iters=0,           # ablation: steps of each row's timing run (0: 50, quick 10)

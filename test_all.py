@@ -1489,6 +1489,12 @@ def test_presets_parse():
     fast = configurator.parse_config(["shakespeare_char_cpu_fast"], train.DEFAULTS)[0]   # nanoGPT's task and width
     same = ("text", "dataset", "tokenizer", "block_size", "eval_iters", "dim", "n_layers", "n_heads", "dropout")
     assert {k: fast[k] for k in same} == {k: by_path[k] for k in same}
+    # the CPU default: the AdamW preset's model and data, only the optimizer and its schedule changed
+    muon = configurator.parse_config(["shakespeare_char_cpu_muon"], train.DEFAULTS)[0]
+    assert {k for k in muon if muon[k] != by_path[k]} == {"out_dir", "optimizer", "muon_experts", "learning_rate",
+                                                          "muon_rms", "min_lr", "max_iters", "lr_decay_iters",
+                                                          "mtp_lambda_step"}
+    assert muon["lr_decay_iters"] == muon["max_iters"] and by_path["optimizer"] == "adamw"
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -1645,18 +1651,19 @@ def test_auto_dtype_is_bf16_only_where_native(monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])
 def test_no_preset_trains_nanogpts_budget_into_out(device, monkeypatch):
     """python train.py with no preset runs DEFAULTS on a CUDA GPU (nanoGPT's train_shakespeare_char budget, keeping
-    the best-val checkpoint), and elsewhere DEFAULTS with config/shakespeare_char_cpu.py's changes (nanoGPT's CPU
-    recipe), into out/, where sample.py looks; keys still apply. config/shakespeare_char.py is DEFAULTS in a folder
+    the best-val checkpoint), and elsewhere DEFAULTS with config/shakespeare_char_cpu_muon.py's changes (nanoGPT's
+    CPU recipe by Muon, for the wall of its 2000 AdamW steps), into out/, where sample.py looks; keys still apply. config/shakespeare_char.py is DEFAULTS in a folder
     of its own."""
     monkeypatch.setattr(train, "pick_device", lambda spec: device)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     logs = []
     c, _, _ = train.configure(["--max_iters=7"], log=logs.append)
-    want = train.DEFAULTS if device == "cuda:0" else configurator.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0]
+    want = train.DEFAULTS if device == "cuda:0" else configurator.parse_config(["shakespeare_char_cpu_muon"], train.DEFAULTS)[0]
     assert c.out_dir == "out" == sample.DEFAULTS["out_dir"]
     assert c.max_iters == 7 and all(getattr(c, k) == v for k, v in want.items() if k not in ("out_dir", "max_iters", "dtype"))
     assert c.tokenizer == "char" and not c.always_save_checkpoint
-    assert ("config/shakespeare_char_cpu.py" in logs[0]) == (device == "cpu") and "DEFAULTS" in logs[0]
+    assert ("config/shakespeare_char_cpu_muon.py" in logs[0]) == (device == "cpu") and "DEFAULTS" in logs[0]
+    assert (c.optimizer, c.muon_experts) == (("adamw", True) if device == "cuda:0" else ("muon", False))
     gpu = configurator.parse_config(["shakespeare_char"], train.DEFAULTS)[0]
     assert [k for k in gpu if gpu[k] != train.DEFAULTS[k]] == ["out_dir"]
     c, _, _ = train.configure(["--out_dir=elsewhere", "--tokenizer=bpe"], log=logs.append)
@@ -2759,15 +2766,15 @@ def test_sample_in_bfloat16_keeps_gate_biases_and_rope_fp32(trained, tmp_path):
 
 def test_fine_tuning_a_folder_on_a_cpu_takes_the_cpu_budget(trained, tmp_path):
     """train.py --init_from=FOLDER in DeepSeek's layout on a CPU with no preset trains with the CPU preset's budget
-    (batch 12 x the folder's context, 2000 steps, no dropout), as a preset-less run from scratch does, and the
+    (batch 12 x the folder's context, 1610 Muon steps, no dropout), as a preset-less run from scratch does, and the
     folder's model."""
     out, _ = trained
     assert export.cli([f"--init_from={out}", f"--out_dir={tmp_path / 'hf'}"]) == 0
     c, ckpt, _ = train.configure([f"--init_from={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'ft'}", "--device=cpu"],
                                  log=lambda *a: None)
-    cpu = configurator.parse_config(["shakespeare_char_cpu"], train.DEFAULTS)[0]
-    assert (c.batch_size, c.max_iters, c.dropout, c.eval_iters) == (12, 2000, 0.0, 20) == \
-        tuple(cpu[k] for k in ("batch_size", "max_iters", "dropout", "eval_iters"))
+    cpu = configurator.parse_config([train.CPU_PRESET], train.DEFAULTS)[0]
+    assert (c.batch_size, c.max_iters, c.dropout, c.eval_iters, c.optimizer) == (12, 1610, 0.0, 20, "muon") == \
+        tuple(cpu[k] for k in ("batch_size", "max_iters", "dropout", "eval_iters", "optimizer"))
     assert (c.dim, c.n_layers, c.block_size) == (TINY["dim"], TINY["n_layers"], TINY["block_size"])
 
 
@@ -3768,9 +3775,10 @@ def test_bench_ablation_smoke(tmp_path, text_file, data_dir, monkeypatch):
     figures = saved_figures(monkeypatch)
     results = bench.main(["--parts=ablation", "--iters=4", "--timing_iters=3", "--quick", f"--out={tmp_path}",
                           f"--data_dir={data_dir}", f"--text={text_file}", "--optimizer=muon", "--jobs=2"])["ablation"]
-    for budget in ("steps", "time"):                                          # every run by the optimizer asked
-        assert {ckpts.read_checkpoint(r["runs"][0]["out"] / "ckpt.pt")["config"]["optimizer"]
-                for r in results[budget]} == {"muon"}
+    for budget in ("steps", "time"):                           # every run by the optimizer asked, from its preset
+        assert {(c["optimizer"], c["muon_experts"], c["learning_rate"])
+                for r in results[budget] for c in [ckpts.read_checkpoint(r["runs"][0]["out"] / "ckpt.pt")["config"]]} \
+            == {("muon", False, 2e-3)}
     names = [name for name, _ in bench_ablation.ABLATION]
     for budget in ("steps", "time"):
         assert [r["name"] for r in results[budget]] == names and all(len(r["runs"]) == 1 for r in results[budget])

@@ -1,8 +1,9 @@
 """Train the DeepSeek-V3 of deepseek.py (MLA, DeepSeekMoE with aux-loss-free balancing, MTP), nanoGPT style.
 
-    python train.py                                     # Tiny Shakespeare's characters, nanoGPT's budget (GPU or CPU)
+    python train.py                                     # Tiny Shakespeare's characters, nanoGPT's budget (GPU or CPU;
+                                                        # on a CPU by Muon: config/shakespeare_char_cpu_muon.py)
     python train.py config/shakespeare_char.py          # a preset ...
-    python train.py config/shakespeare_char_cpu.py --device=cpu --max_iters=500   # ... then overrides
+    python train.py config/shakespeare_char_cpu.py --device=cpu --max_iters=500   # ... then overrides (V3's AdamW)
     python train.py --text=my_book.txt --tokenizer=bpe  # your own text (a .txt file or a folder of them)
     python train.py --init_from=resume --out_dir=out    # continue the run saved in out/ckpt.pt
     python train.py config/shakespeare_char_cpu_256.py  # a new run from its weights: context 64 -> 256 with YaRN
@@ -49,8 +50,9 @@ from systems.expert_parallel import all_to_all_volume, grad_norm, gather, map_ex
 
 # ----------------------------------------------------------------------------- defaults
 # What `python train.py` runs on a CUDA GPU: nanoGPT's train_shakespeare_char budget (its best val loss 1.4697) with
-# our architecture. Without a GPU and with no preset, config/shakespeare_char_cpu.py's changes apply on top (nanoGPT's
-# CPU recipe). Preset files (config/*.py) and --key=value change any key (pretraining/configurator.py).
+# our architecture. Without a GPU and with no preset, config/shakespeare_char_cpu_muon.py's changes apply on top
+# (nanoGPT's CPU recipe, trained by Muon for the wall of 2000 AdamW steps). Preset files (config/*.py) and --key=value
+# change any key (pretraining/configurator.py).
 DEFAULTS = dict(
     # I/O: evaluate (and checkpoint) every eval_interval steps and at the end, on eval_iters batches per split
     out_dir="out", eval_interval=250, eval_iters=200, log_interval=10, eval_only=False,
@@ -86,7 +88,7 @@ DEFAULTS = dict(
     expert_parallel=False,        # the routed experts sharded over the ranks (report §3.2, systems/expert_parallel.py)
 )
 DEFAULTS.update({k: ModelArgs.__dataclass_fields__[k].default for k in MODEL_KEYS if k not in DEFAULTS})
-CPU_PRESET = "shakespeare_char_cpu"   # no preset and no CUDA device: nanoGPT's CPU budget
+CPU_PRESET = "shakespeare_char_cpu_muon"   # no preset and no CUDA device: nanoGPT's CPU budget, in wall time
 # the ModelArgs keys that set the weights' shapes: a run from a checkpoint keeps them
 SHAPE_KEYS = ("dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads", "n_routed_experts",
               "n_shared_experts", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
@@ -137,7 +139,7 @@ def configure(argv, world=None, log=print):
     check_config(c, device, world)
     if not presets and not ckpt:
         log(f"no preset: {f'config/{CPU_PRESET}.py on DEFAULTS' if cpu_default else 'DEFAULTS'}, nanoGPT's "
-            f"{'CPU' if cpu_default else 'GPU'} budget ({c.max_iters} steps), into {c.out_dir}; a preset or --key=value "
+            f"{'CPU budget in wall time' if cpu_default else 'GPU budget'} ({c.max_iters} steps), into {c.out_dir}; a preset or --key=value "
             f"changes any key (GPT-2 BPE: --tokenizer=bpe)")
     return c, ckpt, device
 

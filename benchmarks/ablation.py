@@ -1,6 +1,7 @@
 """bench.py --parts=ablation: what each DeepSeek idea buys. A ladder of models on char-level Tiny Shakespeare,
-each row the CPU preset with some ideas turned off, trained for the same steps and for the same time, every row
-by one optimizer (--optimizer=adamw, V3's, or muon)."""
+each row a CPU preset with some ideas turned off, trained for the same steps and for the same time, every row
+by one optimizer: --optimizer=adamw (V3's, config/shakespeare_char_cpu.py) or muon (V4's,
+config/shakespeare_char_cpu_muon.py)."""
 import statistics
 import sys
 import textwrap
@@ -13,7 +14,9 @@ from benchmarks.common import pyplot, spread, train_run
 from checkpoint.ckpt import load_checkpoint
 from pretraining import data
 
-# the ladder: each row is config/shakespeare_char_cpu.py (nanoGPT's CPU budget) plus these overrides
+# each optimizer's CPU preset: DeepSeek-V3's AdamW at nanoGPT's CPU budget, and Muon as tuned for that wall
+PRESETS = {"adamw": "shakespeare_char_cpu", "muon": "shakespeare_char_cpu_muon"}
+# the ladder: each row is the optimizer's preset plus these overrides, --iters steps
 ABLATION = [
     ("1 GPT: MHA + dense SwiGLU", dict(attn="mha", n_routed_experts=0, n_mtp=0)),
     ("2 + MLA", dict(n_routed_experts=0, n_mtp=0)),
@@ -47,7 +50,7 @@ def train_row(args, root, name, over, seed, iters, tag, optimizer):
     args.jobs > 1 on one CPU thread, else on the cores idle when it starts."""
     out = root / f"{tag}_{optimizer}_row{name.split()[0]}_seed{seed}"
     every = iters if tag == "timing" else max(iters // 8, 1)      # a timing run evaluates once, at the end
-    argv = ["shakespeare_char_cpu", "--device=cpu", f"--data_dir={args.data_dir}", f"--seed={1337 + seed}",
+    argv = [PRESETS[optimizer], "--device=cpu", f"--data_dir={args.data_dir}", f"--seed={1337 + seed}",
             "--always_save_checkpoint=True", f"--optimizer={optimizer}", f"--max_iters={iters}",
             f"--lr_decay_iters={iters}", f"--threads={1 if args.jobs > 1 else 0}",
             f"--mtp_lambda_step={round(0.7 * iters)}", f"--eval_interval={every}", f"--log_interval={min(every, 10)}"]
