@@ -45,9 +45,10 @@ def expert_load(out_dir, text, data_dir, batches=10):
     return model, torch.stack([g.load.clone() for g in model.gates()]) if model.gates() else None
 
 
-def train_row(args, root, name, over, seed, iters, tag, optimizer):
-    """One run of an ablation row for `iters` steps (schedule scaled to them) by `optimizer`; with
-    args.jobs > 1 on one CPU thread, else on the cores idle when it starts."""
+def train_row(args, root, name, over, seed, iters, tag, optimizer=None):
+    """One run of an ablation row for `iters` steps (schedule scaled to them) by `optimizer` (None:
+    args.optimizer); with args.jobs > 1 on one CPU thread, else on the cores idle when it starts."""
+    optimizer = optimizer or args.optimizer
     out = root / f"{tag}_{optimizer}_row{name.split()[0]}_seed{seed}"
     every = iters if tag == "timing" else max(iters // 8, 1)      # a timing run evaluates once, at the end
     argv = [PRESETS[optimizer], "--device=cpu", f"--data_dir={args.data_dir}", f"--seed={1337 + seed}",
