@@ -37,6 +37,7 @@ DEFAULTS = dict(
     block_size=256,          # the RoPE tables' length (room for generation's left padding)
     learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, decay_lr=True, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0,
+    optimizer="adamw", muon_rms=2.0, muon_momentum=0.95, muon_experts=True,   # as train.py's (pretraining/optim.py)
     eval_interval=2000, eval_questions=700, log_interval=100, device="auto", seed=1337, threads=0,
     overwrite=False,         # True: replace a ckpt.pt already in out_dir (else the run refuses, one line)
 )
@@ -87,6 +88,8 @@ def main(argv=None):
     c, ckpt, device = chat.configure(argv, DEFAULTS, LEAST, __doc__)
     if c.answers not in chat.ANSWERS:
         raise UserError(f"answers must be one of {', '.join(chat.ANSWERS)}, not {c.answers!r}")
+    if c.optimizer not in ("adamw", "muon"):
+        raise UserError(f"optimizer must be adamw or muon, not {c.optimizer!r}")
     context = ckpt["model_args"]["max_seq_len"]                          # the context it was trained at
     model, meta = chat.chat_model(ckpt, c.init_from, c.block_size, device)
     del ckpt
@@ -104,7 +107,8 @@ def main(argv=None):
     batches = [b for e in range(c.epochs) for b in length_grouped(
         torch.randperm(c.pairs, generator=torch.Generator().manual_seed(batch_seed(c.seed, 6, e))).tolist(), lengths,
         c.batch_size, batch_seed(c.seed, 7, e))]
-    optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), torch.device(device).type)
+    optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), torch.device(device).type,
+                                    c.optimizer, c.muon_rms, c.muon_momentum, c.muon_experts)
     record = chat.recorder(c.out_dir)
     record(kind="config", config=vars(c))
     print(f"sft: {c.pairs} pairs ({c.answers}{f', mix {c.mix}' if c.mix else ''}) x {c.epochs} epochs = {c.max_iters} steps of "

@@ -3690,7 +3690,7 @@ def stage(module, tmp_path, *argv):
 @pytest.mark.parametrize("case", ["sft from no checkpoint", "grpo from no checkpoint", "grpo from a pretrained one",
                                   "sft into its own folder", "sft over a finished run", "bad key", "group of one",
                                   "too many questions", "traces longer than the context", "unknown answers",
-                                  "unknown kind", "no kind"])
+                                  "unknown optimizer", "unknown kind", "no kind"])
 @pytest.mark.slow
 def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, capsys):
     short = tmp_path / "short"                                 # math_base trained at 64 positions, never extended
@@ -3708,6 +3708,7 @@ def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, caps
         "traces longer than the context": (sft, [f"--init_from={short}", "--pairs=300"],
                                            "short's context of 64: extend the context first"),
         "unknown answers": (sft, [f"--init_from={math_base}", "--answers=long"], "answers must be one of thinking"),
+        "unknown optimizer": (sft, [f"--init_from={math_base}", "--optimizer=sgd"], "optimizer must be adamw or muon"),
         "unknown kind": (sft, [f"--init_from={math_base}", "--mix={'sums': 1}"], "mix: unknown kind sums"),
         "no kind": (sft, [f"--init_from={math_base}", "--mix={'sum': 0}"], "mix: the weights must be >= 0, one of"),
     }[case]

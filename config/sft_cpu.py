@@ -16,4 +16,9 @@ epochs = 1
 batch_size = 16
 learning_rate = 1e-3     # the pretraining peak, cosine down to its final 1e-4 (the report: 5e-6 to 1e-6)
 min_lr = 1e-4
+# Muon for the blocks' matrices at RMS 0.7 x the learning rate, the routed experts, embedding and head on AdamW
+# (config/shakespeare_char_cpu_muon.py's split): 95.9% held out against AdamW's 85.7% at these steps (RESULTS.md)
+optimizer = "muon"
+muon_experts = False
+muon_rms = 0.7
 eval_interval = 3000     # the held-out evaluation at the end (700 questions)
