@@ -1,6 +1,7 @@
 """Supervised fine-tuning (report §5.1): a pretrained checkpoint learns the chat template on maths questions answered
 after a thinking trace (the reasoning data of §5.1: steps a small model can carry out, posttraining/reasoning.py), the
-loss on the assistant's reply only, the learning rate decaying (cosine) to a lower value.
+loss on the assistant's reply only, the learning rate decaying (cosine) to a lower value; AdamW or Muon
+(`optimizer`, as train.py's: config/sft_cpu.py trains by Muon).
 
     python train.py config/domains_cpu_256.py            # first the context the traces need (YaRN, report §4.3)
     python sft.py config/sft_cpu.py                      # out-domains-cpu-256 -> out-sft-cpu

@@ -3722,16 +3722,22 @@ def test_post_training_bad_input_one_line_exit_2(case, math_base, tmp_path, caps
 @pytest.mark.slow
 def test_sft_then_grpo_then_chat(math_base, tmp_path, capsys):
     """The stages end to end on the tiny model: sft.py from a pretrained checkpoint (the chat tokens added) on replies
-    with thinking traces, grpo.py from its output (with and without dynamic sampling), sample.py --chat from GRPO's;
-    each logs and evaluates as it goes, and the SFT loss falls."""
+    with thinking traces by config/sft_cpu.py's optimizer (Muon, the routed experts on AdamW), grpo.py from its output
+    (with and without dynamic sampling), sample.py --chat from GRPO's; each logs and evaluates as it goes, and the SFT
+    loss falls."""
+    preset = runpy.run_path(str(REPO / "config" / "sft_cpu.py"))
+    keys = [f"--{k}={preset[k]}" for k in ("optimizer", "muon_experts", "muon_rms")]
     rc, log = stage(sft, tmp_path, f"--init_from={math_base}", "--pairs=240", "--epochs=2", "--batch_size=16",
-                    "--eval_interval=15", "--log_interval=5", "--learning_rate=3e-3")
+                    "--eval_interval=15", "--log_interval=5", "--learning_rate=3e-3", *keys)
     assert rc == 0 and [e["step"] for e in log if e["kind"] == "eval"] == [0, 15, 30]
     losses = [e["loss"] for e in log if e["kind"] == "train"]
     assert len(losses) == 6 and losses[-1] < losses[0] and 0 < log[-1]["train_s"] <= log[-1]["wall_s"]
     assert all(e["accuracy"]["all"][1] == 14 and 1 <= e["length"] <= chat.ANSWER_TOKENS for e in log if e["kind"] == "eval")
     ckpt = ckpts.read_checkpoint(tmp_path / "sft" / "ckpt.pt")
     assert ckpt["stage"] == "sft" and ckpt["meta"]["special"] == list(chat.SPECIAL) and ckpt["iter_num"] == 30
+    groups = ckpt["optimizer"]["param_groups"]
+    assert preset["optimizer"] == "muon" and [g["muon"] for g in groups] == [True, False, False]
+    assert ckpt["config"]["muon_rms"] == preset["muon_rms"] and not preset["muon_experts"]
     for dynamic in (True, False):
         rc, log = stage(grpo, tmp_path, f"--init_from={tmp_path / 'sft'}", "--max_iters=3", "--questions=2",
                         "--group_size=4", "--eval_interval=3", "--log_interval=1", "--max_new_tokens=12",
