@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from pretraining.configurator import UserError, parse_config, run_cli, set_threads
+from pretraining.optim import OPTIMIZERS
 
 # part -> "module:function" in benchmarks/ (imported when the part runs)
 PARTS = {"kernels": "kernels:run", "step": "step:run", "decode": "decode:run", "ablation": "ablation:run",
@@ -58,8 +59,8 @@ def main(argv=None):
     parts = ["gpu"] if args["gpu"] else [p.strip() for p in args["parts"].split(",") if p.strip()]
     if unknown := [p for p in parts if p not in PARTS]:
         raise UserError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-    if args["optimizer"] not in ("adamw", "muon"):
-        raise UserError(f"optimizer must be one of adamw, muon, not {args['optimizer']!r}")
+    if args["optimizer"] not in OPTIMIZERS:
+        raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {args['optimizer']!r}")
     if args["jobs"] < 1:
         raise UserError(f"jobs must be at least 1, not {args['jobs']}")
     set_threads(args["threads"], "cpu")

@@ -27,7 +27,7 @@ from checkpoint.ckpt import save_checkpoint
 from posttraining import chat
 from pretraining.configurator import UserError, run_cli
 from pretraining.data import batch_seed
-from pretraining.optim import configure_optimizer, get_lr
+from pretraining.optim import OPTIMIZERS, configure_optimizer, get_lr
 
 DEFAULTS = dict(
     out_dir="out-sft", init_from="out-domains-cpu-256",   # init_from: the folder whose checkpoint the run starts from
@@ -89,8 +89,8 @@ def main(argv=None):
     c, ckpt, device = chat.configure(argv, DEFAULTS, LEAST, __doc__)
     if c.answers not in chat.ANSWERS:
         raise UserError(f"answers must be one of {', '.join(chat.ANSWERS)}, not {c.answers!r}")
-    if c.optimizer not in ("adamw", "muon"):
-        raise UserError(f"optimizer must be adamw or muon, not {c.optimizer!r}")
+    if c.optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer must be {' or '.join(OPTIMIZERS)}, not {c.optimizer!r}")
     context = ckpt["model_args"]["max_seq_len"]                          # the context it was trained at
     model, meta = chat.chat_model(ckpt, c.init_from, c.block_size, device)
     del ckpt
@@ -108,8 +108,8 @@ def main(argv=None):
     batches = [b for e in range(c.epochs) for b in length_grouped(
         torch.randperm(c.pairs, generator=torch.Generator().manual_seed(batch_seed(c.seed, 6, e))).tolist(), lengths,
         c.batch_size, batch_seed(c.seed, 7, e))]
-    optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), torch.device(device).type,
-                                    c.optimizer, c.muon_rms, c.muon_momentum, c.muon_experts)
+    optimizer = configure_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2),
+                                    torch.device(device).type, c.optimizer, c.muon_rms, c.muon_momentum, c.muon_experts)
     record = chat.recorder(c.out_dir)
     record(kind="config", config=vars(c))
     print(f"sft: {c.pairs} pairs ({c.answers}{f', mix {c.mix}' if c.mix else ''}) x {c.epochs} epochs = {c.max_iters} steps of "

@@ -1652,8 +1652,8 @@ def test_auto_dtype_is_bf16_only_where_native(monkeypatch):
 def test_no_preset_trains_nanogpts_budget_into_out(device, monkeypatch):
     """python train.py with no preset runs DEFAULTS on a CUDA GPU (nanoGPT's train_shakespeare_char budget, keeping
     the best-val checkpoint), and elsewhere DEFAULTS with config/shakespeare_char_cpu_muon.py's changes (nanoGPT's
-    CPU recipe by Muon, for the wall of its 2000 AdamW steps), into out/, where sample.py looks; keys still apply. config/shakespeare_char.py is DEFAULTS in a folder
-    of its own."""
+    CPU recipe by Muon, for the wall of its 2000 AdamW steps), into out/, where sample.py looks; keys still apply.
+    config/shakespeare_char.py is DEFAULTS in a folder of its own."""
     monkeypatch.setattr(train, "pick_device", lambda spec: device)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     logs = []

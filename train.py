@@ -43,7 +43,7 @@ from deepseek import ModelArgs, Transformer
 from pretraining.configurator import (MODEL_KEYS, Stopped, UserError, compute_dtype, model_args_from, one_line,
                                       parse_config, pick_device, run_cli, set_threads)
 from pretraining.data import batch_seed, get_batch, load_data, tokenizer_meta
-from pretraining.optim import configure_optimizer, get_lr
+from pretraining.optim import OPTIMIZERS, configure_optimizer, get_lr
 from systems import fp8
 from systems.fp8 import FP8_CC
 from systems.expert_parallel import all_to_all_volume, grad_norm, gather, map_experts, shard_experts
@@ -139,8 +139,8 @@ def configure(argv, world=None, log=print):
     check_config(c, device, world)
     if not presets and not ckpt:
         log(f"no preset: {f'config/{CPU_PRESET}.py on DEFAULTS' if cpu_default else 'DEFAULTS'}, nanoGPT's "
-            f"{'CPU budget in wall time' if cpu_default else 'GPU budget'} ({c.max_iters} steps), into {c.out_dir}; a preset or --key=value "
-            f"changes any key (GPT-2 BPE: --tokenizer=bpe)")
+            f"{'CPU budget in wall time' if cpu_default else 'GPU budget'} ({c.max_iters} steps), into {c.out_dir}; "
+            f"a preset or --key=value changes any key (GPT-2 BPE: --tokenizer=bpe)")
     return c, ckpt, device
 
 
@@ -152,7 +152,7 @@ def check_config(c, device, world):
         if getattr(c, key) < least:
             raise UserError(f"{key} must be at least {least}, not {getattr(c, key)}")
     for key, allowed in dict(tokenizer=("bpe", "char"), dtype=("auto", "float32", "bfloat16", "float16"),
-                             optimizer=("adamw", "muon")).items():
+                             optimizer=OPTIMIZERS).items():
         if getattr(c, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
     if blocked := next((p for p in (Path(c.out_dir), *Path(c.out_dir).parents) if p.exists() and not p.is_dir()), None):

@@ -14,6 +14,7 @@ from torch.optim.adamw import adamw
 
 from deepseek import Experts
 
+OPTIMIZERS = ("adamw", "muon")      # configure_optimizer's choices (train.py, sft.py, bench.py check them)
 # modded-nanogpt's quintic Newton-Schulz iteration (Keller Jordan), as nanochat and Moonlight run it
 NS_COEFFICIENTS, NS_STEPS = (3.4445, -4.7750, 2.0315), 5
 
